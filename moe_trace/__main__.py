@@ -1,0 +1,5 @@
+import sys
+
+from moe_trace.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,227 @@
+"""`Report`: metrics of a run, as a documented dict (docs/report-format.md), JSON, CSV, DataFrame or text."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metrics import ZERO_FLOPS, add_flops, balance, flops, k_stats
+from .rundata import PHASES, LayerCounts, RunData
+
+SCHEMA = "moe-trace/report/1"
+
+
+class Report:
+    """Metrics of one run; `parts` holds one `RunData` per process (rank), usually just one."""
+
+    def __init__(self, parts: RunData | list[RunData]):
+        self.parts = [parts] if isinstance(parts, RunData) else list(parts)
+        if not self.parts:
+            raise ValueError("a Report needs at least one RunData")
+        self._dict: dict[str, Any] | None = None
+
+    # -- building ---------------------------------------------------------------------------
+    @property
+    def run(self) -> RunData:
+        """The parts combined layer by layer (counts summed across ranks)."""
+        run = self.parts[0]
+        for other in self.parts[1:]:
+            run = run.merged(other)
+        return run
+
+    def to_dict(self) -> dict[str, Any]:
+        if self._dict is None:
+            self._dict = self._build()
+        return self._dict
+
+    def _build(self) -> dict[str, Any]:
+        run = self.run
+        layers = run.layers
+        first = layers[0] if layers else None
+        model = {
+            "family": run.model.get("family", first.family if first else None),
+            "name": run.model.get("name"),
+            "num_moe_layers": len(layers),
+            "num_experts": first.num_experts if first else 0,
+            "top_k": first.top_k if first else 0,
+            "hidden_size": first.hidden_size if first else 0,
+            "expert_dim": first.expert_dim if first else 0,
+            "shared_expert_dim": first.shared_expert_dim if first else 0,
+        }
+        out_layers = []
+        phase_flops = {p: dict(ZERO_FLOPS) for p in PHASES}
+        for i, layer in enumerate(layers):
+            per_phase = {p: run.counts[p][i] for p in PHASES}
+            total = per_phase["prefill"] + per_phase["decode"]
+            entry = {"index": layer.index, "name": layer.name, "device": layer.device,
+                     "family": layer.family, "num_experts": layer.num_experts, "top_k": layer.top_k,
+                     **_counts_block(layer, total)}
+            entry["phases"] = {}
+            for p in PHASES:
+                block = _counts_block(layer, per_phase[p])
+                if run.timing:
+                    block["time_ms"] = dict(run.timing[p][i])
+                entry["phases"][p] = block
+                phase_flops[p] = add_flops(phase_flops[p], block["flops"])
+            if run.timing:
+                entry["time_ms"] = {k: _sum_opt(run.timing[p][i].get(k) for p in PHASES)
+                                    for k in ("router_ms", "experts_ms", "shared_ms")}
+            out_layers.append(entry)
+        phases = {}
+        for p in PHASES:
+            tok = run.forward_tokens.get(p, 0)
+            phases[p] = {"forward_calls": run.forward_calls.get(p, 0), "tokens": tok,
+                         "flops": phase_flops[p],
+                         "flops_per_token": phase_flops[p]["total"] / tok if tok else 0.0}
+            if run.timing:
+                phases[p]["time_ms"] = {k: _sum_opt(t.get(k) for t in run.timing[p])
+                                        for k in ("router_ms", "experts_ms", "shared_ms")}
+        total_flops = add_flops(phase_flops["prefill"], phase_flops["decode"])
+        total_tokens = sum(run.forward_tokens.get(p, 0) for p in PHASES)
+        return {
+            "schema": SCHEMA,
+            "model": model,
+            "settings": run.settings,
+            "timing_source": run.timing_source,
+            "phases": phases,
+            "totals": {"tokens": total_tokens, "flops": total_flops,
+                       "flops_per_token": total_flops["total"] / total_tokens if total_tokens else 0.0},
+            "layers": out_layers,
+            "devices": self._devices(),
+        }
+
+    def _devices(self) -> list[dict[str, Any]]:
+        multi = len(self.parts) > 1
+        rows: dict[str, dict[str, Any]] = {}
+        for rank, part in enumerate(self.parts):
+            for i, layer in enumerate(part.layers):
+                key = f"rank{rank}/{layer.device}" if multi else layer.device
+                row = rows.setdefault(key, {"device": key, "layers": 0, "tokens": 0, "flops": dict(ZERO_FLOPS),
+                                            "router_ms": None, "experts_ms": None, "shared_ms": None,
+                                            "peak_memory_bytes": part.peak_memory.get(layer.device),
+                                            "phases": {p: {"tokens": 0, "flops": dict(ZERO_FLOPS),
+                                                           "router_ms": None, "experts_ms": None,
+                                                           "shared_ms": None, "k_hist": {}} for p in PHASES}})
+                row["layers"] += 1
+                for p in PHASES:
+                    c = part.counts[p][i]
+                    f = flops(layer, c)
+                    row["tokens"] += c.tokens
+                    row["flops"] = add_flops(row["flops"], f)
+                    ph = row["phases"][p]
+                    ph["tokens"] += c.tokens
+                    ph["flops"] = add_flops(ph["flops"], f)
+                    for k, n in enumerate(c.k_hist):
+                        if n:
+                            ph["k_hist"][str(k)] = ph["k_hist"].get(str(k), 0) + int(n)
+                    if part.timing:
+                        for k in ("router_ms", "experts_ms", "shared_ms"):
+                            v = part.timing[p][i].get(k)
+                            ph[k] = _sum_opt([ph[k], v])
+                            row[k] = _sum_opt([row[k], v])
+        return list(rows.values())
+
+    # -- output -----------------------------------------------------------------------------
+    def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+        return text
+
+    def to_dataframe(self):
+        """One row per (layer, phase) with counts, balance, k and FLOPs; phase "all" sums both."""
+        import pandas as pd
+
+        rows = []
+        for layer in self.to_dict()["layers"]:
+            blocks = [("all", layer)] + [(p, layer["phases"][p]) for p in PHASES]
+            for phase, b in blocks:
+                row = {"layer": layer["index"], "name": layer["name"], "device": layer["device"], "phase": phase}
+                for k in ("tokens", "assignments", "excluded", "k_mean", "k_std", "k_min", "k_max",
+                          "active_experts", "dead_experts", "cv", "gini", "entropy_norm", "max_over_mean",
+                          "top1_prob_mean", "router_entropy_mean"):
+                    row[k] = b[k]
+                for k, v in b["flops"].items():
+                    row[f"flops_{k}"] = v
+                for k, v in (b.get("time_ms") or {}).items():
+                    row[k] = v
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    def to_csv(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.to_dataframe().to_csv(path, index=False)
+
+    def __str__(self) -> str:
+        d = self.to_dict()
+        m = d["model"]
+        lines = [
+            f"moe-trace report: {m['family']} - {m['num_moe_layers']} MoE layers, {m['num_experts']} experts, "
+            f"top-{m['top_k']}, hidden {m['hidden_size']}, expert dim {m['expert_dim']}"
+            + (f", shared dim {m['shared_expert_dim']}" if m["shared_expert_dim"] else ""),
+        ]
+        for p in PHASES:
+            ph = d["phases"][p]
+            lines.append(f"  {p:<8} forwards {ph['forward_calls']:>5}  tokens {ph['tokens']:>8}  "
+                         f"FLOPs {_fmt(ph['flops']['total'])} ({_fmt(ph['flops_per_token'])}/token)")
+        timed = d["timing_source"] is not None
+        head = f"  {'layer':>5} {'device':<8} {'tokens':>8} {'k_mean':>6} {'active':>6} {'cv':>6} {'gini':>6} " \
+               f"{'ent':>5} {'max/mean':>8} {'GFLOPs':>9}"
+        if timed:
+            head += f" {'router ms':>9} {'experts ms':>10} {'shared ms':>9}"
+        lines.append(head)
+        for l in d["layers"]:
+            row = (f"  {l['index']:>5} {l['device']:<8} {l['tokens']:>8} {l['k_mean']:>6.2f} "
+                   f"{l['active_experts']:>6} {l['cv']:>6.3f} {l['gini']:>6.3f} {l['entropy_norm']:>5.3f} "
+                   f"{l['max_over_mean']:>8.2f} {l['flops']['total'] / 1e9:>9.4f}")
+            if timed:
+                t = l["time_ms"]
+                row += f" {_fmt_ms(t['router_ms']):>9} {_fmt_ms(t['experts_ms']):>10} {_fmt_ms(t['shared_ms']):>9}"
+            lines.append(row)
+        if timed:
+            lines.append(f"  timing: {d['timing_source']}")
+        if len(d["devices"]) > 1:
+            lines.append("  per device:")
+            for dev in d["devices"]:
+                lines.append(f"    {dev['device']:<14} layers {dev['layers']:>3} tokens {dev['tokens']:>8} "
+                             f"GFLOPs {dev['flops']['total'] / 1e9:.4f}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _counts_block(layer, c: LayerCounts) -> dict[str, Any]:
+    counts = np.asarray(c.expert_counts, dtype=np.int64)
+    ks = k_stats(c.k_hist)
+    tokens = int(c.tokens)
+    return {
+        "tokens": tokens,
+        "calls": int(c.calls),
+        "expert_counts": [int(x) for x in counts],
+        "assignments": int(counts.sum()),
+        "excluded": int(c.excluded),
+        **ks,
+        **balance(counts),
+        "top1_prob_mean": c.top1_prob_sum / tokens if tokens else 0.0,
+        "router_entropy_mean": c.entropy_sum / tokens if tokens else 0.0,
+        "flops": flops(layer, c),
+    }
+
+
+def _sum_opt(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(sum(vals)) if vals else None
+
+
+def _fmt(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3f}{unit}"
+    return f"{x:.0f}"
+
+
+def _fmt_ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"

@@ -1,0 +1,197 @@
+"""Plain data that a profiling run (or a trace) yields: layers, raw counts per phase, timings.
+
+`RunData` is the one hand-off between capture, the trace format and analysis: capture fills it from
+GPU buffers at the end of a run, the trace reader rebuilds it from a trace file, and
+`moe_trace.analysis.report.Report` turns it into metrics. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+PHASES = ("prefill", "decode")
+PARTS = ("router", "experts", "shared")
+
+
+@dataclass
+class LayerInfo:
+    """One detected MoE layer and its sizes (`sources` says where each size came from)."""
+
+    index: int
+    name: str
+    family: str
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    expert_dim: int
+    shared_expert_dim: int = 0
+    gated: bool = True
+    shared_gated: bool = True
+    device: str = "cpu"
+    router: str | None = None
+    experts: str | None = None
+    shared: list[str] = field(default_factory=list)
+    handler: str = "generic"
+    experts_implementation: str | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerInfo":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class LayerCounts:
+    """Raw counts of one MoE layer in one phase.
+
+    `expert_counts[e]` = (token, expert) assignments to routed expert e; `k_hist[k]` = tokens that
+    used k computing experts; `excluded` = assignment slots that pointed at no computing expert
+    (skip/zero experts, padding sentinels, experts of other expert-parallel ranks).
+    """
+
+    tokens: int = 0
+    calls: int = 0
+    expert_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    k_hist: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+    excluded: int = 0
+    top1_prob_sum: float = 0.0
+    entropy_sum: float = 0.0
+
+    @classmethod
+    def empty(cls, num_experts: int, max_k: int) -> "LayerCounts":
+        return cls(expert_counts=np.zeros(num_experts, dtype=np.int64),
+                   k_hist=np.zeros(max_k + 1, dtype=np.int64))
+
+    def __add__(self, other: "LayerCounts") -> "LayerCounts":
+        n = max(len(self.k_hist), len(other.k_hist))
+        kh = np.zeros(n, dtype=np.int64)
+        kh[: len(self.k_hist)] += self.k_hist
+        kh[: len(other.k_hist)] += other.k_hist
+        return LayerCounts(
+            tokens=self.tokens + other.tokens,
+            calls=self.calls + other.calls,
+            expert_counts=self.expert_counts + other.expert_counts,
+            k_hist=kh,
+            excluded=self.excluded + other.excluded,
+            top1_prob_sum=self.top1_prob_sum + other.top1_prob_sum,
+            entropy_sum=self.entropy_sum + other.entropy_sum,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tokens": int(self.tokens),
+            "calls": int(self.calls),
+            "expert_counts": [int(x) for x in self.expert_counts],
+            "k_hist": [int(x) for x in self.k_hist],
+            "excluded": int(self.excluded),
+            "top1_prob_sum": float(self.top1_prob_sum),
+            "entropy_sum": float(self.entropy_sum),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerCounts":
+        return cls(
+            tokens=int(d.get("tokens", 0)),
+            calls=int(d.get("calls", 0)),
+            expert_counts=np.asarray(d.get("expert_counts", []), dtype=np.int64),
+            k_hist=np.asarray(d.get("k_hist", [0]), dtype=np.int64),
+            excluded=int(d.get("excluded", 0)),
+            top1_prob_sum=float(d.get("top1_prob_sum", 0.0)),
+            entropy_sum=float(d.get("entropy_sum", 0.0)),
+        )
+
+
+@dataclass
+class RunData:
+    """Everything a run recorded. `counts[phase][i]` belongs to `layers[i]`.
+
+    `timing[phase][i]` is `{"router_ms", "experts_ms", "shared_ms"}` (floats, None when not timed);
+    `timing_source` says how: "cuda_events", "host_clock" (CPU fallback), "kineto_gpu" or
+    "kineto_cpu" (rebuilt from a trace's GPU annotations or CPU ranges).
+    """
+
+    model: dict[str, Any]
+    layers: list[LayerInfo]
+    counts: dict[str, list[LayerCounts]]
+    forward_calls: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
+    forward_tokens: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
+    timing: dict[str, list[dict[str, float | None]]] | None = None
+    timing_source: str | None = None
+    peak_memory: dict[str, int] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, model: dict[str, Any], layers: list[LayerInfo], max_k: int | None = None) -> "RunData":
+        counts = {
+            p: [LayerCounts.empty(l.num_experts, max_k if max_k is not None else l.num_experts) for l in layers]
+            for p in PHASES
+        }
+        return cls(model=model, layers=layers, counts=counts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "layers": [l.to_dict() for l in self.layers],
+            "counts": {p: [c.to_dict() for c in cs] for p, cs in self.counts.items()},
+            "forward_calls": dict(self.forward_calls),
+            "forward_tokens": dict(self.forward_tokens),
+            "timing": self.timing,
+            "timing_source": self.timing_source,
+            "peak_memory": dict(self.peak_memory),
+            "settings": self.settings,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunData":
+        return cls(
+            model=dict(d.get("model", {})),
+            layers=[LayerInfo.from_dict(x) for x in d.get("layers", [])],
+            counts={p: [LayerCounts.from_dict(c) for c in cs] for p, cs in d.get("counts", {}).items()},
+            forward_calls={p: int(v) for p, v in d.get("forward_calls", {}).items()},
+            forward_tokens={p: int(v) for p, v in d.get("forward_tokens", {}).items()},
+            timing=d.get("timing"),
+            timing_source=d.get("timing_source"),
+            peak_memory={k: int(v) for k, v in d.get("peak_memory", {}).items()},
+            settings=dict(d.get("settings", {})),
+        )
+
+    def merged(self, other: "RunData") -> "RunData":
+        """Counts of two runs of the same model added layer by layer (e.g. two data-parallel ranks)."""
+        if [l.name for l in self.layers] != [l.name for l in other.layers]:
+            raise ValueError("cannot combine runs of different models: their MoE layers differ")
+        counts = {p: [a + b for a, b in zip(self.counts[p], other.counts[p])] for p in self.counts}
+        timing = None
+        if self.timing and other.timing:
+            timing = {
+                p: [
+                    {k: _add_opt(ta.get(k), tb.get(k)) for k in ("router_ms", "experts_ms", "shared_ms")}
+                    for ta, tb in zip(self.timing[p], other.timing[p])
+                ]
+                for p in self.timing
+            }
+        peak = dict(self.peak_memory)
+        for k, v in other.peak_memory.items():
+            peak[k] = max(peak.get(k, 0), v)
+        return RunData(
+            model=self.model,
+            layers=self.layers,
+            counts=counts,
+            forward_calls={p: self.forward_calls.get(p, 0) + other.forward_calls.get(p, 0) for p in PHASES},
+            forward_tokens={p: self.forward_tokens.get(p, 0) + other.forward_tokens.get(p, 0) for p in PHASES},
+            timing=timing,
+            timing_source=self.timing_source if self.timing_source == other.timing_source else None,
+            peak_memory=peak,
+            settings=self.settings,
+        )
+
+
+def _add_opt(a: float | None, b: float | None) -> float | None:
+    if a is None and b is None:
+        return None
+    return (a or 0.0) + (b or 0.0)

@@ -1,0 +1,1 @@
+"""The `moe-trace` command line."""
