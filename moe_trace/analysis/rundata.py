@@ -29,6 +29,7 @@ class LayerInfo:
     shared_expert_dim: int = 0
     gated: bool = True
     shared_gated: bool = True
+    dense_experts: bool = False  # every token runs through all experts (llama4): FLOPs count E, not k
     device: str = "cpu"
     router: str | None = None
     experts: str | None = None

@@ -1,0 +1,7 @@
+"""Capture: detection, architecture handlers, hooks and on-device counters, the profile session."""
+from .detect import detect, find_bindings, format_layers
+from .handlers import MoEBinding, MoEHandler, register_handler, unregister_handler
+from .session import MODES, ProfileRun, profile, range_name, step_name
+
+__all__ = ["detect", "find_bindings", "format_layers", "MoEBinding", "MoEHandler", "register_handler",
+           "unregister_handler", "MODES", "ProfileRun", "profile", "range_name", "step_name"]

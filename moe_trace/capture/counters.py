@@ -1,0 +1,118 @@
+"""On-device routing counters: preallocated buffers filled with `index_add_`, read once at the end.
+
+Hooks only *queue* each layer's routing tensors (no kernel, no sync); `flush()` runs at the end of
+every model forward and counts all queued layers of a device in one batch of ~20 kernels (stacked
+over layers) instead of ~20 kernels per layer. Nothing here calls `.item()`, `.cpu()` or synchronizes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe_trace.analysis.rundata import PHASES
+
+# Flush early when queued logits exceed this many elements (bounds the extra memory held).
+MAX_PENDING_ELEMENTS = 1 << 25
+
+
+@dataclass
+class Pending:
+    local: int          # layer position on this device
+    phase: int
+    indices: torch.Tensor   # [T, k]
+    weights: torch.Tensor   # [T, k]
+    scores: torch.Tensor | None  # [T, E'] logits (or probabilities when `is_probs`)
+    is_probs: bool
+
+
+class DeviceCounters:
+    """Counters of the MoE layers that live on one device."""
+
+    def __init__(self, device: torch.device, num_experts: list[int]):
+        self.device = device
+        self.L = len(num_experts)
+        self.E = max(num_experts)
+        self.bins = self.E + 1  # last bin: assignments to no computing expert (excluded)
+        P = len(PHASES)
+        self.counts = torch.zeros(P * self.L * self.bins, dtype=torch.int64, device=device)
+        self.k_hist = torch.zeros(P * self.L * self.bins, dtype=torch.int64, device=device)
+        self.conf = torch.zeros(P, self.L, 2, dtype=torch.float64, device=device)
+        self._num_experts = torch.tensor(num_experts, dtype=torch.int64, device=device).view(-1, 1, 1)
+        # offsets of layer l of phase p in the flat buffers, for the all-layers-in-order fast path
+        base = torch.arange(self.L, dtype=torch.int64, device=device) * self.bins
+        self._offsets = [(base + p * self.L * self.bins).view(-1, 1, 1) for p in range(P)]
+        self.num_experts = num_experts
+        self.pending: list[Pending] = []
+        self._pending_elems = 0
+
+    def queue(self, item: Pending) -> None:
+        self.pending.append(item)
+        self._pending_elems += item.indices.numel() + (item.scores.numel() if item.scores is not None else 0)
+        if self._pending_elems > MAX_PENDING_ELEMENTS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        items, self.pending, self._pending_elems = self.pending, [], 0
+        same = (len(items) == self.L and all(it.local == i for i, it in enumerate(items))
+                and len({(it.phase, tuple(it.indices.shape), tuple(it.weights.shape)) for it in items}) == 1)
+        if same:
+            self._count(items, self._offsets[items[0].phase], self._num_experts)
+        else:
+            for it in items:
+                off = it.phase * self.L * self.bins + it.local * self.bins
+                self._count([it], off, self.num_experts[it.local])
+        self._confidence(items, same)
+
+    def _count(self, items: list[Pending], offsets, num_experts) -> None:
+        idx = torch.stack([it.indices for it in items]).to(torch.int64)          # [n, T, k]
+        w = torch.stack([_as_topk_weights(it.weights, it.indices) for it in items])
+        valid = (idx >= 0) & (idx < num_experts) & (w != 0)
+        slot = torch.where(valid, idx, self.E) + offsets
+        flat = slot.reshape(-1)
+        self.counts.index_add_(0, flat, torch.ones_like(flat))
+        k = valid.sum(-1) + offsets                                               # [n, T]
+        kflat = k.reshape(-1)
+        self.k_hist.index_add_(0, kflat, torch.ones_like(kflat))
+
+    def _confidence(self, items: list[Pending], same: bool) -> None:
+        with_scores = [it for it in items if it.scores is not None]
+        if not with_scores:
+            return
+        groups: dict[tuple, list[Pending]] = {}
+        for it in with_scores:
+            groups.setdefault((it.phase, tuple(it.scores.shape), it.is_probs), []).append(it)
+        for (phase, _, is_probs), its in groups.items():
+            s = torch.stack([it.scores for it in its]).float()                    # [n, T, E']
+            p = s if is_probs else torch.softmax(s, dim=-1)
+            top1 = p.amax(-1).sum(-1)                                             # [n]
+            ent = torch.special.entr(p).sum(-1).sum(-1)                           # [n]
+            vals = torch.stack([top1, ent], dim=-1).to(torch.float64)             # [n, 2]
+            if same and len(its) == self.L:
+                self.conf[phase] += vals
+            else:
+                for j, it in enumerate(its):
+                    self.conf[phase, it.local] += vals[j]
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device copies of the running counts (no sync); per-step deltas come from differences."""
+        self.flush()
+        return self.counts.clone(), self.k_hist.clone()
+
+    def read(self):
+        """Host copies: counts [P, L, E+1], k_hist [P, L, E+1], conf [P, L, 2]. Syncs once."""
+        self.flush()
+        P = len(PHASES)
+        counts = self.counts.view(P, self.L, self.bins).cpu().numpy()
+        k_hist = self.k_hist.view(P, self.L, self.bins).cpu().numpy()
+        conf = self.conf.cpu().numpy()
+        return counts, k_hist, conf
+
+
+def _as_topk_weights(weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Weights per selected slot; some families pass dense [T, E] weights (DeepSeek-V2 style)."""
+    if weights.shape == indices.shape:
+        return weights
+    return torch.gather(weights.reshape(indices.shape[0], -1), -1, indices.to(torch.int64).clamp(0, weights.shape[-1] - 1))

@@ -1,0 +1,76 @@
+"""Find every MoE layer of a model by structure, using the registered handlers."""
+from __future__ import annotations
+
+from torch import nn
+
+from moe_trace.analysis.rundata import LayerInfo
+from moe_trace.errors import NoMoELayersError, UnknownArchitectureError
+
+from . import sizes
+from .handlers.base import MoEBinding, registered_handlers
+
+
+def find_bindings(model: nn.Module) -> list[MoEBinding]:
+    """Bind every MoE layer of `model`, in module order; raise a clear error when there is none."""
+    if not isinstance(model, nn.Module):
+        raise NoMoELayersError(f"expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    handlers = registered_handlers()
+    bindings: list[MoEBinding] = []
+    claimed: list[str] = []
+    searched = 0
+    for name, module in model.named_modules():
+        if any(name == c or name.startswith(c + ".") for c in claimed):
+            continue
+        searched += 1
+        for handler in handlers:
+            binding = handler.match(name, module, model)
+            if binding is not None:
+                bindings.append(binding)
+                claimed.append(name)
+                break
+    if not bindings:
+        suspects = _unclaimed_expert_like(model, claimed)
+        if suspects:
+            raise UnknownArchitectureError(
+                f"{type(model).__name__} has modules that look like MoE experts ({', '.join(suspects[:3])}"
+                f"{', ...' if len(suspects) > 3 else ''}) but no handler understands their layer. "
+                "Write a moe_trace.MoEHandler for it and call moe_trace.register_handler(YourHandler) "
+                "(see docs/handlers.md).")
+        raise NoMoELayersError(
+            f"no MoE layer found in {type(model).__name__}: searched {searched} modules for a router "
+            "(an [E, hidden] projection) next to experts stacked as [E, ...] weights or an nn.ModuleList "
+            "of expert MLPs. If this model is a Mixture-of-Experts, register a handler with "
+            "moe_trace.register_handler (see docs/handlers.md).")
+    for i, b in enumerate(bindings):
+        b.info.index = i
+    return bindings
+
+
+def detect(model: nn.Module) -> list[LayerInfo]:
+    """The MoE layers of `model`: index, name, family, sizes (and where each size came from), device."""
+    return [b.info for b in find_bindings(model)]
+
+
+def _unclaimed_expert_like(model: nn.Module, claimed: list[str]) -> list[str]:
+    out = []
+    for name, module in model.named_modules():
+        if any(name == c or name.startswith(c + ".") for c in claimed):
+            continue
+        stacked = sizes.stacked_params(module)
+        if stacked and min(p.shape[0] for p in stacked.values()) >= 2:
+            out.append(name)
+    return out
+
+
+def format_layers(layers: list[LayerInfo]) -> str:
+    """A readable table of detected layers (what `moe-trace inspect` prints)."""
+    if not layers:
+        return "no MoE layers"
+    head = f"{'idx':>3}  {'name':<40} {'family':<14} {'E':>4} {'k':>3} {'H':>6} {'I':>6} {'shared':>6}  {'device':<8} handler"
+    rows = [head]
+    for l in layers:
+        rows.append(f"{l.index:>3}  {l.name:<40} {l.family:<14} {l.num_experts:>4} {l.top_k:>3} "
+                    f"{l.hidden_size:>6} {l.expert_dim:>6} {l.shared_expert_dim:>6}  {l.device:<8} {l.handler}")
+    src = layers[0].sources
+    rows.append("sizes from: " + ", ".join(f"{k}={v}" for k, v in src.items()))
+    return "\n".join(rows)
