@@ -73,7 +73,8 @@ class DeviceCounters:
         slot = torch.where(valid, idx, self.E) + offsets
         flat = slot.reshape(-1)
         self.counts.index_add_(0, flat, torch.ones_like(flat))
-        k = valid.sum(-1) + offsets                                               # [n, T]
+        k_off = offsets.reshape(-1, 1) if torch.is_tensor(offsets) else offsets
+        k = valid.sum(-1) + k_off                                                 # [n, T]
         kflat = k.reshape(-1)
         self.k_hist.index_add_(0, kflat, torch.ones_like(kflat))
 
