@@ -82,8 +82,11 @@ def test_router_confidence_matches_recomputed_logits(olmoe):
         assert d["layers"][i]["phases"]["prefill"]["router_entropy_mean"] == pytest.approx(ent, rel=1e-5)
 
 
-def flop_counter_parts(model, bindings, ids):
-    """FLOPs counted by torch's FlopCounterMode inside each layer's router / experts / shared modules."""
+def flop_counter_parts(model, bindings, ids, whole_block: bool = False):
+    """FLOPs counted by torch's FlopCounterMode inside each layer's router / experts / shared modules.
+
+    `whole_block`: the experts' matmuls run in the block's own body (doge's embedding experts), so the
+    experts' share is the block's FLOPs minus its router and shared modules."""
     names = {id(m): n for n, m in model.named_modules()}
     fc = FlopCounterMode(display=False)
     with fc, torch.no_grad():
@@ -94,6 +97,8 @@ def flop_counter_parts(model, bindings, ids):
         router = counts.get(names[id(b.router)], 0)
         experts = sum(counts.get(names[id(e)], 0) for e in b.experts)
         shared = sum(counts.get(names[id(s)], 0) for s in b.shared)
+        if whole_block:
+            experts = counts.get(names[id(b.block)], 0) - router - shared
         parts.append({"router": router, "experts": experts, "shared": shared, "total": router + experts + shared})
     return parts
 

@@ -49,16 +49,17 @@ def k_stats(k_hist: np.ndarray) -> dict[str, object]:
 def flops(layer: LayerInfo, counts: LayerCounts) -> dict[str, int]:
     """Analytic FLOPs of one layer for the counted tokens and assignments.
 
-    router 2*H*E per token; each (token, expert) assignment (every expert for dense-experts layers) 2*H*I*3 for gated experts (gate, up and
+    router 2*H*E per token (or the router's own matrices when they differ: skip/zero-expert columns,
+    router MLPs, product keys); each (token, expert) assignment (every expert for dense-experts layers) 2*H*I*3 for gated experts (gate, up and
     down projections) or 2*H*I*2 without a gate; shared experts 2*H*Is*(3|2) per token.
     """
     h = layer.hidden_size
-    router = 2 * h * layer.num_experts * int(counts.tokens)
+    router = (layer.router_flops_per_token or 2 * h * layer.num_experts) * int(counts.tokens)
     if layer.dense_experts:
         assignments = int(counts.tokens) * layer.num_experts
     else:
         assignments = int(np.asarray(counts.expert_counts).sum())
-    experts = 2 * h * layer.expert_dim * (3 if layer.gated else 2) * assignments
+    experts = 2 * (layer.expert_hidden_size or h) * layer.expert_dim * (3 if layer.gated else 2) * assignments
     shared = 2 * h * layer.shared_expert_dim * (3 if layer.shared_gated else 2) * int(counts.tokens)
     return {"router": router, "experts": experts, "shared": shared, "total": router + experts + shared}
 

@@ -26,7 +26,9 @@ class LayerInfo:
     top_k: int
     hidden_size: int
     expert_dim: int
+    expert_hidden_size: int = 0  # width the experts work in when it differs from hidden_size (muse_spark)
     shared_expert_dim: int = 0
+    router_flops_per_token: int = 0  # 0: the standard 2*H*E; else the router's own matrices (zaya, doge, ...)
     gated: bool = True
     shared_gated: bool = True
     dense_experts: bool = False  # every token runs through all experts (llama4): FLOPs count E, not k

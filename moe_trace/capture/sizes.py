@@ -11,7 +11,7 @@ CONFIG_KEYS = {
     "num_experts": ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts", "num_routed_experts"),
     "top_k": ("num_experts_per_tok", "moe_top_k", "top_k_experts", "num_experts_per_token", "top_k", "moe_k"),
     "hidden_size": ("hidden_size", "d_model", "n_embd"),
-    "expert_dim": ("moe_intermediate_size", "expert_intermediate_size", "moe_hidden_size", "ffn_hidden_size",
+    "expert_dim": ("moe_intermediate_size", "expert_intermediate_size", "ffn_hidden_size",
                    "intermediate_size"),
 }
 DEFAULTS = {"num_experts": 8, "top_k": 2, "hidden_size": 4096, "expert_dim": 14336}

@@ -1,13 +1,14 @@
 """Registers the built-in handlers, most specific first; the generic one goes last."""
 from .base import register_handler
 from .dbrx import DbrxHandler
+from .doge import ProductKeyEmbeddingHandler
 from .gemma4 import DecoderLayerMoEHandler
 from .generic import GenericHandler
 from .jetmoe import JetMoeHandler
 from .legacy import LegacyModuleListHandler
 from .llama4 import DenseExpertsHandler
 
-BUILTIN = [DecoderLayerMoEHandler, DenseExpertsHandler, DbrxHandler, JetMoeHandler, LegacyModuleListHandler,
+BUILTIN = [ProductKeyEmbeddingHandler, DecoderLayerMoEHandler, DenseExpertsHandler, DbrxHandler, JetMoeHandler, LegacyModuleListHandler,
            GenericHandler]
 for _h in BUILTIN:
     register_handler(_h, first=False)

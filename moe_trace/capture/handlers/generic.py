@@ -15,17 +15,24 @@ from .. import sizes
 from .base import MoEBinding, MoEHandler
 
 
-def find_router(block: nn.Module, exclude: set[int], num_experts: int, hidden: int) -> tuple[str, nn.Module] | None:
-    """The child of `block` whose only matrix is the [E', H] routing projection."""
-    for cname, child in block.named_children():
-        if id(child) in exclude:
-            continue
-        mats = [p for p in child.parameters() if p.dim() >= 2]
-        if len(mats) != 1:
-            continue
-        shape = tuple(mats[0].shape)
-        if len(shape) == 2 and shape[1] == hidden and num_experts <= shape[0] <= 2 * num_experts:
-            return cname, child
+def _matrices(module: nn.Module) -> list:
+    return [p for p in module.parameters() if p.dim() >= 2 and min(p.shape) > 1]
+
+
+def find_router(block: nn.Module, exclude: set[int], num_experts: int, hidden: int | None = None
+                ) -> tuple[str, nn.Module] | None:
+    """The child of `block` that routes: its only matrix is the [E, H] projection; else one [E', H]
+    with E < E' <= 2E (skip / zero experts); else a child that declares `top_k` / `num_experts` or is
+    named like a router (routers with their own MLP, as zaya's)."""
+    children = [(n, c) for n, c in block.named_children() if id(c) not in exclude]
+    single = [(n, c, tuple(_matrices(c)[0].shape)) for n, c in children if len(_matrices(c)) == 1]
+    for rule in (lambda s: s[0] == num_experts, lambda s: num_experts < s[0] <= 2 * num_experts):
+        for n, c, shape in single:
+            if len(shape) == 2 and rule(shape) and (hidden is None or shape[1] == hidden):
+                return n, c
+    for n, c in children:
+        if _matrices(c) and (hasattr(c, "top_k") or hasattr(c, "num_experts") or n in ("gate", "router")):
+            return n, c
     return None
 
 
@@ -86,7 +93,7 @@ class GenericHandler(MoEHandler):
             e_mod, h_mod, i_mod, gated = dims
             e_attr = getattr(experts, "num_experts", None)
             num_experts_module = e_attr if isinstance(e_attr, int) and e_attr <= e_mod else e_mod
-            router = find_router(module, {id(experts)}, num_experts_module, h_mod)
+            router = find_router(module, {id(experts)}, num_experts_module)
             if router is None:
                 continue
             rname, rmod = router
@@ -102,9 +109,18 @@ class GenericHandler(MoEHandler):
         num_experts = sizes.resolve("num_experts", config, e_mod, src)
         k_mod = getattr(router, "top_k", None)
         top_k = sizes.resolve("top_k", config, k_mod if isinstance(k_mod, int) else None, src)
-        hidden = sizes.resolve("hidden_size", config, h_mod, src)
+        mats = _matrices(router) if router is not None else []
+        h_router = mats[0].shape[-1] if mats else h_mod
+        router_flops = sum(2 * m.shape[-1] * m.shape[-2] * (m.shape[0] if m.dim() == 3 else 1) for m in mats)
+        hidden = sizes.resolve("hidden_size", config, h_router, src)
+        # experts may work in their own width (muse_spark projects H -> moe_hidden_size around them)
+        expert_hidden = h_mod if h_mod != hidden else 0
         expert_dim = sizes.resolve("expert_dim", config, i_mod, src)
         src["gated"] = "module"
+        if router_flops and router_flops != 2 * hidden * num_experts:
+            src["router_flops"] = "module (router matrices)"
+        else:
+            router_flops = 0
         sdim, sgated = 0, True
         for _, smod in shared:
             dims = sizes.mlp_dims(smod, hidden)
@@ -116,7 +132,7 @@ class GenericHandler(MoEHandler):
         impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
         info = LayerInfo(
             index=-1, name=name, family=_family(model), num_experts=num_experts, top_k=top_k,
-            hidden_size=hidden, expert_dim=expert_dim, shared_expert_dim=sdim, gated=gated,
+            hidden_size=hidden, router_flops_per_token=router_flops, expert_dim=expert_dim, expert_hidden_size=expert_hidden, shared_expert_dim=sdim, gated=gated,
             shared_gated=sgated, dense_experts=dense_experts, device=sizes.module_device(experts),
             router=prefix + rname if rname else None, experts=prefix + ename,
             shared=[prefix + s for s, _ in shared], handler=self.name,
