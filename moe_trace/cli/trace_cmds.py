@@ -1,0 +1,103 @@
+"""`moe-trace analyze` and `moe-trace merge`: the trace post-processor."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "analyze", help="report of a moe-trace Kineto trace file or a directory of them",
+        description="Stream a .pt.trace.json[.gz] file (or every one under a directory) and print the MoE "
+                    "report: counts, load balance, k, FLOPs and per-layer router/experts/shared time from the "
+                    "trace's GPU (or CPU) ranges.")
+    p.add_argument("path", help="a trace file, or a directory searched recursively for *.pt.trace.json[.gz]")
+    p.add_argument("--json", metavar="F", help="also write the report as JSON (docs/report-format.md)")
+    p.add_argument("--csv", metavar="F", help="also write one CSV row per layer and phase")
+    p.add_argument("--per-device", action="store_true",
+                   help="print the per-device table (tokens, FLOPs, range times, kernel time per GPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, even for large files")
+    p.set_defaults(func=_cmd_analyze)
+
+    m = subparsers.add_parser(
+        "merge", help="merge per-rank traces into one Perfetto timeline",
+        description="Merge every trace under DIR into one file: timestamps on one clock "
+                    "(baseTimeNanoseconds), unique pids named 'rank{r} host' / 'rank{r} GPU {n}'.")
+    m.add_argument("dir", help="directory with the per-rank .pt.trace.json[.gz] files")
+    m.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output file (.json or .json.gz); open it in https://ui.perfetto.dev")
+    m.set_defaults(func=_cmd_merge)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from moe_trace.trace.reader import read_traces, report_of
+
+    progress = False if args.no_progress else None
+    datas = read_traces(args.path, progress=progress)
+    if not any(d.is_moe for d in datas):
+        for d in datas:
+            print(d.summary)
+        report_of(datas, args.path)  # raises the TraceError that says what is missing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = report_of(datas, args.path)
+    for w in caught:
+        print(f"moe-trace: warning: {w.message}", file=sys.stderr)
+    print(report)
+    if args.per_device:
+        print(_per_device(report, datas))
+    if args.json:
+        report.to_json(args.json)
+        print(f"wrote {args.json}")
+    if args.csv:
+        report.to_csv(args.csv)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def _per_device(report, datas) -> str:
+    lines = ["per device (MoE layers):",
+             f"  {'device':<16} {'layers':>6} {'tokens':>9} {'GFLOPs':>10} {'router ms':>10} {'experts ms':>11} "
+             f"{'shared ms':>10} {'peak MiB':>9}"]
+    for d in report.to_dict()["devices"]:
+        peak = d.get("peak_memory_bytes")
+        lines.append(f"  {d['device']:<16} {d['layers']:>6} {d['tokens']:>9} {d['flops']['total'] / 1e9:>10.4f} "
+                     f"{_ms(d['router_ms']):>10} {_ms(d['experts_ms']):>11} {_ms(d['shared_ms']):>10} "
+                     f"{(f'{peak / 2**20:.0f}' if peak else '-'):>9}")
+    rows = []
+    for td in datas:
+        if not td.is_moe:
+            continue
+        who = f"rank{td.rank} " if td.rank is not None and len(datas) > 1 else ""
+        for name, dev in td.summary.devices.items():
+            busy = f"{100 * dev['kernel_ms'] / dev['span_ms']:.1f}%" if dev["span_ms"] else "-"
+            rows.append(f"  {who + name:<16} {dev['kernels']:>8} {dev['kernel_ms']:>11.3f} {dev['memcpy_ms']:>10.3f} "
+                        f"{busy:>6}")
+    if rows:
+        lines.append("GPU activity in the trace (all kernels, profiled steps only):")
+        lines.append(f"  {'device':<16} {'kernels':>8} {'kernel ms':>11} {'memcpy ms':>10} {'busy':>6}")
+        lines.extend(rows)
+    else:
+        lines.append("GPU activity in the trace: none (CPU-only trace)")
+    return "\n".join(lines)
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from moe_trace.trace.merge import merge_traces
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = merge_traces(args.dir, args.output)
+    for w in caught:
+        print(f"moe-trace: warning: {w.message}", file=sys.stderr)
+    print(f"wrote {out} (open it in https://ui.perfetto.dev)")
+    return 0
+
+
+__all__ = ["register"]

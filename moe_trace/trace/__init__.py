@@ -1,0 +1,8 @@
+"""Kineto traces with MoE counters: writer, streaming reader / analyzer, merge and validator."""
+from .merge import merge_traces
+from .reader import PlainTraceSummary, TraceData, analyze, read_metadata, read_trace, read_traces
+from .validate import validate_trace
+from .writer import write_trace
+
+__all__ = ["write_trace", "read_trace", "read_traces", "read_metadata", "analyze", "merge_traces",
+           "validate_trace", "TraceData", "PlainTraceSummary"]

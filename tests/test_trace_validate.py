@@ -1,0 +1,86 @@
+"""validate_trace: Perfetto's JSON rules."""
+from __future__ import annotations
+
+import pytest
+
+from moe_trace.trace import validate_trace
+from tests.test_trace_fixtures import raw_cpu_trace_path, synthetic_gpu_raw, tmpdir
+
+
+def _x(name, ts, dur, pid=1, tid=1, **kw):
+    return {"ph": "X", "cat": "c", "name": name, "pid": pid, "tid": tid, "ts": ts, "dur": dur, **kw}
+
+
+def _ok_events():
+    return [
+        {"ph": "M", "name": "process_name", "pid": 1, "tid": 0, "args": {"name": "host"}},
+        {"ph": "M", "name": "thread_sort_index", "pid": 1, "tid": 1, "ts": 0, "args": {"sort_index": 3}},
+        _x("outer", 0.0, 10.0), _x("inner", 1.0, 2.0), _x("inner2", 3.0, 7.0), _x("touching", 10.0, 5.0),
+        _x("other thread", 5.0, 20.0, tid=2), _x("zero", 15.0, 0.0),
+        {"ph": "C", "name": "moe_trace/L000 expert_tokens", "pid": 1, "ts": "1.5", "args": {"e000": 3, "e001": 0.5}},
+        {"ph": "i", "s": "g", "name": "mark", "pid": "Traces", "tid": "x", "ts": 2},
+        {"ph": "s", "id": 7, "pid": 1, "tid": 1, "ts": 1.0, "cat": "ac2g", "name": "ac2g"},
+        {"ph": "f", "id": 7, "pid": 0, "tid": 7, "ts": 2.0, "cat": "ac2g", "name": "ac2g", "bp": "e"},
+        {"ph": "b", "id": "0x1", "pid": 1, "ts": 1.0, "cat": "a", "name": "async"},
+        {"ph": "e", "id2": {"local": "0x1"}, "pid": 1, "ts": 2.0, "cat": "a", "name": "async"},
+        {"ph": "B", "pid": 1, "tid": 3, "ts": 1.0, "name": "b"}, {"ph": "E", "pid": 1, "tid": 3, "ts": 2.0},
+        _x("grid args are fine", 30.0, 1.0, args={"grid": [1, 2, 3]}),
+    ]
+
+
+def test_valid_trace_and_bare_array():
+    assert validate_trace({"traceEvents": _ok_events(), "anything": {"x": 1}}) == []
+    assert validate_trace(_ok_events()) == []
+    assert validate_trace(synthetic_gpu_raw(devices=(0, 1))) == []
+    assert validate_trace(raw_cpu_trace_path()) == []
+
+
+@pytest.mark.parametrize("bad, expect", [
+    ({"ph": "C", "name": "c", "pid": 1, "ts": 1, "args": {"v": "high"}}, "non-numeric args value"),
+    ({"ph": "C", "name": "c", "pid": 1, "ts": 1, "args": {"v": True}}, "non-numeric args value"),
+    ({"ph": "C", "name": "c", "pid": 1, "ts": 1, "args": [1]}, "holds an array"),
+    ({"ph": "C", "name": "c", "pid": 1, "ts": 1}, "without an object 'args'"),
+    ({"ph": "Z", "name": "z", "pid": 1, "ts": 1}, "unknown phase 'Z'"),
+    ({"ph": "P", "name": "p", "pid": 1, "ts": 1}, "ignored by Perfetto"),
+    ({"name": "no ph", "pid": 1, "ts": 1}, "missing or non-string 'ph'"),
+    (_x("nodur", 1.0, None), "numeric 'dur' >= 0"),
+    (_x("negdur", 1.0, -1.0), "numeric 'dur' >= 0"),
+    (_x("strts", "soon", 1.0), "'ts' is not numeric"),
+    ({"ph": "X", "name": "nots", "pid": 1, "tid": 1, "dur": 1}, "missing 'ts'"),
+    (_x("boolpid", 1.0, 1.0, pid=True), "'pid' is not an integer"),
+    (_x("negtid", 1.0, 1.0, tid=-3), "'tid' is not an integer"),
+    ({"ph": "M", "name": "process_color", "pid": 1, "args": {"name": "x"}}, "unknown name 'process_color'"),
+    ({"ph": "M", "name": "process_name", "pid": 1, "args": {}}, "without args.name"),
+    ({"ph": "M", "name": "process_sort_index", "pid": 1, "args": {"sort_index": "1"}}, "args.sort_index"),
+    ({"ph": "b", "pid": 1, "ts": 1, "name": "a"}, "without 'id' or 'id2'"),
+    ({"ph": "s", "pid": 1, "tid": 1, "ts": 1, "name": "f"}, "flow 's' event without 'id'"),
+    ({"ph": "i", "s": "x", "pid": 1, "tid": 1, "ts": 1, "name": "i"}, "scope"),
+    ({"ph": "E", "pid": 1, "tid": 9, "ts": 1}, "E event without an open B"),
+    ({"ph": "B", "pid": 1, "tid": 9, "ts": 1, "name": "open"}, "never closed"),
+    (_x("listfield", 1.0, 1.0, stack=["a"]), "holds an array"),
+    ("not an object", "not an object"),
+])
+def test_rejects(bad, expect):
+    problems = validate_trace({"traceEvents": _ok_events() + [bad]})
+    assert len(problems) == 1, problems
+    assert expect in problems[0]
+
+
+def test_overlap_pairs_are_counted():
+    ev = [_x("a", 0.0, 10.0), _x("b", 5.0, 10.0), _x("c", 8.0, 10.0), _x("d", 30.0, 1.0),
+          _x("other tid", 5.0, 10.0, tid=2)]
+    problems = validate_trace({"traceEvents": ev})
+    assert len(problems) == 1
+    assert "partially overlapping X events on one thread: 3 pairs" in problems[0]  # a-b, a-c, b-c
+    # nanosecond precision: a child ending 1 ns after its parent overlaps, one ending exactly at it nests
+    assert validate_trace([_x("p", 4532332491716.851, 10.0), _x("c", 4532332491717.0, 9.851)]) == []
+    assert "1 pair" in validate_trace([_x("p", 4532332491716.851, 10.0), _x("c", 4532332491717.0, 9.852)])[0]
+
+
+def test_top_level_and_file_errors():
+    assert validate_trace({"events": []}) == ["top level: an object without a traceEvents array"]
+    assert "neither" in validate_trace(3)[0]
+    d = tmpdir("validate_files")
+    (d / "bad.json").write_text("{nope")
+    assert "not readable" in validate_trace(d / "bad.json")[0]
+    assert "not found" in validate_trace(d / "missing.json")[0]
