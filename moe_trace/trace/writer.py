@@ -31,6 +31,9 @@ COUNTER_CAT = "moe_trace"
 
 #: categories kept by a slim trace (plus M metadata, counters and the annotations below)
 SLIM_CATS = frozenset({"gpu_user_annotation", "kernel", "gpu_memcpy", "gpu_memset"})
+#: GPU-event args a slim trace keeps (what HTA and our reader use); launch geometry, registers,
+#: occupancy and queue fields are dropped: they are most of a kernel event's bytes.
+SLIM_GPU_ARGS = frozenset({"device", "stream", "correlation", "External id", "bytes", "context"})
 _STEP_RE = re.compile(r"^moe_trace/(prefill|decode)#(\d+)$")
 _DEVICE_RE = re.compile(r"^([a-z_]+)(?::(\d+))?$")
 
@@ -75,7 +78,7 @@ def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel) -> 
     counters, gpu_pids = _counter_events(run, steps, step_ts, host_pid)
 
     if slim:
-        kept = [e for e in events if _keep_slim(e)]
+        kept = [_slim_args(e) for e in events if _keep_slim(e)]
         live = {e.get("pid") for e in kept if e.get("ph") != "M"} | {c["pid"] for c in counters}
         kept = [e for e in kept if e.get("ph") != "M" or e.get("pid") in live]
     else:
@@ -253,6 +256,12 @@ def _keep_slim(e: dict) -> bool:
         name = e.get("name")
         return isinstance(name, str) and (name.startswith("moe_trace/") or name.startswith("ProfilerStep#"))
     return False
+
+
+def _slim_args(e: dict) -> dict:
+    if e.get("cat") in SLIM_CATS and e.get("cat") != "gpu_user_annotation" and isinstance(e.get("args"), dict):
+        e = dict(e, args={k: v for k, v in e["args"].items() if k in SLIM_GPU_ARGS})
+    return e
 
 
 def _process_info(process: dict | None, trace: dict, host_pid) -> dict:

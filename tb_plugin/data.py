@@ -1,0 +1,373 @@
+"""Runs under a log dir, their reports, and a cache that reloads when trace files change.
+
+No TensorBoard import here, so this module is usable (and testable) on its own.
+
+A *run* is a directory under the log dir that holds `*.pt.trace.json[.gz]` files (what
+`moe_trace.profile(mode="kineto", logdir=...)` writes). Its name is its path relative to the log
+dir with `/` separators, `"."` for the log dir itself. Run names from requests are never joined to
+the file system: they are looked up in the set of discovered runs, so nothing outside the log dir
+can be reached by a request.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+TRACE_RE = re.compile(r"\.pt\.trace\.json(?:\.gz)?$")
+MAX_RUN_NAME = 1024
+MAX_DIRS_SCANNED = 20_000
+
+Provider = Callable[[str], dict]
+
+
+class RunNameError(ValueError):
+    """A run name that is malformed or would point outside the log dir (HTTP 400)."""
+
+
+class UnknownRunError(KeyError):
+    """A well-formed run name that is not a run under the log dir (HTTP 404)."""
+
+
+# -- the data provider ------------------------------------------------------------------------
+
+def default_provider(run_dir: str) -> dict:
+    """`moe_trace.analyze` of the trace files directly in `run_dir`, as `Report.to_dict()`.
+
+    Only the directory's own files: a sub-directory with traces is a run of its own (as TensorBoard
+    treats run directories), so it is not folded into its parent's report.
+    """
+    files = [os.path.join(run_dir, n) for n in sorted(os.listdir(run_dir)) if TRACE_RE.search(n)]
+    try:
+        from moe_trace.trace.reader import read_trace, report_of
+    except ImportError:  # an older layout of moe_trace.trace: analyze the directory
+        from moe_trace.trace import analyze
+
+        return analyze(run_dir).to_dict()
+    return report_of([read_trace(f, progress=False) for f in files], run_dir).to_dict()
+
+
+_provider: Provider = default_provider
+
+
+def set_provider(fn: Provider | None) -> None:
+    """Replace how a run directory becomes a report dict (tests); `None` restores the default."""
+    global _provider
+    _provider = fn or default_provider
+
+
+def get_provider() -> Provider:
+    return _provider
+
+
+# -- run names --------------------------------------------------------------------------------
+
+def check_run_name(name: Any) -> str:
+    """Return `name` if it is a syntactically safe relative run name, else raise RunNameError."""
+    if not isinstance(name, str) or not name:
+        raise RunNameError("missing run name")
+    if len(name) > MAX_RUN_NAME:
+        raise RunNameError("run name too long")
+    if "\x00" in name or "\\" in name or any(ord(c) < 32 for c in name):
+        raise RunNameError("run name has forbidden characters")
+    if name.startswith("/") or name.startswith("~") or re.match(r"^[A-Za-z]:", name):
+        raise RunNameError("run name must be relative to the log dir")
+    if name != ".":
+        parts = name.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise RunNameError("run name must not contain empty, '.' or '..' components")
+    return name
+
+
+HEADER_PEEK_BYTES = 4 << 20
+_TE_RE = re.compile(rb'"traceEvents"\s*:')
+_MOE_RE = re.compile(rb'"moe_trace"\s*:')
+
+
+def peek_moe_key(path: str) -> bool | None:
+    """Whether the trace's top-level keys before `traceEvents` include `moe_trace` (how moe-trace and
+    torch.profiler's add_metadata_json write them): True / False, or None when the head cannot be read
+    or has no `traceEvents` within 4 MiB (then only a full read can tell)."""
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            buf = b""
+            while len(buf) < HEADER_PEEK_BYTES:
+                chunk = f.read(64 << 10)
+                if not chunk:
+                    break
+                buf += chunk
+                m = _TE_RE.search(buf)
+                if m:
+                    return bool(_MOE_RE.search(buf, 0, m.start()))
+    except (OSError, EOFError, ValueError):
+        return None
+    return None
+
+
+def _inside(path: str, root: str) -> bool:
+    try:
+        return os.path.commonpath([path, root]) == root
+    except ValueError:
+        return False
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+@dataclass
+class _Entry:
+    signature: tuple
+    report: dict | None = None
+    error: str | None = None
+    body: bytes = b""
+    body_gz: bytes = b""
+    loaded_at: float = 0.0
+    load_s: float = 0.0
+
+
+@dataclass
+class _Run:
+    name: str
+    path: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    entry: _Entry | None = None
+    kind: tuple | None = None  # (signature, "moe" | "plain" | "unknown")
+
+
+class RunStore:
+    """Discovers runs under `logdir` and caches one report per run, keyed by its files' mtime/size."""
+
+    def __init__(self, logdir: str | None, provider: Provider | None = None, scan_ttl_s: float = 2.0,
+                 max_parallel_loads: int = 2):
+        self.logdir = os.path.realpath(os.path.expanduser(logdir)) if logdir else None
+        self._provider = provider
+        self._scan_ttl_s = scan_ttl_s
+        self._lock = threading.Lock()
+        self._scan_lock = threading.Lock()
+        self._runs: dict[str, _Run] = {}
+        self._scanned_at = -math.inf
+        self._load_slots = threading.BoundedSemaphore(max_parallel_loads)
+
+    # discovery -------------------------------------------------------------------------------
+    def _trace_files(self, path: str) -> list[os.DirEntry]:
+        out = []
+        try:
+            with os.scandir(path) as it:
+                for e in it:
+                    if TRACE_RE.search(e.name) and e.is_file():
+                        # a symlinked trace must still resolve inside the log dir
+                        if e.is_symlink() and not _inside(os.path.realpath(e.path), self.logdir):
+                            continue
+                        out.append(e)
+        except OSError:
+            return []
+        return sorted(out, key=lambda e: e.name)
+
+    def _scan(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        if not self.logdir or not os.path.isdir(self.logdir):
+            return found
+        n = 0
+        for dirpath, dirnames, filenames in os.walk(self.logdir, followlinks=False):
+            n += 1
+            if n > MAX_DIRS_SCANNED:
+                logger.warning("moe_trace plugin: stopped scanning %s after %d dirs", self.logdir, n)
+                break
+            dirnames.sort()
+            if any(TRACE_RE.search(f) for f in filenames):
+                rel = os.path.relpath(dirpath, self.logdir)
+                name = "." if rel == "." else rel.replace(os.sep, "/")
+                found[name] = dirpath
+        return found
+
+    def refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._scanned_at < self._scan_ttl_s:
+            return
+        with self._scan_lock:
+            if not force and time.monotonic() - self._scanned_at < self._scan_ttl_s:
+                return
+            found = self._scan()
+            with self._lock:
+                for name in list(self._runs):
+                    if name not in found:
+                        del self._runs[name]
+                for name, path in found.items():
+                    if name not in self._runs:
+                        self._runs[name] = _Run(name, path)
+            self._scanned_at = time.monotonic()
+
+    def has_runs(self) -> bool:
+        """Cheap: true once any trace file is found (cached for `scan_ttl_s`)."""
+        self.refresh()
+        return bool(self._runs)
+
+    def run_names(self) -> list[str]:
+        self.refresh()
+        with self._lock:
+            return sorted(self._runs)
+
+    def _get_run(self, name: Any) -> _Run:
+        name = check_run_name(name)
+        run = self._runs.get(name)
+        if run is None:
+            self.refresh(force=True)
+            run = self._runs.get(name)
+        if run is None:
+            raise UnknownRunError(name)
+        real = os.path.realpath(run.path)
+        if not self.logdir or not _inside(real, self.logdir):
+            raise RunNameError("run is outside the log dir")
+        return run
+
+    def run_dir(self, name: Any) -> str:
+        return self._get_run(name).path
+
+    # listing ---------------------------------------------------------------------------------
+    def signature(self, run: _Run) -> tuple:
+        sig = []
+        for e in self._trace_files(run.path):
+            try:
+                st = e.stat()
+            except OSError:
+                continue
+            sig.append((e.name, st.st_mtime_ns, st.st_size))
+        return tuple(sig)
+
+    def _kind(self, run: _Run, sig: tuple) -> str:
+        """"moe" (some file has the moe_trace key), "plain" (none has) or "unknown" (cached per signature)."""
+        if run.kind is not None and run.kind[0] == sig:
+            return run.kind[1]
+        seen = [peek_moe_key(os.path.join(run.path, f[0])) for f in sig]
+        kind = "moe" if any(v is True for v in seen) else ("plain" if seen and all(v is False for v in seen) else "unknown")
+        run.kind = (sig, kind)
+        return kind
+
+    def list_runs(self, include_plain: bool = False) -> list[dict[str, Any]]:
+        """Runs with their files' count, size and mtime; plain torch.profiler runs (no moe_trace key in
+        any file) are left out unless `include_plain`."""
+        out = []
+        for name in self.run_names():
+            run = self._runs.get(name)
+            if run is None:
+                continue
+            sig = self.signature(run)
+            kind = self._kind(run, sig)
+            if kind == "plain" and not include_plain:
+                continue
+            item: dict[str, Any] = {
+                "name": name,
+                "files": len(sig),
+                "bytes": sum(s[2] for s in sig),
+                "mtime": max((s[1] for s in sig), default=0) / 1e9,
+                "status": "unloaded",
+                "kind": kind,
+            }
+            e = run.entry
+            if e is not None and e.signature == sig:
+                item["status"] = "error" if e.error else "ok"
+                if e.error:
+                    item["error"] = e.error
+                elif e.report:
+                    m = e.report.get("model", {})
+                    item["model"] = m.get("name") or m.get("family")
+            out.append(item)
+        return out
+
+    def warm_up(self, max_runs: int = 4) -> threading.Thread:
+        """Load the newest `max_runs` moe runs in a background thread (imports and parsing happen
+        before the dashboard asks for them)."""
+        def work():
+            try:
+                runs = sorted((r for r in self.list_runs() if r["kind"] != "plain"), key=lambda r: -r["mtime"])
+                for r in runs[:max_runs]:
+                    self.get(r["name"])
+            except Exception:  # warm-up is best effort
+                logger.debug("moe_trace plugin: warm-up failed", exc_info=True)
+
+        t = threading.Thread(target=work, name="moe_trace-warmup", daemon=True)
+        t.start()
+        return t
+
+    # reports ---------------------------------------------------------------------------------
+    def get(self, name: Any) -> _Entry:
+        """The (cached) report entry of run `name`; loads or reloads it when its files changed."""
+        run = self._get_run(name)
+        sig = self.signature(run)
+        e = run.entry
+        if e is not None and e.signature == sig:
+            return e
+        with run.lock:  # one load per run; concurrent requests for it wait here
+            sig = self.signature(run)
+            e = run.entry
+            if e is not None and e.signature == sig:
+                return e
+            with self._load_slots:
+                e = self._load(run, sig)
+            run.entry = e
+            return e
+
+    def _load(self, run: _Run, sig: tuple) -> _Entry:
+        t0 = time.perf_counter()
+        e = _Entry(signature=sig, loaded_at=time.time())
+        provider = self._provider or get_provider()
+        if not sig:
+            e.error = "no *.pt.trace.json[.gz] files in this run"
+        else:
+            try:
+                report = provider(run.path)
+                if not isinstance(report, dict):
+                    raise TypeError(f"provider returned {type(report).__name__}, not a dict")
+                e.report = report
+            except Exception as exc:  # a bad or half-written trace must not break the plugin
+                logger.info("moe_trace plugin: run %r failed to load", run.name, exc_info=True)
+                e.error = _describe(exc)
+                if self.logdir:  # show paths relative to the log dir, not the server's file system
+                    e.error = e.error.replace(self.logdir + os.sep, "")
+        payload = {"run": run.name, "error": e.error} if e.error else {"run": run.name, "report": e.report}
+        e.body = dumps(payload)
+        e.body_gz = gzip.compress(e.body, compresslevel=3, mtime=0)
+        e.load_s = time.perf_counter() - t0
+        return e
+
+
+def _describe(exc: BaseException) -> str:
+    msg = str(exc).strip() or exc.__class__.__name__
+    if isinstance(exc, (json.JSONDecodeError, EOFError, gzip.BadGzipFile)) or "JSON" in type(exc).__name__:
+        msg = f"unreadable trace (bad or half-written file?): {msg}"
+    return f"{exc.__class__.__name__}: {msg}"[:2000]
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf -> None, numpy scalars/arrays -> Python, unknown -> str."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    if hasattr(obj, "tolist"):
+        return _clean(obj.tolist())
+    return str(obj)
+
+
+def dumps(obj: Any) -> bytes:
+    try:
+        import orjson
+
+        return orjson.dumps(obj, default=str, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+    except ImportError:  # pragma: no cover - orjson is a dependency
+        return json.dumps(_clean(obj), allow_nan=False, separators=(",", ":")).encode()
+    except TypeError:
+        return json.dumps(_clean(obj), allow_nan=False, separators=(",", ":")).encode()

@@ -1,0 +1,619 @@
+// moe-trace for TensorBoard: the "MoE" dashboard.
+//
+// An ES module. TensorBoard loads it in an iframe whose <base href> is /data/plugin/moe_trace/ and
+// calls render(). Every asset (this file, style.css, plotly.min.js) comes from the plugin's own
+// routes: nothing is fetched from the network.
+//
+// Test/benchmark hooks: when every chart of the current selection is drawn, <body> gets
+// data-painted="1" and data-paint-ms (ms since navigation start), and document.title ends in
+// "painted"; each chart <div> carries data-rows / data-cols / data-traces. The iframe URL may carry
+// ?run=NAME&compare=NAME&phase=all|prefill|decode&mode=tokens|share.
+
+const PHASES = ["prefill", "decode"];
+const PARTS = ["router", "experts", "shared"];
+const PART_COLORS = { router: "#5c6bc0", experts: "#f57c00", shared: "#26a69a" };
+const PHASE_COLORS = { prefill: "#1e88e5", decode: "#e53935", all: "#616161" };
+const RUN_COLORS = ["#1e88e5", "#f57c00"];
+const PLOT_CONFIG = { displaylogo: false, responsive: true, showLink: false, showSendToCloud: false,
+  modeBarButtonsToRemove: ["lasso2d", "select2d"] };
+const FONT = { family: 'Roboto, "Helvetica Neue", Arial, sans-serif', size: 12, color: "#212121" };
+
+const state = { runs: [], run: null, compare: "", phase: "all", mode: "tokens", reports: new Map(), seq: 0 };
+let els = null;
+
+// -- entry ------------------------------------------------------------------------------------
+export async function render() {
+  const params = new URLSearchParams(window.location.search);
+  state.phase = pick(params.get("phase"), ["all", ...PHASES], "all");
+  state.mode = pick(params.get("mode"), ["tokens", "share"], "tokens");
+  state.compare = params.get("compare") || "";
+  addStyle();
+  buildShell();
+  const plotly = loadPlotly();
+  try {
+    await loadRuns(params.get("run") || safeStorage("get", "moe_trace.run"));
+    await Promise.all([plotly, refresh()]);
+  } catch (err) {
+    showError(String(err && err.message || err));
+    markPainted("error");
+  }
+}
+
+function pick(v, allowed, dflt) { return allowed.includes(v) ? v : dflt; }
+
+function safeStorage(op, key, value) {
+  try {
+    if (op === "get") return window.localStorage.getItem(key);
+    window.localStorage.setItem(key, value);
+  } catch (_) { /* storage may be disabled */ }
+  return null;
+}
+
+function addStyle() {
+  if (document.querySelector("link[data-moe]")) return;
+  const link = document.createElement("link");
+  link.rel = "stylesheet"; link.href = "style.css"; link.dataset.moe = "1";
+  document.head.appendChild(link);
+  const meta = document.createElement("meta");
+  meta.name = "viewport"; meta.content = "width=device-width, initial-scale=1";
+  document.head.appendChild(meta);
+}
+
+let plotlyPromise = null;
+function loadPlotly() {
+  if (window.Plotly) return Promise.resolve(window.Plotly);
+  if (!plotlyPromise) {
+    plotlyPromise = new Promise((resolve, reject) => {
+      const s = document.createElement("script");
+      s.src = "plotly.min.js";
+      s.onload = () => (performance.mark("moe:plotly"), window.Plotly ? resolve(window.Plotly) : reject(new Error("plotly.min.js did not define Plotly")));
+      s.onerror = () => reject(new Error("could not load plotly.min.js from the plugin (is the plotly package installed?)"));
+      document.head.appendChild(s);
+    });
+  }
+  return plotlyPromise;
+}
+
+// -- DOM ----------------------------------------------------------------------------------------
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") el.className = v;
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.appendChild(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+function seg(name, options, current, onPick) {
+  return h("span", { class: "seg", id: `moe-${name}`, role: "group" },
+    options.map(([value, label]) => h("button", {
+      type: "button", "data-value": value, class: value === current ? "on" : "",
+      onclick: (ev) => {
+        for (const b of ev.target.parentNode.children) b.classList.toggle("on", b === ev.target);
+        onPick(value);
+      } }, label)));
+}
+
+function card(id, title, ...body) {
+  return h("section", { class: "card", id: `moe-${id}` }, h("h2", {}, title, h("small", { class: "sub" })), ...body);
+}
+
+function chart(id) { return h("div", { class: "chart", id: `chart-${id}` }); }
+
+function buildShell() {
+  document.body.innerHTML = "";
+  document.body.setAttribute("data-painted", "0");
+  const runSel = h("select", { id: "moe-run", onchange: (e) => { state.run = e.target.value; safeStorage("set", "moe_trace.run", state.run); refresh(); } });
+  const cmpSel = h("select", { id: "moe-compare", onchange: (e) => { state.compare = e.target.value; refresh(); } });
+  const bar = h("header", { class: "moe-bar" },
+    h("h1", {}, h("span", {}, "MoE"), " trace"),
+    h("label", {}, "Run", runSel),
+    h("label", {}, "Compare with", cmpSel),
+    h("label", {}, "Phase", seg("phase", [["all", "All"], ["prefill", "Prefill"], ["decode", "Decode"]], state.phase,
+      (v) => { state.phase = v; draw(); })),
+    h("label", {}, "Heatmap", seg("mode", [["tokens", "Tokens"], ["share", "Share %"]], state.mode,
+      (v) => { state.mode = v; draw(); })),
+    h("button", { type: "button", id: "moe-reload", title: "Re-read runs and traces",
+      onclick: async () => { state.reports.clear(); await loadRuns(state.run); await refresh(); } }, "Reload"),
+    h("span", { id: "moe-status" }));
+  const app = h("div", { id: "moe-app" },
+    bar,
+    h("div", { id: "moe-error", class: "moe-error hidden", role: "alert" }),
+    h("div", { id: "moe-main" },
+      card("overview", "Run overview", h("div", { class: "kv", id: "moe-kv" }), h("div", { id: "moe-phase-table" })),
+      card("heatmap", "Expert load", chart("heatmap")),
+      card("k", "Experts per token (k)", chart("k")),
+      card("balance", "Load balance per layer", chart("balance")),
+      card("latency", "Latency per device", h("div", { class: "moe-note hidden", id: "moe-latency-note" }),
+        chart("latency")),
+      card("flops", "FLOPs per layer and phase", chart("flops")),
+      card("cmp", "Compare runs",
+        h("div", { id: "moe-compare-error", class: "moe-error hidden" }),
+        h("div", { id: "moe-compare-table" }),
+        chart("cmp-heat"), chart("cmp-layers"), chart("cmp-latency"))));
+  document.body.appendChild(app);
+  els = { runSel, cmpSel };
+}
+
+function setStatus(text) { const s = document.getElementById("moe-status"); if (s) s.textContent = text; }
+
+function showError(msg) {
+  const e = document.getElementById("moe-error");
+  if (!e) return;
+  e.textContent = msg || "";
+  e.classList.toggle("hidden", !msg);
+  document.getElementById("moe-main").classList.toggle("hidden", !!msg);
+}
+
+// resolves once the next frame has been painted: rAF runs just before the paint, a task queued
+// from it runs after
+const nextFrame = () => new Promise((r) => requestAnimationFrame(() => setTimeout(r, 0)));
+
+function markPainted(kind = "ok") {
+  const ms = performance.now();
+  document.body.setAttribute("data-paint-ms", ms.toFixed(1));
+  document.body.setAttribute("data-state", kind);
+  document.body.setAttribute("data-painted", "1");
+  document.title = `MoE dashboard: ${kind === "ok" ? "painted" : kind + " painted"}`;
+}
+
+// -- data ---------------------------------------------------------------------------------------
+async function getJson(url) {
+  const resp = await fetch(url, { headers: { Accept: "application/json" }, cache: "no-store" });
+  let body = null;
+  try { body = await resp.json(); } catch (_) { body = { error: `HTTP ${resp.status}: response is not JSON` }; }
+  if (!resp.ok && !(body && body.error)) body = { error: `HTTP ${resp.status}` };
+  return body;
+}
+
+async function loadRuns(preferred) {
+  const body = await getJson("runs");
+  if (body.error) throw new Error(body.error);
+  state.runs = body.runs || [];
+  const names = state.runs.map((r) => r.name);
+  // default: the newest run that did not fail to load (the one just profiled, usually)
+  const newest = [...state.runs].sort((a, b) => (b.mtime || 0) - (a.mtime || 0));
+  const fallback = (newest.find((r) => r.status !== "error") || newest[0] || {}).name || null;
+  state.run = names.includes(preferred) ? preferred : (names.includes(state.run) ? state.run : fallback);
+  if (state.compare && !names.includes(state.compare)) state.compare = "";
+  const label = (r) => r.name + (r.status === "error" ? "  (error)" : "");
+  els.runSel.replaceChildren(...state.runs.map((r) => h("option", { value: r.name, selected: r.name === state.run }, label(r))));
+  els.cmpSel.replaceChildren(h("option", { value: "" }, "(none)"),
+    ...state.runs.map((r) => h("option", { value: r.name, selected: r.name === state.compare }, label(r))));
+  if (!state.runs.length) {
+    const plain = body.plain_runs || [];
+    throw new Error(body.logdir_set === false
+      ? "TensorBoard was started without --logdir."
+      : "No moe-trace runs found under --logdir. Write one with moe_trace.profile(model, mode=\"kineto\", logdir=...)."
+        + (plain.length ? `\n${plain.length} director${plain.length > 1 ? "ies hold" : "y holds"} plain torch.profiler traces `
+          + `without moe-trace metadata: ${plain.slice(0, 5).join(", ")}${plain.length > 5 ? ", …" : ""}` : ""));
+  }
+}
+
+function getReport(name) {
+  if (!state.reports.has(name)) {
+    state.reports.set(name, getJson(`report?run=${encodeURIComponent(name)}`).then((b) => {
+      if (b.error) return { error: b.error };
+      if (!b.report || !Array.isArray(b.report.layers)) return { error: "the server sent no report for this run" };
+      return { report: b.report };
+    }).catch((e) => ({ error: String(e) })));
+  }
+  return state.reports.get(name);
+}
+
+async function refresh() {
+  if (!state.run) return;
+  const seq = ++state.seq;
+  document.body.setAttribute("data-painted", "0");
+  setStatus("loading…");
+  const wanted = [getReport(state.run)];
+  if (state.compare && state.compare !== state.run) wanted.push(getReport(state.compare));
+  await Promise.all(wanted);
+  await loadPlotly();
+  if (seq !== state.seq) return;  // a newer selection superseded this one
+  await draw();
+}
+
+// -- helpers --------------------------------------------------------------------------------------
+// plotly renders its texts as a subset of HTML: escape the names that come from the file system
+const esc = (t) => String(t).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+const sum = (a) => a.reduce((x, y) => x + (y || 0), 0);
+const pad3 = (i) => String(i).padStart(3, "0");
+const layerX = (l) => l.index;
+// numeric layer axes: plotly picks a few ticks instead of measuring one label per layer
+let LAYER_AXIS = layerAxis(0);
+function layerAxis(n) {  // integer ticks only, about 16 at most
+  return { title: { text: "MoE layer" }, type: "linear", tickformat: "d", zeroline: false, tick0: 0,
+    dtick: Math.max(1, Math.ceil(n / 16)) };
+}
+function blk(layer, phase) { return phase === "all" ? layer : (layer.phases && layer.phases[phase]) || {}; }
+function fmt(x, digits = 3) {
+  if (x === null || x === undefined || Number.isNaN(x)) return "–";
+  const a = Math.abs(x);
+  for (const [u, s] of [["T", 1e12], ["G", 1e9], ["M", 1e6], ["k", 1e3]]) if (a >= s) return `${(x / s).toFixed(digits)}${u}`;
+  return Number.isInteger(x) ? String(x) : x.toFixed(digits);
+}
+// (not toLocaleString: its first call costs ~20 ms of ICU set-up)
+const fmtInt = (x) => (x === null || x === undefined ? "–" : String(Math.round(x)).replace(/\B(?=(\d{3})+(?!\d))/g, ","));
+const fmtMs = (x) => (x === null || x === undefined ? "–" : `${x.toFixed(3)} ms`);
+function timeTotal(t) {
+  if (!t) return null;
+  const v = PARTS.map((p) => t[`${p}_ms`]).filter((x) => x !== null && x !== undefined);
+  return v.length ? sum(v) : null;
+}
+function phaseLabel() { return state.phase === "all" ? "all phases" : state.phase; }
+
+function baseLayout(extra = {}) {
+  return Object.assign({
+    font: FONT, margin: { l: 60, r: 20, t: 36, b: 44 }, height: 300, paper_bgcolor: "#fff", plot_bgcolor: "#fff",
+    legend: { orientation: "h", y: -0.25 }, hoverlabel: { font: { family: FONT.family } },
+  }, extra);
+}
+
+function plot(id, traces, layout, meta = {}) {
+  // "allow": plotly otherwise measures every tick label's box to hide overflowing ones (a third of
+  // the drawing time); our margins leave room for the labels anyway
+  for (const k of Object.keys(layout)) {
+    if (/^[xy]axis\d*$/.test(k) && layout[k].ticklabeloverflow === undefined) layout[k] = { ...layout[k], ticklabeloverflow: "allow" };
+    // a fixed angle spares the label-collision measurements of tickangle "auto"
+    if (/^xaxis\d*$/.test(k) && layout[k].tickangle === undefined) layout[k] = { ...layout[k], tickangle: 0 };
+  }
+  for (const k of ["xaxis", "yaxis"]) if (!layout[k]) layout[k] = { ticklabeloverflow: "allow" };
+  const div = document.getElementById(`chart-${id}`);
+  performance.mark(`moe:plot:${id}`);
+  div.classList.remove("hidden");
+  div.setAttribute("data-traces", String(traces.length));
+  for (const [k, v] of Object.entries(meta)) div.setAttribute(`data-${k}`, String(v));
+  return window.Plotly.react(div, traces, layout, PLOT_CONFIG);
+}
+
+function hideChart(id) {
+  const div = document.getElementById(`chart-${id}`);
+  if (window.Plotly && div.data) window.Plotly.purge(div);
+  div.classList.add("hidden");
+  div.setAttribute("data-traces", "0");
+}
+
+// -- drawing --------------------------------------------------------------------------------------
+async function draw() {
+  const seq = ++state.seq;
+  const a = await getReport(state.run);
+  const cmp = state.compare && state.compare !== state.run ? state.compare : "";
+  const b = cmp ? await getReport(cmp) : null;
+  if (seq !== state.seq) return;
+  document.body.setAttribute("data-painted", "0");
+  try {
+    if (a.error) {
+      showError(`Run "${state.run}" could not be loaded:\n${a.error}`);
+      setStatus("");
+      markPainted("error");
+      return;
+    }
+    showError("");
+    const rep = a.report;
+    performance.mark("moe:draw-start");
+    LAYER_AXIS = layerAxis(Math.max((rep.layers || []).length, b && b.report ? (b.report.layers || []).length : 0));
+    const jobs = [];
+    drawOverview(rep);
+    await drawHeatmap("heatmap", rep, state.phase, state.mode);
+    // let the browser paint the first screen (overview + heatmap) before the charts below it
+    await nextFrame();
+    if (seq !== state.seq) return;
+    if (!document.body.hasAttribute("data-first-paint-ms")) {
+      document.body.setAttribute("data-first-paint-ms", performance.now().toFixed(1));
+    }
+    jobs.push(...drawK(rep), ...drawBalance(rep), ...drawLatency(rep), ...drawFlops(rep));
+    jobs.push(...drawCompare(rep, b, cmp));
+    await Promise.all(jobs);
+    performance.mark("moe:drawn");
+    await nextFrame();
+    if (seq !== state.seq) return;
+    const m = rep.model || {};
+    setStatus(`${m.num_moe_layers} MoE layers × ${m.num_experts} experts`);
+    markPainted("ok");
+  } catch (err) {
+    console.error(err);
+    showError(`Drawing run "${state.run}" failed: ${err && err.message || err}`);
+    markPainted("error");
+  }
+}
+
+function drawOverview(rep) {
+  const m = rep.model || {};
+  const ph = rep.phases || {};
+  const tot = rep.totals || {};
+  const timed = rep.timing_source !== null && rep.timing_source !== undefined;
+  const items = [
+    ["Model", m.name || m.family || "?"], ["Family", m.family || "?"],
+    ["MoE layers", m.num_moe_layers], ["Experts / layer", m.num_experts], ["Top-k", m.top_k],
+    ["Hidden / expert dim", `${m.hidden_size} / ${m.expert_dim}`],
+    ["Shared expert dim", m.shared_expert_dim || "–"],
+    ["Tokens (all phases)", fmtInt(tot.tokens)], ["FLOPs (all phases)", fmt(tot.flops && tot.flops.total)],
+    ["FLOPs / token", fmt(tot.flops_per_token)], ["Devices", (rep.devices || []).length],
+    ["Timing", timed ? rep.timing_source : "not timed"],
+  ];
+  const kv = document.getElementById("moe-kv");
+  kv.replaceChildren(...items.map(([k, v]) => h("div", { "data-key": k }, h("span", {}, k), h("b", {}, String(v)))));
+  const rows = PHASES.map((p) => {
+    const x = ph[p] || {};
+    const t = timeTotal(x.time_ms);
+    return h("tr", { "data-phase": p }, h("td", {}, p), h("td", {}, fmtInt(x.forward_calls)), h("td", {}, fmtInt(x.tokens)),
+      h("td", {}, fmt(x.flops && x.flops.total)), h("td", {}, fmt(x.flops_per_token)),
+      h("td", {}, fmtMs(t)), h("td", {}, t !== null && x.tokens ? fmtMs(t / x.tokens) : "–"));
+  });
+  document.getElementById("moe-phase-table").replaceChildren(h("table", { class: "moe" },
+    h("thead", {}, h("tr", {}, ["phase", "forwards", "tokens", "FLOPs", "FLOPs / token", "MoE time", "MoE time / token"]
+      .map((c) => h("th", {}, c)))), h("tbody", {}, rows)));
+  document.querySelector("#moe-overview h2 .sub").textContent =
+    timed ? "MoE time = router + routed experts + shared experts ranges" : "";
+}
+
+function heatRows(rep, phase, mode) {
+  const layers = rep.layers || [];
+  const width = Math.max(0, ...layers.map((l) => (blk(l, phase).expert_counts || []).length));
+  const z = layers.map((l) => {
+    const c = blk(l, phase).expert_counts || [];
+    const row = new Array(width).fill(null);
+    const s = sum(c);
+    for (let i = 0; i < c.length; i++) row[i] = mode === "share" ? (s ? (100 * c[i]) / s : 0) : c[i];
+    return row;
+  });
+  return { z, width, y: layers.map(layerX), names: layers.map((l) => l.name) };
+}
+
+function drawHeatmap(id, rep, phase, mode) {
+  const { z, width, y } = heatRows(rep, phase, mode);
+  const unit = mode === "share" ? "% of the layer's assignments" : "assignments";
+  const trace = {
+    type: "heatmap", z, y, x: Array.from({ length: width }, (_, i) => i), colorscale: "Viridis",
+    zmin: 0, hoverongaps: false, xgap: width <= 64 ? 1 : 0, ygap: y.length <= 64 ? 1 : 0,
+    colorbar: { title: { text: mode === "share" ? "share %" : "tokens", side: "right" }, thickness: 12 },
+    hovertemplate: `layer L%{y:03d}<br>expert %{x}<br>%{z:${mode === "share" ? ".2f" : ","}} ${unit}<extra></extra>`,
+  };
+  const height = Math.min(1400, Math.max(260, 90 + y.length * (y.length > 40 ? 13 : 20)));
+  const layout = baseLayout({
+    height, title: { text: `Routed assignments per expert (${phaseLabel()})`, font: { size: 13 } },
+    xaxis: { title: { text: "expert" }, showgrid: false, zeroline: false },
+    yaxis: { ...LAYER_AXIS, autorange: "reversed", showgrid: false },
+    margin: { l: 70, r: 20, t: 36, b: 44 },
+  });
+  document.querySelector("#moe-heatmap h2 .sub").textContent =
+    `${y.length} layers × ${width} experts, ${mode === "share" ? "share of each layer's assignments" : "assignments (token, expert)"}`;
+  return plot(id, [trace], layout, { rows: y.length, cols: width, mode, phase });
+}
+
+function khistOf(rep, phase) {
+  const out = new Map();
+  for (const l of rep.layers || []) {
+    const hist = blk(l, phase).k_hist || {};
+    for (const [k, n] of Object.entries(hist)) out.set(Number(k), (out.get(Number(k)) || 0) + n);
+  }
+  return out;
+}
+
+// Two panels side by side in one figure (one Plotly plot costs ~25 ms even when tiny).
+const LEFT = [0, 0.43];
+const RIGHT = [0.57, 1];
+function panelTitle(text, x) {
+  return { text, x, xref: "paper", xanchor: "center", y: 1.0, yref: "paper", yanchor: "bottom", yshift: 8,
+    showarrow: false, font: { size: 13 } };
+}
+function twoPanels(leftTitle, rightTitle, extra) {
+  return baseLayout(Object.assign({
+    height: 340, margin: { l: 60, r: 60, t: 40, b: 40 }, legend: { orientation: "h", y: -0.3, x: 0 },
+    annotations: [panelTitle(leftTitle, (LEFT[0] + LEFT[1]) / 2), panelTitle(rightTitle, (RIGHT[0] + RIGHT[1]) / 2)],
+  }, extra));
+}
+
+function drawK(rep) {
+  const phases = state.phase === "all" ? PHASES : [state.phase];
+  const hists = phases.map((p) => [p, khistOf(rep, p)]);
+  const ks = [...new Set(hists.flatMap(([, m]) => [...m.keys()]))].sort((x, y) => x - y);
+  const layers = rep.layers || [];
+  const traces = hists.map(([p, m]) => ({
+    type: "bar", name: p, legendgroup: p, x: ks.map(String), y: ks.map((k) => m.get(k) || 0), marker: { color: PHASE_COLORS[p] },
+    hovertemplate: `${p}: k=%{x}: %{y:,} token-layer pairs<extra></extra>`,
+  })).concat(phases.map((p) => ({
+    type: "scatter", mode: "lines+markers", name: p, legendgroup: p, showlegend: false, xaxis: "x2", yaxis: "y2",
+    x: layers.map(layerX), y: layers.map((l) => blk(l, p).k_mean), marker: { color: PHASE_COLORS[p], size: 4 },
+    line: { color: PHASE_COLORS[p], width: 1.5 },
+    error_y: { type: "data", symmetric: true, array: layers.map((l) => blk(l, p).k_std || 0), thickness: 1, width: 0 },
+    hovertemplate: `${p} L%{x:03d}: k mean %{y:.3f}<extra></extra>`,
+  })));
+  return [plot("k", traces, twoPanels("k histogram (summed over layers)", "mean k per layer (± std)", {
+    barmode: "group",
+    xaxis: { domain: LEFT, title: { text: "experts used by a token (k)" }, type: "category" },
+    yaxis: { title: { text: "tokens × layers" } },
+    xaxis2: { ...LAYER_AXIS, domain: RIGHT, anchor: "y2" },
+    yaxis2: { anchor: "x2", title: { text: "k" }, rangemode: "tozero" },
+  }), { rows: layers.length, cols: ks.length })];
+}
+
+function drawBalance(rep) {
+  const layers = rep.layers || [];
+  const x = layers.map(layerX);
+  const get = (k) => layers.map((l) => blk(l, state.phase)[k]);
+  const line = (k, name, color, axis = "y") => ({ type: "scatter", mode: "lines+markers", name, x, y: get(k), yaxis: axis,
+    marker: { size: 4, color }, line: { color, width: 1.5 }, hovertemplate: `L%{x:03d} ${name}: %{y:.3f}<extra></extra>` });
+  const traces = [line("cv", "CV", "#1e88e5"), line("gini", "Gini", "#8e24aa"), line("entropy_norm", "entropy (norm.)", "#43a047"),
+    line("max_over_mean", "max / mean (right axis)", "#f57c00", "y3"),
+    { type: "bar", name: "dead experts", x, y: get("dead_experts"), xaxis: "x2", yaxis: "y2", marker: { color: "#e53935" },
+      customdata: layers.map((l) => l.num_experts), hovertemplate: "L%{x:03d}: %{y} of %{customdata} experts got no token<extra></extra>" },
+    { type: "bar", name: "active experts", x, y: get("active_experts"), xaxis: "x2", yaxis: "y2", marker: { color: "#c5e1a5" },
+      hovertemplate: "L%{x:03d}: %{y} active<extra></extra>" }];
+  document.querySelector("#moe-balance h2 .sub").textContent = phaseLabel();
+  return [plot("balance", traces, twoPanels(`balance metrics (${phaseLabel()})`, `dead and active experts (${phaseLabel()})`, {
+    barmode: "stack",
+    xaxis: { ...LAYER_AXIS, domain: LEFT },
+    yaxis: { title: { text: "CV, Gini, entropy" }, rangemode: "tozero" },
+    yaxis3: { title: { text: "max / mean" }, overlaying: "y", side: "right", rangemode: "tozero", showgrid: false, anchor: "x" },
+    xaxis2: { ...LAYER_AXIS, domain: RIGHT, anchor: "y2" },
+    yaxis2: { anchor: "x2", title: { text: "experts" } },
+  }), { rows: layers.length })];
+}
+
+function drawLatency(rep) {
+  const note = document.getElementById("moe-latency-note");
+  const timed = rep.timing_source !== null && rep.timing_source !== undefined;
+  note.classList.toggle("hidden", timed);
+  if (!timed) {
+    note.textContent = "This run has no timings (it was profiled in stats mode, or the trace had no ranges).";
+    hideChart("latency");
+    document.querySelector("#moe-latency h2 .sub").textContent = "";
+    return [];
+  }
+  document.querySelector("#moe-latency h2 .sub").textContent = `timing source: ${rep.timing_source}`;
+  const devs = rep.devices || [];
+  const xd = [devs.flatMap((d) => PHASES.map(() => d.device)), devs.flatMap(() => PHASES)];
+  const layers = rep.layers || [];
+  const tm = (l) => (state.phase === "all" ? l.time_ms : ((l.phases || {})[state.phase] || {}).time_ms) || {};
+  const traces = PARTS.map((part) => ({
+    type: "bar", name: part, legendgroup: part, x: xd, marker: { color: PART_COLORS[part] },
+    y: devs.flatMap((d) => PHASES.map((p) => (d.phases && d.phases[p] ? d.phases[p][`${part}_ms`] : null))),
+    hovertemplate: `%{x}: ${part} %{y:.3f} ms<extra></extra>`,
+  })).concat(PARTS.map((part) => ({
+    type: "bar", name: part, legendgroup: part, showlegend: false, xaxis: "x2", yaxis: "y2",
+    x: layers.map(layerX), y: layers.map((l) => tm(l)[`${part}_ms`]),
+    marker: { color: PART_COLORS[part] }, hovertemplate: `L%{x:03d} ${part}: %{y:.3f} ms<extra></extra>`,
+  })));
+  return [plot("latency", traces, twoPanels("per device and phase", `per layer (${phaseLabel()})`, {
+    barmode: "stack",
+    xaxis: { domain: LEFT }, yaxis: { title: { text: "ms" } },
+    xaxis2: { ...LAYER_AXIS, domain: RIGHT, anchor: "y2" }, yaxis2: { anchor: "x2", title: { text: "ms" } },
+  }), { rows: devs.length, layers: layers.length })];
+}
+
+function drawFlops(rep) {
+  const layers = rep.layers || [];
+  const ph = rep.phases || {};
+  const traces = PARTS.map((part) => ({
+    type: "bar", name: part, legendgroup: part, x: layers.map(layerX),
+    y: layers.map((l) => (blk(l, state.phase).flops || {})[part] || 0),
+    marker: { color: PART_COLORS[part] }, hovertemplate: `L%{x:03d} ${part}: %{y:.4s}FLOP<extra></extra>`,
+  })).concat(PARTS.map((part) => ({
+    type: "bar", name: part, legendgroup: part, showlegend: false, xaxis: "x2", yaxis: "y2",
+    x: PHASES, y: PHASES.map((p) => ((ph[p] || {}).flops || {})[part] || 0),
+    marker: { color: PART_COLORS[part] }, hovertemplate: `%{x} ${part}: %{y:.4s}FLOP<extra></extra>`,
+  })));
+  document.querySelector("#moe-flops h2 .sub").textContent =
+    "analytic: router 2·H·E per token, experts 2·H·I·(3|2) per assignment, shared 2·H·Is·(3|2) per token";
+  return [plot("flops", traces, twoPanels(`per layer (${phaseLabel()})`, "per phase", {
+    barmode: "stack",
+    xaxis: { ...LAYER_AXIS, domain: LEFT }, yaxis: { title: { text: "FLOP" }, tickformat: ".2s" },
+    xaxis2: { domain: RIGHT, anchor: "y2" }, yaxis2: { anchor: "x2", title: { text: "FLOP" }, tickformat: ".2s" },
+  }), { rows: layers.length })];
+}
+
+// -- compare ------------------------------------------------------------------------------------
+function compareRows(ra, rb) {
+  const ph = (r, p, k) => ((r.phases || {})[p] || {})[k];
+  const rows = [
+    ["model", (r) => (r.model || {}).name || (r.model || {}).family, false],
+    ["MoE layers", (r) => (r.model || {}).num_moe_layers, true],
+    ["experts / layer", (r) => (r.model || {}).num_experts, true],
+    ["top-k", (r) => (r.model || {}).top_k, true],
+    ["tokens", (r) => (r.totals || {}).tokens, true],
+    ["FLOPs / token", (r) => (r.totals || {}).flops_per_token, true],
+  ];
+  for (const p of PHASES) {
+    rows.push([`${p} tokens`, (r) => ph(r, p, "tokens"), true]);
+    rows.push([`${p} FLOPs`, (r) => (ph(r, p, "flops") || {}).total, true]);
+    rows.push([`${p} MoE time / token (ms)`, (r) => { const t = timeTotal(ph(r, p, "time_ms")); const n = ph(r, p, "tokens");
+      return t !== null && n ? t / n : null; }, true]);
+  }
+  const mean = (r, k) => { const v = (r.layers || []).map((l) => blk(l, state.phase)[k]).filter((x) => x !== undefined);
+    return v.length ? sum(v) / v.length : null; };
+  rows.push([`mean CV (${phaseLabel()})`, (r) => mean(r, "cv"), true]);
+  rows.push([`mean max/mean (${phaseLabel()})`, (r) => mean(r, "max_over_mean"), true]);
+  rows.push([`dead experts (${phaseLabel()})`, (r) => sum((r.layers || []).map((l) => blk(l, state.phase).dead_experts)), true]);
+  return rows.map(([name, f, numeric]) => {
+    const va = f(ra); const vb = f(rb);
+    const ratio = numeric && typeof va === "number" && typeof vb === "number" && va !== 0 ? `×${(vb / va).toFixed(3)}` : "";
+    const show = (v) => (typeof v === "number" ? (Number.isInteger(v) && Math.abs(v) < 1e7 ? fmtInt(v) : fmt(v)) : v ?? "–");
+    return h("tr", {}, h("td", {}, name), h("td", {}, show(va)), h("td", {}, show(vb)), h("td", {}, ratio));
+  });
+}
+
+function drawCompare(ra, b, cmp) {
+  const section = document.getElementById("moe-cmp");
+  const errBox = document.getElementById("moe-compare-error");
+  const ids = ["cmp-heat", "cmp-layers", "cmp-latency"];
+  if (!cmp) { section.classList.add("hidden"); ids.forEach(hideChart); return []; }
+  section.classList.remove("hidden");
+  document.querySelector("#moe-cmp h2 .sub").textContent = `A = ${state.run}   B = ${cmp}   (${phaseLabel()})`;
+  if (b.error) {
+    errBox.textContent = `Run "${cmp}" could not be loaded:\n${b.error}`;
+    errBox.classList.remove("hidden");
+    document.getElementById("moe-compare-table").replaceChildren();
+    ids.forEach(hideChart);
+    return [];
+  }
+  errBox.classList.add("hidden");
+  const rb = b.report;
+  document.getElementById("moe-compare-table").replaceChildren(h("table", { class: "moe" },
+    h("thead", {}, h("tr", {}, h("th", {}, "metric"), h("th", {}, `A: ${state.run}`), h("th", {}, `B: ${cmp}`), h("th", {}, "B / A"))),
+    h("tbody", {}, compareRows(ra, rb))));
+
+  // the two heatmaps, side by side on one colour scale
+  const ha = heatRows(ra, state.phase, state.mode);
+  const hb = heatRows(rb, state.phase, state.mode);
+  const share = state.mode === "share";
+  const heat = (hm, tag, axis) => ({
+    type: "heatmap", z: hm.z, y: hm.y, x: Array.from({ length: hm.width }, (_, i) => i), coloraxis: "coloraxis",
+    xaxis: axis ? `x${axis}` : "x", yaxis: axis ? `y${axis}` : "y", hoverongaps: false,
+    hovertemplate: `${tag} L%{y:03d} expert %{x}: %{z:${share ? ".2f" : ","}}${share ? " %" : ""}<extra></extra>`,
+  });
+  const rows = Math.max(ha.y.length, hb.y.length);
+  const heatLayout = twoPanels(`A: ${esc(state.run)}`, `B: ${esc(cmp)}`, {
+    height: Math.min(1200, Math.max(260, 100 + rows * (rows > 40 ? 10 : 16))),
+    coloraxis: { colorscale: "Viridis", cmin: 0, colorbar: { title: { text: share ? "share %" : "tokens" }, thickness: 12 } },
+    xaxis: { domain: LEFT, title: { text: "expert" }, showgrid: false, zeroline: false },
+    yaxis: { ...LAYER_AXIS, autorange: "reversed", showgrid: false },
+    xaxis2: { domain: RIGHT, anchor: "y2", title: { text: "expert" }, showgrid: false, zeroline: false },
+    yaxis2: { ...LAYER_AXIS, anchor: "x2", autorange: "reversed", showgrid: false },
+    margin: { l: 60, r: 20, t: 40, b: 44 },
+  });
+  const jobs = [plot("cmp-heat", [heat(ha, "A", 0), heat(hb, "B", 2)], heatLayout, { rows, "rows-a": ha.y.length, "rows-b": hb.y.length })];
+
+  // per-layer balance (left) and FLOPs (right), A vs B
+  const runs = [["A", ra, RUN_COLORS[0]], ["B", rb, RUN_COLORS[1]]];
+  const lx = (r) => (r.layers || []).map(layerX);
+  const per = (r, k) => (r.layers || []).map((l) => blk(l, state.phase)[k]);
+  const lines = runs.flatMap(([tag, r, color]) => [
+    { type: "scatter", mode: "lines+markers", name: `${tag} CV`, legendgroup: tag, x: lx(r), y: per(r, "cv"),
+      line: { color, width: 1.5 }, marker: { size: 4, color }, hovertemplate: `${tag} L%{x:03d} CV %{y:.3f}<extra></extra>` },
+    { type: "scatter", mode: "lines", name: `${tag} max/mean`, legendgroup: tag, x: lx(r), y: per(r, "max_over_mean"), yaxis: "y3",
+      line: { color, dash: "dot", width: 1.5 }, hovertemplate: `${tag} L%{x:03d} max/mean %{y:.3f}<extra></extra>` },
+    { type: "bar", name: `${tag} FLOPs`, legendgroup: tag, x: lx(r), xaxis: "x2", yaxis: "y2", marker: { color },
+      y: (r.layers || []).map((l) => (blk(l, state.phase).flops || {}).total || 0),
+      hovertemplate: `${tag} L%{x:03d}: %{y:.4s}FLOP<extra></extra>` },
+  ]);
+  jobs.push(plot("cmp-layers", lines, twoPanels("CV (solid) and max/mean (dotted) per layer", "FLOPs per layer", {
+    barmode: "group",
+    xaxis: { ...LAYER_AXIS, domain: LEFT }, yaxis: { title: { text: "CV" }, rangemode: "tozero" },
+    yaxis3: { title: { text: "max / mean" }, overlaying: "y", side: "right", rangemode: "tozero", showgrid: false, anchor: "x" },
+    xaxis2: { ...LAYER_AXIS, domain: RIGHT, anchor: "y2" }, yaxis2: { anchor: "x2", title: { text: "FLOP" }, tickformat: ".2s" },
+  }), { rows }));
+
+  const timed = runs.filter(([, r]) => r.timing_source !== null && r.timing_source !== undefined);
+  if (timed.length) {
+    const lat = timed.map(([tag, r, color]) => {
+      const devs = r.devices || [];
+      return { type: "bar", name: tag, marker: { color },
+        x: [devs.flatMap((d) => PHASES.map(() => d.device)), devs.flatMap(() => PHASES)],
+        y: devs.flatMap((d) => PHASES.map((p) => timeTotal((d.phases || {})[p]))),
+        hovertemplate: `${tag} %{x}: %{y:.3f} ms (router+experts+shared)<extra></extra>` };
+    });
+    jobs.push(plot("cmp-latency", lat, baseLayout({ title: { text: "MoE time per device and phase", font: { size: 13 } },
+      barmode: "group", yaxis: { title: { text: "ms" } } })));
+  } else {
+    hideChart("cmp-latency");
+  }
+  return jobs;
+}

@@ -1,0 +1,175 @@
+"""End to end: real `tensorboard --logdir` on localhost + headless Chromium (DevTools over a pipe).
+
+The log dir holds a run recorded with `moe_trace.profile(mode="kineto")` on a tiny model, a larger
+synthetic run, and a broken one. Screenshots land in the test's tmp dir.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("tb_dashboard_bench", ROOT / "benchmarks" / "tb_dashboard_bench.py")
+bench = importlib.util.module_from_spec(spec)
+sys.modules.setdefault("tb_dashboard_bench", bench)
+spec.loader.exec_module(bench)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(bench.find_chromium() is None,
+                       reason="headless Chromium not installed (apt-get install chromium); .ci/run installs it"),
+]
+
+SYN_LAYERS, SYN_EXPERTS = 12, 32
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory):
+    import moe_trace
+    from moe_trace.models import build_tiny_model, example_inputs
+
+    root = tmp_path_factory.mktemp("tb_logdir")
+    model = build_tiny_model("olmoe")
+    inputs = example_inputs(model)
+    with moe_trace.profile(model, mode="kineto", logdir=str(root / "tiny_olmoe")):
+        model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    bench.write_run(root / "synthetic", bench.make_run_data(SYN_LAYERS, SYN_EXPERTS, 4, name="synthetic"))
+    bench.write_run(root / "untimed", bench.make_run_data(4, 8, 2, prompt_tokens=16, decode_steps=2, timed=False))
+    bad = root / "broken"
+    bad.mkdir()
+    (bad / "w.pt.trace.json").write_text('{"moe_trace": {"schema": "moe-trace/trace/1"}, "traceEvents": [{"ph": ')
+    return root
+
+
+@pytest.fixture(scope="module")
+def tb(logdir):
+    with bench.TensorBoardProcess(logdir) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with bench.Chromium(watch=True) as b:
+        yield b
+
+
+def _attr(page, el_id, attr):
+    return page.eval(f"document.getElementById({json.dumps(el_id)}).getAttribute({json.dumps(attr)})")
+
+
+def _open(browser, tb, run, **params):
+    page = browser.new_page()
+    page.navigate(bench.plugin_url(tb.url, run, **params))
+    page.wait_for(bench.PAINTED, timeout=90)
+    return page
+
+
+def _local_only(page, tb):
+    urls = [u for u in page.requested_urls() if u.startswith(("http:", "https:", "ws:", "wss:"))]
+    return [u for u in urls if not u.startswith(tb.url + "/")]
+
+
+def test_tensorboard_lists_the_plugin(tb):
+    entry = tb.listing["moe_trace"]
+    assert entry["enabled"] is True and entry["tab_name"] == "MoE"
+    assert entry["loading_mechanism"]["type"] == "IFRAME"
+
+
+def test_dashboard_shows_profiled_run(browser, tb, logdir, tmp_path):
+    from moe_trace.trace import analyze
+
+    rep = analyze(logdir / "tiny_olmoe").to_dict()
+    page = _open(browser, tb, "tiny_olmoe")
+    try:
+        assert page.eval("document.body.getAttribute('data-state')") == "ok"
+        assert int(_attr(page, "chart-heatmap", "data-rows")) == rep["model"]["num_moe_layers"]
+        assert int(_attr(page, "chart-heatmap", "data-cols")) == rep["model"]["num_experts"]
+        # the heatmap's z values are the report's counts
+        z = page.eval("JSON.stringify(document.getElementById('chart-heatmap').data[0].z)")
+        assert json.loads(z) == [layer["expert_counts"] for layer in rep["layers"]]
+        kv = page.eval("document.getElementById('moe-kv').innerText")
+        assert f"{rep['totals']['tokens']:,}" in kv and rep["model"]["family"] in kv
+        phase_rows = page.eval("document.getElementById('moe-phase-table').innerText")
+        assert str(rep["phases"]["decode"]["tokens"]) in phase_rows
+        for chart in ("k", "balance", "latency", "flops"):
+            assert int(_attr(page, f"chart-{chart}", "data-traces")) > 0, chart
+            assert page.eval(f"document.querySelectorAll('#chart-{chart} .main-svg').length") > 0, chart
+        assert page.eval("document.getElementById('moe-cmp').classList.contains('hidden')")
+        assert page.console_errors() == []
+        assert _local_only(page, tb) == [], "the page fetched something that is not the TensorBoard server"
+        shot = page.screenshot(tmp_path / "dashboard.png")
+        assert shot.stat().st_size > 10_000
+    finally:
+        page.close()
+
+
+def test_controls_redraw(browser, tb):
+    page = _open(browser, tb, "synthetic")
+    try:
+        assert int(_attr(page, "chart-heatmap", "data-rows")) == SYN_LAYERS
+        assert int(_attr(page, "chart-heatmap", "data-cols")) == SYN_EXPERTS
+        page.eval("document.body.setAttribute('data-painted', '0');"
+                  "document.querySelector('#moe-phase button[data-value=decode]').click();"
+                  "document.querySelector('#moe-mode button[data-value=share]').click(); true")
+        page.wait_for(bench.PAINTED)
+        assert _attr(page, "chart-heatmap", "data-phase") == "decode"
+        assert _attr(page, "chart-heatmap", "data-mode") == "share"
+        row_sums = json.loads(page.eval(
+            "JSON.stringify(document.getElementById('chart-heatmap').data[0].z.map(r => r.reduce((a, b) => a + b, 0)))"))
+        assert all(abs(s - 100) < 1e-6 for s in row_sums)
+    finally:
+        page.close()
+
+
+def test_compare_two_runs(browser, tb, tmp_path):
+    page = _open(browser, tb, "synthetic", compare="tiny_olmoe")
+    try:
+        assert not page.eval("document.getElementById('moe-cmp').classList.contains('hidden')")
+        assert int(_attr(page, "chart-cmp-heat", "data-rows-a")) == SYN_LAYERS
+        assert int(_attr(page, "chart-cmp-heat", "data-rows-b")) == 3
+        table = page.eval("document.getElementById('moe-compare-table').innerText")
+        assert "A: synthetic" in table and "B: tiny_olmoe" in table
+        page.screenshot(tmp_path / "compare.png")
+    finally:
+        page.close()
+
+
+def test_run_without_timing(browser, tb):
+    page = _open(browser, tb, "untimed")
+    try:
+        assert page.eval("document.body.getAttribute('data-state')") == "ok"
+        note = page.eval("document.getElementById('moe-latency-note')")
+        assert page.eval("!document.getElementById('moe-latency-note').classList.contains('hidden')"), note
+        assert page.eval("document.getElementById('chart-latency').classList.contains('hidden')")
+        assert int(_attr(page, "chart-heatmap", "data-rows")) == 4
+    finally:
+        page.close()
+
+
+def test_broken_run_shows_error(browser, tb, tmp_path):
+    page = _open(browser, tb, "broken")
+    try:
+        assert page.eval("document.body.getAttribute('data-state')") == "error"
+        msg = page.eval("document.getElementById('moe-error').innerText")
+        assert 'Run "broken" could not be loaded' in msg
+        assert page.eval("document.getElementById('moe-main').classList.contains('hidden')")
+        # the plugin still serves the good runs
+        status, body = tb.get("/data/plugin/moe_trace/report?run=synthetic")
+        assert status == 200 and json.loads(body)["report"]["model"]["num_moe_layers"] == SYN_LAYERS
+        page.screenshot(tmp_path / "broken.png")
+    finally:
+        page.close()
+
+
+def test_inside_tensorboard_ui(browser, tb, tmp_path):
+    """The whole TensorBoard page: the MoE tab's iframe paints the dashboard."""
+    ms, page = bench.time_tb_ui(browser, tb.url, timeout=120)
+    try:
+        assert ms > 0
+        page.screenshot(tmp_path / "tensorboard.png", full_page=False)
+    finally:
+        page.close()
