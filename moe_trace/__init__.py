@@ -3,13 +3,25 @@
     with moe_trace.profile(model) as run:
         model.generate(**inputs, max_new_tokens=64)
     print(run.report())
+
+Importing the package is cheap: torch and transformers load on first use of the capture API, so
+`moe_trace.analyze` and the TensorBoard plugin start fast.
 """
 from .analysis import LayerInfo, Report, RunData
-from .capture import MoEHandler, ProfileRun, detect, profile, register_handler, unregister_handler
 from .errors import (ConfigError, MoeTraceError, NoMoELayersError, ProfileStateError, TraceError,
                      UnknownArchitectureError)
 
 __version__ = "0.1.0"
+
+_CAPTURE = {"profile", "detect", "register_handler", "unregister_handler", "MoEHandler", "ProfileRun"}
+
+
+def __getattr__(name):
+    if name in _CAPTURE:
+        from . import capture
+
+        return getattr(capture, name)
+    raise AttributeError(f"module 'moe_trace' has no attribute {name!r}")
 
 
 def analyze(path) -> Report:

@@ -4,6 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# Tiny tensors: one intra-op thread is much faster than OpenMP spinning on a 2-core CI machine.
+torch.set_num_threads(1)
+
 
 def tiny_olmoe(num_layers: int = 3, experts: int = 8, top_k: int = 2, seed: int = 0):
     from transformers import OlmoeConfig, OlmoeForCausalLM

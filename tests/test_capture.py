@@ -89,7 +89,7 @@ def flop_counter_parts(model, bindings, ids, whole_block: bool = False):
     experts' share is the block's FLOPs minus its router and shared modules."""
     names = {id(m): n for n, m in model.named_modules()}
     fc = FlopCounterMode(display=False)
-    with fc, torch.no_grad():
+    with fc:  # not under no_grad: torch's ModuleTracker fails on dbrx's parameter views there
         model(ids)
     counts = {k.split(".", 1)[1] if "." in k else "": sum(v.values()) for k, v in fc.get_flop_counts().items()}
     parts = []

@@ -61,7 +61,7 @@ class ProfileRun:
                  selector: Any = None, router_middleware: Middleware | None = None,
                  observers: Iterable[Any] = (), log_router_logits: Any = None,
                  schedule: Callable | dict | None = None, slim: bool = True,
-                 record_shapes: bool = False, with_stack: bool = False):
+                 record_shapes: bool = False, with_stack: bool = False, cuda_events: bool | None = None):
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         if selector is not None and router_middleware is not None:
@@ -79,6 +79,8 @@ class ProfileRun:
         self.slim = slim
         self.record_shapes = record_shapes
         self.with_stack = with_stack
+        # CUDA-event (host-clock on CPU) timing: on in "timing" mode; kineto can add it to compare with the trace
+        self.cuda_events = (mode == "timing") if cuda_events is None else bool(cuda_events)
         self.trace_files: list[Path] = []
         self._run_data: RunData | None = None
         self._handles: list[Any] = []
@@ -95,7 +97,7 @@ class ProfileRun:
         if self.log_router_logits is not None:
             from moe_trace.routing.logger import RouterLogger  # lazy: routing sits above capture
 
-            self.observers.append(RouterLogger.from_arg(self.log_router_logits, self.layers))
+            self.observers.append(RouterLogger.from_arg(self.log_router_logits, self.layers, model=self.model))
         # counters per device
         by_dev: dict[str, list[int]] = {}
         for b in self.bindings:
@@ -117,7 +119,7 @@ class ProfileRun:
         self._scores: dict[int, Any] = {}
         self._ranges: dict[int, list] = {}
         self._step_range = None
-        self._timer = PartTimer() if self.mode == "timing" else None
+        self._timer = PartTimer() if self.cuda_events else None
         self._snapshots: list[tuple[int, int, int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
         self._raw_traces: list[Path] = []
         self._prof = None
@@ -184,19 +186,26 @@ class ProfileRun:
         return out
 
     def _install_hooks(self) -> None:
+        """Counting needs a router post-hook and an experts pre-hook per layer. Ranges and timers need
+        pre/post hooks on every part; they are installed only when something will use them (a timer,
+        kineto mode, or a profiler already running when the block starts)."""
         add = self._handles.append
         add(self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
         add(self.model.register_forward_hook(self._model_post, always_call=True))
+        spans = self._timer is not None or self.mode == "kineto" or _profiler_on()
+        self.ranges_enabled = spans
         for b in self.bindings:
             i = b.info.index
             dev = torch.device(b.info.device)
             if b.router is not None:
-                add(b.router.register_forward_pre_hook(self._part_pre(i, "router", dev)))
-                add(b.router.register_forward_hook(self._router_post(b), always_call=True))
+                if spans:
+                    add(b.router.register_forward_pre_hook(self._part_pre(i, "router", dev)))
+                add(b.router.register_forward_hook(self._router_post(b, spans), always_call=True))
             for j, ex in enumerate(b.experts):
-                add(ex.register_forward_pre_hook(self._experts_pre(b, first=(j == 0)), with_kwargs=True))
-                add(ex.register_forward_hook(self._part_post(i, "experts"), always_call=True))
-            for sh in b.shared:
+                add(ex.register_forward_pre_hook(self._experts_pre(b, first=(j == 0), spans=spans), with_kwargs=True))
+                if spans:
+                    add(ex.register_forward_hook(self._part_post(i, "experts"), always_call=True))
+            for sh in b.shared if spans else ():
                 add(sh.register_forward_pre_hook(self._part_pre(i, "shared", dev)))
                 add(sh.register_forward_hook(self._part_post(i, "shared"), always_call=True))
 
@@ -281,18 +290,19 @@ class ProfileRun:
             self._close(id(module))
         return hook
 
-    def _router_post(self, b: MoEBinding):
+    def _router_post(self, b: MoEBinding, spans: bool):
         i = b.info.index
 
         def hook(module, args, output):
-            self._close(id(module))
+            if spans:
+                self._close(id(module))
             self._scores[i] = b.handler.logits_from_router(output)
             routed = b.handler.routing_from_router(b, output)
             if routed is not None:
                 self._record(b, routed[0], routed[1])
         return hook
 
-    def _experts_pre(self, b: MoEBinding, first: bool):
+    def _experts_pre(self, b: MoEBinding, first: bool, spans: bool):
         i = b.info.index
         dev = torch.device(b.info.device)
         mw = self._middleware.get(i)
@@ -307,7 +317,8 @@ class ProfileRun:
                         w, idx = mw(self._scores.get(i), w, idx)
                         result = b.handler.replace_experts_routing(args, kwargs, idx, w)
                     self._record(b, idx, w)
-            self._open(id(module), i, "experts", dev)
+            if spans:
+                self._open(id(module), i, "experts", dev)
             return result
         return hook
 

@@ -62,7 +62,8 @@ def resolve(quantity: str, config: Any, module_value: int | None, sources: dict[
 
 
 def linear_shapes(module: nn.Module) -> list[tuple[int, int]]:
-    """(in, out) of every linear map inside `module` (nn.Linear and 2-D weight parameters)."""
+    """(in, out) of every linear map inside `module`: nn.Linear layers, else 2-D weights, and 3-D
+    weights as a stack of maps ([n, out, in]: n maps, as stacked shared experts keep them)."""
     shapes = []
     for sub in module.modules():
         if isinstance(sub, nn.Linear):
@@ -71,11 +72,14 @@ def linear_shapes(module: nn.Module) -> list[tuple[int, int]]:
         for p in module.parameters():
             if p.dim() == 2:
                 shapes.append((p.shape[1], p.shape[0]))
+            elif p.dim() == 3:
+                shapes.extend([(p.shape[2], p.shape[1])] * p.shape[0])
     return shapes
 
 
 def mlp_dims(module: nn.Module, hidden: int) -> tuple[int, bool] | None:
-    """(intermediate size, gated) of a dense MLP from its linear maps, or None if it is not one."""
+    """(intermediate size, gated) of a dense MLP from its linear maps, or None if it is not one.
+    Stacked MLPs report their summed width (n_shared * I)."""
     shapes = linear_shapes(module)
     if not shapes:
         return None
@@ -83,7 +87,7 @@ def mlp_dims(module: nn.Module, hidden: int) -> tuple[int, bool] | None:
     downs = [i for i, o in shapes if o == hidden and i != hidden] or [i for i, o in shapes if o == hidden]
     if not downs:
         return None
-    inter = downs[0]
+    inter = sum(downs)
     if total == 3 * hidden * inter:
         return inter, True
     if total == 2 * hidden * inter:
