@@ -133,3 +133,36 @@ def test_device_pid_and_bad_input():
     with pytest.raises(TraceError, match="cannot be read"):
         write_trace(d / "trunc.json", run, steps, d / "o.json")
     assert not (d / "o.json").exists()
+
+
+def test_slim_keeps_only_gpu_work_under_moe_ranges(tmp_path):
+    """Slim = the MoE ranges, steps, the kernels under them and the counters (issue #3)."""
+    import gzip
+    import json
+
+    from moe_trace.analysis import LayerCounts, LayerInfo, RunData
+    from moe_trace.trace import validate_trace, write_trace
+
+    layer = LayerInfo(index=0, name="m.l0", family="olmoe", num_experts=4, top_k=2, hidden_size=8,
+                      expert_dim=4, device="cuda:0")
+    run = RunData.empty({"family": "olmoe"}, [layer])
+    run.counts["prefill"][0] = LayerCounts(tokens=2, calls=1, expert_counts=[1, 1, 1, 1], k_hist=[0, 0, 2])
+    ev = [
+        {"ph": "X", "cat": "user_annotation", "name": "moe_trace/prefill#0", "pid": 7, "tid": 1, "ts": 0, "dur": 100},
+        {"ph": "X", "cat": "gpu_user_annotation", "name": "moe_trace/prefill/L000/router", "pid": 0, "tid": 7,
+         "ts": 10, "dur": 10},
+        {"ph": "X", "cat": "kernel", "name": "router_mm", "pid": 0, "tid": 7, "ts": 11, "dur": 5,
+         "args": {"device": 0, "stream": 7, "grid": [1, 1, 1], "registers per thread": 32}},
+        {"ph": "X", "cat": "kernel", "name": "attention", "pid": 0, "tid": 7, "ts": 30, "dur": 5, "args": {}},
+        {"ph": "X", "cat": "kernel", "name": "other_stream", "pid": 0, "tid": 8, "ts": 11, "dur": 5, "args": {}},
+    ]
+    steps = [{"step": 0, "phase": "prefill", "tokens": 2, "layers": {0: {"expert_counts": [1, 1, 1, 1], "k_hist": [0, 0, 2]}}}]
+    out = write_trace({"traceEvents": ev}, run, steps, tmp_path / "t.pt.trace.json.gz", slim=True)
+    data = json.loads(gzip.decompress(out.read_bytes()))
+    kernels = [e for e in data["traceEvents"] if e.get("cat") == "kernel"]
+    assert [k["name"] for k in kernels] == ["router_mm"]
+    assert kernels[0]["args"] == {"device": 0, "stream": 7}
+    assert validate_trace(out) == []
+    full = write_trace({"traceEvents": ev}, run, steps, tmp_path / "f.pt.trace.json.gz", slim=False)
+    data = json.loads(gzip.decompress(full.read_bytes()))
+    assert len([e for e in data["traceEvents"] if e.get("cat") == "kernel"]) == 3

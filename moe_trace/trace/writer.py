@@ -33,7 +33,7 @@ COUNTER_CAT = "moe_trace"
 SLIM_CATS = frozenset({"gpu_user_annotation", "kernel", "gpu_memcpy", "gpu_memset"})
 #: GPU-event args a slim trace keeps (what HTA and our reader use); launch geometry, registers,
 #: occupancy and queue fields are dropped: they are most of a kernel event's bytes.
-SLIM_GPU_ARGS = frozenset({"device", "stream", "correlation", "External id", "bytes", "context"})
+SLIM_GPU_ARGS = frozenset({"device", "stream", "correlation", "External id", "bytes"})
 _STEP_RE = re.compile(r"^moe_trace/(prefill|decode)#(\d+)$")
 _DEVICE_RE = re.compile(r"^([a-z_]+)(?::(\d+))?$")
 
@@ -79,6 +79,7 @@ def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel) -> 
 
     if slim:
         kept = [_slim_args(e) for e in events if _keep_slim(e)]
+        kept = _kernels_under_moe_ranges(kept)
         live = {e.get("pid") for e in kept if e.get("ph") != "M"} | {c["pid"] for c in counters}
         kept = [e for e in kept if e.get("ph") != "M" or e.get("pid") in live]
     else:
@@ -256,6 +257,39 @@ def _keep_slim(e: dict) -> bool:
         name = e.get("name")
         return isinstance(name, str) and (name.startswith("moe_trace/") or name.startswith("ProfilerStep#"))
     return False
+
+
+GPU_WORK_CATS = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
+
+
+def _kernels_under_moe_ranges(events: list[dict]) -> list[dict]:
+    """Slim traces keep GPU work only inside MoE ranges (router / experts / shared GPU spans, on the
+    same device and stream); a trace with no GPU spans (CPU-only) keeps what it has."""
+    import bisect
+
+    spans: dict[tuple, list[tuple[float, float]]] = {}
+    for e in events:
+        if e.get("cat") == "gpu_user_annotation" and str(e.get("name", "")).startswith("moe_trace/"):
+            ts = float(e["ts"])
+            spans.setdefault((e.get("pid"), e.get("tid")), []).append((ts, ts + float(e.get("dur", 0))))
+    if not spans:
+        return events
+    starts = {}
+    for key, iv in spans.items():
+        iv.sort()
+        starts[key] = [a for a, _ in iv]
+
+    def inside(e) -> bool:
+        key = (e.get("pid"), e.get("tid"))
+        iv = spans.get(key)
+        if not iv:
+            return False
+        ts = float(e["ts"])
+        end = ts + float(e.get("dur", 0))
+        i = bisect.bisect_right(starts[key], ts) - 1
+        return i >= 0 and iv[i][0] <= ts and end <= iv[i][1]
+
+    return [e for e in events if e.get("cat") not in GPU_WORK_CATS or inside(e)]
 
 
 def _slim_args(e: dict) -> dict:

@@ -1,0 +1,84 @@
+"""Does `stats` counting survive CUDA graphs?  (GPU only)
+
+1. Manual capture: one decode forward captured with `torch.cuda.graph` while `profile(stats)` is
+   active, then replayed N times: do the device counters grow with replays?
+2. `torch.compile(mode="reduce-overhead")` + static cache generate under `profile(stats)`: do the
+   counts equal an eager run's?
+
+    python benchmarks/cuda_graphs.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import moe_trace  # noqa: E402
+from moe_trace.models import build_tiny_model  # noqa: E402
+
+
+def manual_capture(replays: int = 10) -> dict:
+    model = build_tiny_model("olmoe", device="cuda")
+    ids = torch.randint(3, 256, (2, 1), device="cuda")
+    out = {}
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                model(ids, use_cache=False)
+        torch.cuda.current_stream().wait_stream(s)
+        with moe_trace.profile(model) as run:
+            g = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(g):
+                    model(ids, use_cache=False)
+                for _ in range(replays):
+                    g.replay()
+                torch.cuda.synchronize()
+                out["captured"] = True
+            except Exception as exc:  # report what breaks
+                out["captured"] = False
+                out["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    if out["captured"]:
+        d = run.report().to_dict()
+        layer = d["layers"][0]["phases"]["decode"]
+        out["host_tokens"] = layer["tokens"]
+        out["device_assignments"] = layer["assignments"]
+        out["assignments_per_forward"] = 2 * model.config.num_experts_per_tok
+        out["replays"] = replays
+    return out
+
+
+def compiled_generate() -> dict:
+    model = build_tiny_model("olmoe", device="cuda")
+    ids = torch.randint(3, 256, (2, 8), device="cuda")
+    gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        with moe_trace.profile(model) as eager_run:
+            eager = model.generate(ids, **gen)
+        out = {}
+        try:
+            model.generation_config.cache_implementation = "static"
+            model.forward = torch.compile(model.forward, mode="reduce-overhead")
+            model.generate(ids, **gen)  # compile + warm up
+            with moe_trace.profile(model) as run:
+                comp = model.generate(ids, **gen)
+            out["ran"] = True
+            out["tokens_equal_eager"] = bool(torch.equal(comp, eager))
+            a = [l["expert_counts"] for l in run.report().to_dict()["layers"]]
+            b = [l["expert_counts"] for l in eager_run.report().to_dict()["layers"]]
+            out["counts_equal_eager"] = a == b
+            out["compiled_tokens_seen"] = run.report().to_dict()["layers"][0]["tokens"]
+            out["eager_tokens_seen"] = eager_run.report().to_dict()["layers"][0]["tokens"]
+        except Exception as exc:
+            out["ran"] = False
+            out["error"] = f"{type(exc).__name__}: {exc}"[:400]
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps({"manual_capture": manual_capture(), "compiled_generate": compiled_generate()}, indent=1))
