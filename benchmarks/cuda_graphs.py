@@ -20,8 +20,35 @@ import moe_trace  # noqa: E402
 from moe_trace.models import build_tiny_model  # noqa: E402
 
 
+def _where(exc: BaseException) -> str:
+    import traceback
+
+    frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)]
+    return " <- ".join(reversed(frames[-4:]))
+
+
+IMPL = "batched_mm"  # transformers' grouped_mm path copies from the host: not capturable by hand
+
+
+def control_capture() -> dict:
+    """The same capture with no profiling: is the model itself capturable this way?"""
+    model = build_tiny_model("olmoe", device="cuda")
+    model.set_experts_implementation(IMPL)
+    ids = torch.randint(3, 256, (2, 1), device="cuda")
+    with torch.no_grad():
+        model(ids, use_cache=False)
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g):
+                model(ids, use_cache=False)
+            return {"captured": True}
+        except Exception as exc:
+            return {"captured": False, "error": f"{type(exc).__name__}: {exc}"[:200], "where": _where(exc)}
+
+
 def manual_capture(replays: int = 10) -> dict:
     model = build_tiny_model("olmoe", device="cuda")
+    model.set_experts_implementation(IMPL)
     ids = torch.randint(3, 256, (2, 1), device="cuda")
     out = {}
     with torch.no_grad():
@@ -42,7 +69,8 @@ def manual_capture(replays: int = 10) -> dict:
                 out["captured"] = True
             except Exception as exc:  # report what breaks
                 out["captured"] = False
-                out["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                out["error"] = f"{type(exc).__name__}: {exc}"[:200]
+                out["where"] = _where(exc)
     if out["captured"]:
         d = run.report().to_dict()
         layer = d["layers"][0]["phases"]["decode"]
@@ -81,4 +109,7 @@ def compiled_generate() -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps({"manual_capture": manual_capture(), "compiled_generate": compiled_generate()}, indent=1))
+    print("control_capture:", json.dumps(control_capture()), flush=True)
+    print("manual_capture:", json.dumps(manual_capture()), flush=True)
+    if "--compile" in sys.argv:
+        print("compiled_generate:", json.dumps(compiled_generate()), flush=True)

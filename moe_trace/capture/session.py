@@ -109,7 +109,6 @@ class ProfileRun:
             self._counters[dev] = dc
             for local, i in enumerate(idxs):
                 self._where[i] = (dc, local)
-        self._tokens = np.zeros((len(PHASES), len(self.layers)), dtype=np.int64)
         self._calls = np.zeros((len(PHASES), len(self.layers)), dtype=np.int64)
         self.forward_calls = {p: 0 for p in PHASES}
         self.forward_tokens = {p: 0 for p in PHASES}
@@ -329,7 +328,6 @@ class ProfileRun:
         if scores is not None and (scores.dim() != 2 or scores.shape[0] != idx.shape[0]):
             scores = scores.reshape(idx.shape[0], -1) if scores.numel() % max(idx.shape[0], 1) == 0 else None
         dc.queue(Pending(local, self._phase, idx, w, scores, b.handler.router_outputs_probs))
-        self._tokens[self._phase, i] += idx.shape[0]
         self._calls[self._phase, i] += 1
         for obs in self.observers:
             obs.on_route(b.info, PHASES[self._phase], self._step, scores, w, idx)
@@ -421,8 +419,10 @@ class ProfileRun:
                 for p, phase in enumerate(PHASES):
                     kh = k[p, local]
                     last = int(np.nonzero(kh)[0].max()) if kh.any() else 0
+                    # tokens from the device (one k-histogram entry per token), so they stay right
+                    # under CUDA-graph replay, where host-side hooks ran only at capture
                     counts[phase][i] = LayerCounts(
-                        tokens=int(self._tokens[p, i]), calls=int(self._calls[p, i]),
+                        tokens=int(kh.sum()), calls=int(self._calls[p, i]),
                         expert_counts=c[p, local, :E].astype(np.int64),
                         k_hist=kh[: max(last, self.layers[i].top_k) + 1].astype(np.int64),
                         excluded=int(c[p, local, E:].sum()),
