@@ -19,24 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_trace  # noqa: E402
-from moe_trace.capture import find_bindings  # noqa: E402
+from benchmarks.common import reference_counter  # noqa: E402
 from moe_trace.models.reference import build_reference_model  # noqa: E402
 from moe_trace.trace import merge_traces, validate_trace  # noqa: E402
-
-
-def reference_hooks(model):
-    bindings = find_bindings(model)
-    seen = [torch.zeros(b.info.num_experts + 1, dtype=torch.int64, device=b.info.device) for b in bindings]
-
-    def make(i, E):
-        def hook(mod, args, kwargs):
-            idx = kwargs.get("top_k_index", args[1] if len(args) > 1 else None).reshape(-1)
-            seen[i].index_add_(0, idx.clamp(0, E), torch.ones_like(idx))
-        return hook
-
-    handles = [b.experts[0].register_forward_pre_hook(make(i, b.info.num_experts), with_kwargs=True)
-               for i, b in enumerate(bindings)]
-    return seen, handles
 
 
 def device_map_run(args) -> dict:
@@ -55,7 +40,7 @@ def device_map_run(args) -> dict:
     gen = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         base = model.generate(**inputs, **gen)
-        seen, handles = reference_hooks(model)
+        seen, handles = reference_counter(model)
         logdir = Path(args.out) / "device_map"
         with moe_trace.profile(model, mode="kineto", logdir=logdir, cuda_events=True) as run:
             out = model.generate(**inputs, **gen)

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_trace  # noqa: E402
-from moe_trace.capture import find_bindings  # noqa: E402
+from benchmarks.common import reference_counter  # noqa: E402
 
 VARIANTS = ("base", "stats", "timing", "kineto", "torch_profiler")
 
@@ -95,17 +95,7 @@ def _uncompressed(path: Path) -> int:
 def same_run_checks(model, inputs, gen, tmp: Path) -> dict:
     """Untimed checks, each inside ONE generate: reference counts from plain hooks vs the report, and
     per-layer GPU time from the trace vs CUDA events recorded in the same run."""
-    bindings = find_bindings(model)
-    seen = [torch.zeros(b.info.num_experts + 1, dtype=torch.int64, device=b.info.device) for b in bindings]
-
-    def make(i, E):
-        def hook(mod, args, kwargs):
-            idx = kwargs.get("top_k_index", args[1] if len(args) > 1 else None).reshape(-1)
-            seen[i].index_add_(0, idx.clamp(0, E), torch.ones_like(idx))
-        return hook
-
-    hs = [b.experts[0].register_forward_pre_hook(make(i, b.info.num_experts), with_kwargs=True)
-          for i, b in enumerate(bindings)]
+    seen, hs = reference_counter(model)
     logdir = tmp / "check"
     shutil.rmtree(logdir, ignore_errors=True)
     try:
