@@ -80,3 +80,37 @@ def test_kineto_schedule_bounds_the_trace_but_not_the_report(tmp_path):
     assert live["phases"]["decode"]["forward_calls"] == 7
     assert 0 < len(step_ranges) <= 3  # only the active window's steps are in the trace ...
     assert len(counter_ts) == len(step_ranges)  # ... and carry counters; the report covers all 8
+
+
+def test_cuda_event_timer_logic_on_cpu(monkeypatch):
+    """The CUDA-event tier's bookkeeping, with stand-in events (CI has no GPU)."""
+    from moe_trace.capture import timing
+
+    class FakeEvent:
+        clock = 0.0
+
+        def __init__(self, enable_timing=True):
+            self.t = None
+
+        def record(self, stream=None):
+            FakeEvent.clock += 1.5
+            self.t = FakeEvent.clock
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    monkeypatch.setattr(timing.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(timing.torch.cuda, "current_stream", lambda device=None: None)
+    synced = []
+    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: synced.append(1))
+    t = timing.PartTimer()
+    dev = torch.device("cuda", 0)
+    for phase, layer, part in [(0, 0, "router"), (0, 0, "experts"), (1, 0, "router"), (1, 1, "shared")]:
+        t.start(id(part) + layer, phase, layer, part, dev)
+        t.stop(id(part) + layer)
+    t.stop(12345)  # a stop without a start is ignored
+    out, source = t.resolve(2)
+    assert source == "cuda_events" and synced == [1]  # one sync, at the end
+    assert out["prefill"][0] == {"router_ms": 1.5, "experts_ms": 1.5, "shared_ms": None}
+    assert out["decode"][0]["router_ms"] == 1.5 and out["decode"][1]["shared_ms"] == 1.5
+    assert out["decode"][1]["router_ms"] is None
