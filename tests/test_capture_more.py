@@ -114,3 +114,25 @@ def test_cuda_event_timer_logic_on_cpu(monkeypatch):
     assert out["prefill"][0] == {"router_ms": 1.5, "experts_ms": 1.5, "shared_ms": None}
     assert out["decode"][0]["router_ms"] == 1.5 and out["decode"][1]["shared_ms"] == 1.5
     assert out["decode"][1]["router_ms"] is None
+
+
+def test_no_host_sync_inside_profiled_forwards(monkeypatch):
+    """Inside the forwards (hooks, queueing, per-forward flush) nothing may read a tensor back to the
+    host: .item(), .tolist(), .cpu(), .numpy(), bool() and synchronize are made to raise."""
+    from moe_trace.models import build_tiny_model
+
+    model = build_tiny_model("qwen2_moe")  # has shared experts too
+    ids = example_inputs(model)["input_ids"]
+    forbidden = ["item", "tolist", "cpu", "numpy", "__bool__"]
+    with torch.no_grad(), moe_trace.profile(model, mode="stats") as run:
+        model(ids)  # warm: the model's own first-call work
+        with monkeypatch.context() as m:
+            def boom(*a, **k):
+                raise AssertionError("host sync inside a profiled forward")
+            for name in forbidden:
+                m.setattr(torch.Tensor, name, boom)
+            m.setattr(torch.cuda, "synchronize", boom)
+            model(ids)
+            model(ids[:, -1:])  # a decode-shaped forward
+    d = run.report().to_dict()
+    assert d["phases"]["prefill"]["forward_calls"] == 2 and d["phases"]["decode"]["forward_calls"] == 1
