@@ -136,3 +136,18 @@ def test_no_host_sync_inside_profiled_forwards(monkeypatch):
             model(ids[:, -1:])  # a decode-shaped forward
     d = run.report().to_dict()
     assert d["phases"]["prefill"]["forward_calls"] == 2 and d["phases"]["decode"]["forward_calls"] == 1
+
+
+def test_detection_cache_is_invalidated_and_never_shared():
+    from moe_trace.models import build_tiny_model
+
+    model = build_tiny_model("olmoe")
+    a = moe_trace.detect(model)
+    b = moe_trace.detect(model)
+    assert [l.name for l in a] == [l.name for l in b] and a[0] is not b[0]
+    a[0].num_experts = 999  # a caller mutating its records must not leak into later runs
+    assert moe_trace.detect(model)[0].num_experts == 8
+    model.set_experts_implementation("eager")
+    assert moe_trace.detect(model)[0].experts_implementation == "eager"  # read anew on every call
+    model.model.layers[0].mlp = torch.nn.Identity()  # module tree changed: detection runs again
+    assert len(moe_trace.detect(model)) == len(a) - 1

@@ -35,8 +35,12 @@ class DeviceCounters:
         self.E = max(num_experts)
         self.bins = self.E + 1  # last bin: assignments to no computing expert (excluded)
         P = len(PHASES)
-        self.counts = torch.zeros(P * self.L * self.bins, dtype=torch.int64, device=device)
-        self.k_hist = torch.zeros(P * self.L * self.bins, dtype=torch.int64, device=device)
+        # one buffer, two regions: expert counts, then the k histogram (one index_add_ fills both)
+        self._size = P * self.L * self.bins
+        self._hist = torch.zeros(2 * self._size, dtype=torch.int64, device=device)
+        self.counts = self._hist[: self._size]
+        self.k_hist = self._hist[self._size:]
+        self._ones = torch.ones(1024, dtype=torch.int64, device=device)
         self.conf = torch.zeros(P, self.L, 2, dtype=torch.float64, device=device)
         self._num_experts = torch.tensor(num_experts, dtype=torch.int64, device=device).view(-1, 1, 1)
         # offsets of layer l of phase p in the flat buffers, for the all-layers-in-order fast path
@@ -67,16 +71,18 @@ class DeviceCounters:
         self._confidence(items, same)
 
     def _count(self, items: list[Pending], offsets, num_experts) -> None:
-        idx = torch.stack([it.indices for it in items]).to(torch.int64)          # [n, T, k]
+        idx = torch.stack([it.indices for it in items])                           # [n, T, k]
+        if idx.dtype != torch.int64:
+            idx = idx.to(torch.int64)
         w = torch.stack([_as_topk_weights(it.weights, it.indices) for it in items])
-        valid = (idx >= 0) & (idx < num_experts) & (w != 0)
-        slot = torch.where(valid, idx, self.E) + offsets
-        flat = slot.reshape(-1)
-        self.counts.index_add_(0, flat, torch.ones_like(flat))
+        valid = (w != 0) & (idx >= 0) & (idx < num_experts)
+        slot = torch.where(valid, idx, self.E) + offsets                          # counts region
         k_off = offsets.reshape(-1, 1) if torch.is_tensor(offsets) else offsets
-        k = valid.sum(-1) + k_off                                                 # [n, T]
-        kflat = k.reshape(-1)
-        self.k_hist.index_add_(0, kflat, torch.ones_like(kflat))
+        k = valid.sum(-1) + (k_off + self._size)                                  # k-histogram region
+        flat = torch.cat([slot.reshape(-1), k.reshape(-1)])
+        if flat.numel() > self._ones.numel():
+            self._ones = torch.ones(2 * flat.numel(), dtype=torch.int64, device=self.device)
+        self._hist.index_add_(0, flat, self._ones[: flat.numel()])
 
     def _confidence(self, items: list[Pending], same: bool) -> None:
         with_scores = [it for it in items if it.scores is not None]
@@ -86,21 +92,23 @@ class DeviceCounters:
         for it in with_scores:
             groups.setdefault((it.phase, tuple(it.scores.shape), it.is_probs), []).append(it)
         for (phase, _, is_probs), its in groups.items():
-            s = torch.stack([it.scores for it in its]).float()                    # [n, T, E']
-            p = s if is_probs else torch.softmax(s, dim=-1)
+            s = torch.stack([it.scores for it in its])                            # [n, T, E']
+            p = s.float() if is_probs else torch.softmax(s, dim=-1, dtype=torch.float32)
             top1 = p.amax(-1).sum(-1)                                             # [n]
-            ent = torch.special.entr(p).sum(-1).sum(-1)                           # [n]
-            vals = torch.stack([top1, ent], dim=-1).to(torch.float64)             # [n, 2]
+            ent = torch.special.entr(p).sum((-2, -1))                             # [n]
             if same and len(its) == self.L:
-                self.conf[phase] += vals
+                self.conf[phase, :, 0] += top1
+                self.conf[phase, :, 1] += ent
             else:
                 for j, it in enumerate(its):
-                    self.conf[phase, it.local] += vals[j]
+                    self.conf[phase, it.local, 0] += top1[j]
+                    self.conf[phase, it.local, 1] += ent[j]
 
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Device copies of the running counts (no sync); per-step deltas come from differences."""
         self.flush()
-        return self.counts.clone(), self.k_hist.clone()
+        snap = self._hist.clone()
+        return snap[: self._size], snap[self._size:]
 
     def read(self):
         """Host copies: counts [P, L, E+1], k_hist [P, L, E+1], conf [P, L, 2]. Syncs once."""

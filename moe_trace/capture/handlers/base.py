@@ -81,6 +81,11 @@ class MoEHandler:
 
 
 _REGISTRY: list[MoEHandler] = []
+_VERSION = [0]  # bumped on every (un)registration: detection caches depend on it
+
+
+def registry_version() -> int:
+    return _VERSION[0]
 
 
 def register_handler(handler: MoEHandler | type[MoEHandler], *, first: bool = True) -> MoEHandler:
@@ -89,6 +94,7 @@ def register_handler(handler: MoEHandler | type[MoEHandler], *, first: bool = Tr
     if not isinstance(inst, MoEHandler):
         raise TypeError("register_handler takes a moe_trace.MoEHandler subclass or instance")
     _REGISTRY.insert(0, inst) if first else _REGISTRY.append(inst)
+    _VERSION[0] += 1
     return inst
 
 
@@ -97,6 +103,7 @@ def unregister_handler(handler: MoEHandler | type[MoEHandler]) -> None:
     for h in list(_REGISTRY):
         if h is handler or type(h) is handler:
             _REGISTRY.remove(h)
+            _VERSION[0] += 1
 
 
 def registered_handlers() -> list[MoEHandler]:
