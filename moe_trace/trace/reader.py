@@ -582,7 +582,7 @@ def _process_piece(piece: bytes, agg: "_Agg") -> None:
             except ValueError:
                 raise _Fallback from None
             code = dev_cats.get(cat)
-            if code is not None:
+            if code is not None:  # _Agg.device_activity inlined: this loop runs once per kernel event
                 d = devices.get(pid)
                 if d is None:
                     d = devices[pid] = [0, 0.0, 0, 0.0, 0, 0.0, ts, ts + dur]
