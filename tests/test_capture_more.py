@@ -151,3 +151,21 @@ def test_detection_cache_is_invalidated_and_never_shared():
     assert moe_trace.detect(model)[0].experts_implementation == "eager"  # read anew on every call
     model.model.layers[0].mlp = torch.nn.Identity()  # module tree changed: detection runs again
     assert len(moe_trace.detect(model)) == len(a) - 1
+
+
+def test_per_device_rows_use_the_real_rank():
+    import numpy as np
+
+    from moe_trace.analysis import LayerCounts, LayerInfo, Report, RunData
+
+    layer = LayerInfo(index=0, name="l0", family="olmoe", num_experts=2, top_k=1, hidden_size=4, expert_dim=2,
+                      device="cuda:0")
+    parts = []
+    for rank in (3, 5):
+        run = RunData.empty({"family": "olmoe"}, [layer])
+        run.counts["prefill"][0] = LayerCounts(tokens=2, calls=1, expert_counts=np.array([1, 1]),
+                                               k_hist=np.array([0, 2]))
+        parts.append(run)
+    d = Report(parts, ranks=[3, 5]).to_dict()
+    assert [x["device"] for x in d["devices"]] == ["rank3/cuda:0", "rank5/cuda:0"]
+    assert d["layers"][0]["expert_counts"] == [2, 2]

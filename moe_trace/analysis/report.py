@@ -16,10 +16,12 @@ SCHEMA = "moe-trace/report/1"
 class Report:
     """Metrics of one run; `parts` holds one `RunData` per process (rank), usually just one."""
 
-    def __init__(self, parts: RunData | list[RunData]):
+    def __init__(self, parts: RunData | list[RunData], ranks: list[int | None] | None = None):
         self.parts = [parts] if isinstance(parts, RunData) else list(parts)
         if not self.parts:
             raise ValueError("a Report needs at least one RunData")
+        # the distributed rank of each part (labels of per-device rows); position when unknown
+        self.ranks = [r if r is not None else i for i, r in enumerate(ranks or [None] * len(self.parts))]
         self._dict: dict[str, Any] | None = None
 
     # -- building ---------------------------------------------------------------------------
@@ -97,7 +99,7 @@ class Report:
         rows: dict[str, dict[str, Any]] = {}
         for rank, part in enumerate(self.parts):
             for i, layer in enumerate(part.layers):
-                key = f"rank{rank}/{layer.device}" if multi else layer.device
+                key = f"rank{self.ranks[rank]}/{layer.device}" if multi else layer.device
                 row = rows.setdefault(key, {"device": key, "layers": 0, "tokens": 0, "flops": dict(ZERO_FLOPS),
                                             "router_ms": None, "experts_ms": None, "shared_ms": None,
                                             "peak_memory_bytes": part.peak_memory.get(layer.device),

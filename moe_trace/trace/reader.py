@@ -271,7 +271,9 @@ def report_of(datas: list[TraceData], path: str | os.PathLike = "") -> Report:
             runs = [_with_summed_timing(latest.runs[0], [d.runs[0] for d in group])]
         chosen.append((latest, runs))
     chosen.sort(key=lambda dr: (dr[0].rank if dr[0].rank is not None else 1 << 30, str(dr[0].path)))
-    return Report([r for _, runs in chosen for r in runs])
+    parts = [r for _, runs in chosen for r in runs]
+    ranks = [d.rank for d, runs in chosen for _ in runs]  # per-device rows carry the process's real rank
+    return Report(parts, ranks=ranks)
 
 
 def _with_summed_timing(base: RunData, runs: list[RunData]) -> RunData:
