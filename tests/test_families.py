@@ -59,6 +59,7 @@ def test_family(family):
     assert torch.equal(_seq(out), _seq(ref_tokens)), f"{family}: profiling changed the generated tokens"
     d = run.report().to_dict()
     B, P = inputs["input_ids"].shape
+    assert d["phases"]["prefill"]["forward_calls"] >= 1, f"{family}: no model forward (step) was seen"
     for layer in d["layers"]:
         if "vision" in layer["name"]:
             assert layer["tokens"] == 0  # modality experts see no text tokens

@@ -189,8 +189,15 @@ class ProfileRun:
         pre/post hooks on every part; they are installed only when something will use them (a timer,
         kineto mode, or a profiler already running when the block starts)."""
         add = self._handles.append
-        add(self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
-        add(self.model.register_forward_hook(self._model_post, always_call=True))
+        # Steps: the model's forward, and its base model's for generation loops that call the inner
+        # model directly (block diffusion); only the outermost active call counts (see _depth).
+        step_modules = [self.model]
+        base = getattr(self.model, "base_model", None)
+        if isinstance(base, nn.Module) and base is not self.model:
+            step_modules.append(base)
+        for mod in step_modules:
+            add(mod.register_forward_pre_hook(self._model_pre, with_kwargs=True))
+            add(mod.register_forward_hook(self._model_post, always_call=True))
         spans = self._timer is not None or self.mode == "kineto" or _profiler_on()
         self.ranges_enabled = spans
         for b in self.bindings:
