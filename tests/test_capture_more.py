@@ -9,6 +9,7 @@ import torch
 import moe_trace
 from moe_trace.capture import find_bindings
 from moe_trace.models import build_legacy_model, example_inputs, save_tiny_checkpoint
+from tests.conftest import ReferenceRouting
 
 
 def test_legacy_layout_counts_match_tokens_each_expert_received():
@@ -169,3 +170,93 @@ def test_per_device_rows_use_the_real_rank():
     d = Report(parts, ranks=[3, 5]).to_dict()
     assert [x["device"] for x in d["devices"]] == ["rank3/cuda:0", "rank5/cuda:0"]
     assert d["layers"][0]["expert_counts"] == [2, 2]
+
+
+def test_stats_counts_at_the_router_with_one_hook_per_layer():
+    """When the experts get the router's very tensors, counting moves to the router after the first
+    forward and the experts lose moe-trace's hook; counts still equal the experts-input reference."""
+    from moe_trace.models import build_tiny_model
+
+    model = build_tiny_model("olmoe")
+    blocks = [b for b in find_bindings(model)]
+    ids = example_inputs(model)["input_ids"]
+    ref = ReferenceRouting(model, [b.experts[0] for b in blocks])
+    with torch.no_grad(), moe_trace.profile(model, mode="stats") as run:
+        model(ids)
+        assert [len(b.experts[0]._forward_pre_hooks) for b in blocks] == [1] * len(blocks)  # the reference's only
+        assert all(len(b.router._forward_hooks) == 1 for b in blocks)
+        model(ids[:, -1:])
+        model(ids[:, -1:])
+    ref.remove()
+    assert all(len(b.experts[0]._forward_pre_hooks) == 0 and len(b.router._forward_hooks) == 0 for b in blocks)
+    d = run.report().to_dict()
+    for layer in d["layers"]:
+        calls = ref.calls[layer["index"]]
+        idx = torch.cat([c[0].reshape(-1) for c in calls])
+        assert layer["expert_counts"] == torch.bincount(idx, minlength=8).tolist()
+
+
+def test_a_block_that_changes_routing_after_the_router_is_counted_at_the_experts():
+    """A block that zeroes each token's second weight between router and experts: the experts see k=1,
+    so counting must stay at the experts (the router's own tensors would say k=2)."""
+    from moe_trace.models import build_tiny_model
+
+    model = build_tiny_model("olmoe")
+    for layer in model.model.layers:
+        mlp = layer.mlp
+
+        def forward(hidden, mlp=mlp):
+            b, s, h = hidden.shape
+            flat = hidden.view(-1, h)
+            _, w, idx = mlp.gate(flat)
+            w = w * torch.tensor([1.0, 0.0], dtype=w.dtype)
+            return mlp.experts(flat, idx, w).reshape(b, s, h)
+        mlp.forward = forward
+    ids = example_inputs(model)["input_ids"]
+    with torch.no_grad(), moe_trace.profile(model, mode="stats") as run:
+        model(ids)
+        model(ids[:, -1:])
+    d = run.report().to_dict()
+    tokens = ids.numel() + ids.shape[0]
+    for layer in d["layers"]:
+        assert layer["k_hist"] == {"1": tokens} and sum(layer["expert_counts"]) == tokens
+
+
+def test_counters_defer_decode_forwards_and_flush_when_capturing():
+    """Decode forwards are counted in batches; mixed shapes, partial forwards and a capture flush all
+    give the counts a direct numpy count gives."""
+    import numpy as np
+
+    from moe_trace.capture.counters import MAX_DEFERRED_FORWARDS, DeviceCounters, Pending
+
+    g = torch.Generator().manual_seed(0)
+    dc = DeviceCounters(torch.device("cpu"), [4, 6])
+    want = np.zeros((2, 2, 7), dtype=np.int64)
+    want_k = np.zeros((2, 2, 7), dtype=np.int64)
+
+    def fwd(phase, tokens, layers=(0, 1), capturing=False):
+        for local in layers:
+            idx = torch.randint(-1, 7, (tokens, 2), generator=g)
+            w = torch.rand(tokens, 2, generator=g).masked_fill(torch.rand(tokens, 2, generator=g) < 0.2, 0)
+            dc.queue(Pending(local, phase, idx, w, torch.randn(tokens, 6, generator=g), False))
+            E = dc.num_experts[local]
+            valid = (w.numpy() != 0) & (idx.numpy() >= 0) & (idx.numpy() < E)
+            for t in range(tokens):
+                for s in range(2):
+                    want[phase, local, idx[t, s].item() if valid[t, s] else 6] += 1
+                want_k[phase, local, valid[t].sum()] += 1
+        dc.end_forward(capturing)
+
+    fwd(0, 5)
+    assert dc.pending  # small: kept for a later batched count
+    fwd(1, 1)
+    fwd(1, 1, layers=(1,))          # a partial forward
+    fwd(1, 3)
+    fwd(1, 1, capturing=True)       # capturing a CUDA graph: counted at once
+    assert not dc.pending
+    for _ in range(MAX_DEFERRED_FORWARDS):
+        fwd(1, 1)
+    assert len(dc.pending) < 2 * MAX_DEFERRED_FORWARDS  # bounded: flushed when full
+    counts, k_hist, _ = dc.read()
+    np.testing.assert_array_equal(counts, want)
+    np.testing.assert_array_equal(k_hist, want_k)

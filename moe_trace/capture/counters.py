@@ -1,8 +1,11 @@
 """On-device routing counters: preallocated buffers filled with `index_add_`, read once at the end.
 
-Hooks only *queue* each layer's routing tensors (no kernel, no sync); `flush()` runs at the end of
-every model forward and counts all queued layers of a device in one batch of ~20 kernels (stacked
-over layers) instead of ~20 kernels per layer. Nothing here calls `.item()`, `.cpu()` or synchronizes.
+Hooks only *queue* each layer's routing tensors (no kernel, no sync). At the end of a model forward
+`end_forward()` either counts the queue or, while it is small, leaves it for later: decode steps are
+batched, so one flush of ~20 kernels counts up to `MAX_DEFERRED_FORWARDS` forwards of all layers
+(stacked over forwards and layers). A flush happens at once while a CUDA graph is being captured (so
+the counting kernels are in the graph and replay with it), when the queue grows past
+`DEFER_ELEMENTS`, and before every read. Nothing here calls `.item()`, `.cpu()` or synchronizes.
 """
 from __future__ import annotations
 
@@ -12,8 +15,11 @@ import torch
 
 from moe_trace.analysis.rundata import PHASES
 
-# Flush early when queued logits exceed this many elements (bounds the extra memory held).
+# Flush early (inside a forward) when queued tensors exceed this many elements (bounds held memory).
 MAX_PENDING_ELEMENTS = 1 << 25
+# At the end of a forward, count at once when the queue holds more elements than this or more forwards.
+DEFER_ELEMENTS = 1 << 20
+MAX_DEFERRED_FORWARDS = 32
 
 
 @dataclass
@@ -42,67 +48,92 @@ class DeviceCounters:
         self.k_hist = self._hist[self._size:]
         self._ones = torch.ones(1024, dtype=torch.int64, device=device)
         self.conf = torch.zeros(P, self.L, 2, dtype=torch.float64, device=device)
-        self._num_experts = torch.tensor(num_experts, dtype=torch.int64, device=device).view(-1, 1, 1)
-        # offsets of layer l of phase p in the flat buffers, for the all-layers-in-order fast path
-        base = torch.arange(self.L, dtype=torch.int64, device=device) * self.bins
-        self._offsets = [(base + p * self.L * self.bins).view(-1, 1, 1) for p in range(P)]
         self.num_experts = num_experts
-        self.pending: list[Pending] = []
+        self._num_experts = torch.tensor(num_experts, dtype=torch.int64, device=device)
+        self._tiled: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for p in range(P):  # one forward's offsets exist up front (CUDA-graph capture flushes every forward)
+            self._tiled_offsets(p, 1)
+        self._forwards: list[list[Pending]] = [[]]   # queued items, one list per forward
         self._pending_elems = 0
 
+    @property
+    def pending(self) -> list[Pending]:
+        return [it for fw in self._forwards for it in fw]
+
     def queue(self, item: Pending) -> None:
-        self.pending.append(item)
+        self._forwards[-1].append(item)
         self._pending_elems += item.indices.numel() + (item.scores.numel() if item.scores is not None else 0)
         if self._pending_elems > MAX_PENDING_ELEMENTS:
             self.flush()
 
-    def flush(self) -> None:
-        if not self.pending:
+    def end_forward(self, capturing: bool = False) -> None:
+        """Close the current forward's queue; count now if capturing a CUDA graph or the queue is large."""
+        if not self._forwards[-1]:
             return
-        items, self.pending, self._pending_elems = self.pending, [], 0
-        same = (len(items) == self.L and all(it.local == i for i, it in enumerate(items))
-                and len({(it.phase, tuple(it.indices.shape), tuple(it.weights.shape)) for it in items}) == 1)
-        if same:
-            self._count(items, self._offsets[items[0].phase], self._num_experts)
+        if capturing or self._pending_elems > DEFER_ELEMENTS or len(self._forwards) >= MAX_DEFERRED_FORWARDS:
+            self.flush()
         else:
-            for it in items:
-                off = it.phase * self.L * self.bins + it.local * self.bins
-                self._count([it], off, self.num_experts[it.local])
-        self._confidence(items, same)
+            self._forwards.append([])
 
-    def _count(self, items: list[Pending], offsets, num_experts) -> None:
+    def flush(self) -> None:
+        forwards = [fw for fw in self._forwards if fw]
+        self._forwards, self._pending_elems = [[]], 0
+        if not forwards:
+            return
+        # forwards that routed every layer in order with one shape are counted together
+        groups: dict[tuple, list[Pending]] = {}
+        for fw in forwards:
+            sig = {_signature(it) for it in fw}
+            if len(fw) == self.L and len(sig) == 1 and all(it.local == n for n, it in enumerate(fw)):
+                groups.setdefault(sig.pop(), []).extend(fw)
+            else:
+                for it in fw:
+                    off = it.phase * self.L * self.bins + it.local * self.bins
+                    self._count([it], off, off + self._size, self.num_experts[it.local])
+                    self._confidence([it], None)
+        for items in groups.values():
+            offsets, k_offsets, num_experts = self._tiled_offsets(items[0].phase, len(items) // self.L)
+            self._count(items, offsets, k_offsets, num_experts)
+            self._confidence(items, items[0].phase)
+
+    def _tiled_offsets(self, phase: int, n: int):
+        """Offsets [n*L,1,1] of every layer of `n` whole forwards in the flat buffers (cached on the device)."""
+        key = (phase, n)
+        if key not in self._tiled:
+            base = torch.arange(self.L, dtype=torch.int64, device=self.device) * self.bins + phase * self.L * self.bins
+            off = base.repeat(n).view(-1, 1, 1)
+            ne = self._num_experts.repeat(n).view(-1, 1, 1)
+            self._tiled[key] = (off, off.view(-1, 1) + self._size, ne)
+        return self._tiled[key]
+
+    def _count(self, items: list[Pending], offsets, k_offsets, num_experts) -> None:
         idx = torch.stack([it.indices for it in items])                           # [n, T, k]
         if idx.dtype != torch.int64:
             idx = idx.to(torch.int64)
         w = torch.stack([_as_topk_weights(it.weights, it.indices) for it in items])
         valid = (w != 0) & (idx >= 0) & (idx < num_experts)
         slot = torch.where(valid, idx, self.E) + offsets                          # counts region
-        k_off = offsets.reshape(-1, 1) if torch.is_tensor(offsets) else offsets
-        k = valid.sum(-1) + (k_off + self._size)                                  # k-histogram region
+        k = valid.sum(-1) + k_offsets                                             # k-histogram region
         flat = torch.cat([slot.reshape(-1), k.reshape(-1)])
         if flat.numel() > self._ones.numel():
             self._ones = torch.ones(2 * flat.numel(), dtype=torch.int64, device=self.device)
         self._hist.index_add_(0, flat, self._ones[: flat.numel()])
 
-    def _confidence(self, items: list[Pending], same: bool) -> None:
-        with_scores = [it for it in items if it.scores is not None]
-        if not with_scores:
+    def _confidence(self, items: list[Pending], whole_phase: int | None) -> None:
+        """Sums of the top-1 probability and the routing entropy; `whole_phase`: items are whole forwards."""
+        if items[0].scores is None:
             return
-        groups: dict[tuple, list[Pending]] = {}
-        for it in with_scores:
-            groups.setdefault((it.phase, tuple(it.scores.shape), it.is_probs), []).append(it)
-        for (phase, _, is_probs), its in groups.items():
-            s = torch.stack([it.scores for it in its])                            # [n, T, E']
-            p = s.float() if is_probs else torch.softmax(s, dim=-1, dtype=torch.float32)
-            top1 = p.amax(-1).sum(-1)                                             # [n]
-            ent = torch.special.entr(p).sum((-2, -1))                             # [n]
-            if same and len(its) == self.L:
-                self.conf[phase, :, 0] += top1
-                self.conf[phase, :, 1] += ent
-            else:
-                for j, it in enumerate(its):
-                    self.conf[phase, it.local, 0] += top1[j]
-                    self.conf[phase, it.local, 1] += ent[j]
+        s = torch.stack([it.scores for it in items])                              # [n, T, E']
+        p = s.float() if items[0].is_probs else torch.softmax(s, dim=-1, dtype=torch.float32)
+        top1 = p.amax(-1).sum(-1)                                                 # [n]
+        ent = torch.special.entr(p).sum((-2, -1))                                 # [n]
+        if whole_phase is not None:
+            both = torch.stack([top1, ent], -1).view(-1, self.L, 2).sum(0)        # [L, 2]
+            self.conf[whole_phase] += both
+        else:
+            it = items[0]
+            self.conf[it.phase, it.local, 0] += top1[0]
+            self.conf[it.phase, it.local, 1] += ent[0]
 
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Device copies of the running counts (no sync); per-step deltas come from differences."""
@@ -118,6 +149,11 @@ class DeviceCounters:
         k_hist = self.k_hist.view(P, self.L, self.bins).cpu().numpy()
         conf = self.conf.cpu().numpy()
         return counts, k_hist, conf
+
+
+def _signature(it: Pending) -> tuple:
+    return (it.phase, tuple(it.indices.shape), tuple(it.weights.shape),
+            None if it.scores is None else tuple(it.scores.shape), it.is_probs)
 
 
 def _as_topk_weights(weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

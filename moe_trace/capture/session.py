@@ -19,7 +19,7 @@ from moe_trace.errors import ConfigError, ProfileStateError
 
 from .counters import DeviceCounters, Pending
 from .detect import find_bindings
-from .handlers.base import MoEBinding
+from .handlers.base import MoEBinding, MoEHandler
 from .selection import Middleware, resolve_selector, selector_middleware
 from .timing import PartTimer
 
@@ -116,6 +116,12 @@ class ProfileRun:
         self._step = -1
         self._depth = 0
         self._scores: dict[int, Any] = {}
+        # Layers whose experts were seen to receive the router's own index and weight tensors are
+        # counted in the router's post-hook, and their experts lose their hook (one hook per layer).
+        self._router_routing: dict[int, tuple] = {}
+        self._probing: set[int] = set()
+        self._count_at_router: set[int] = set()
+        self._experts_handles: dict[int, Any] = {}
         self._ranges: dict[int, list] = {}
         self._step_range = None
         self._timer = PartTimer() if self.cuda_events else None
@@ -207,13 +213,26 @@ class ProfileRun:
                 if spans:
                     add(b.router.register_forward_pre_hook(self._part_pre(i, "router", dev)))
                 add(b.router.register_forward_hook(self._router_post(b, spans), always_call=True))
+            if self._may_count_at_router(b):
+                self._probing.add(i)
             for j, ex in enumerate(b.experts):
-                add(ex.register_forward_pre_hook(self._experts_pre(b, first=(j == 0), spans=spans), with_kwargs=True))
+                handle = ex.register_forward_pre_hook(self._experts_pre(b, first=(j == 0), spans=spans), with_kwargs=True)
+                add(handle)
+                if j == 0:
+                    self._experts_handles[i] = handle
                 if spans:
                     add(ex.register_forward_hook(self._part_post(i, "experts"), always_call=True))
             for sh in b.shared if spans else ():
                 add(sh.register_forward_pre_hook(self._part_pre(i, "shared", dev)))
                 add(sh.register_forward_hook(self._part_post(i, "shared"), always_call=True))
+
+    def _may_count_at_router(self, b: MoEBinding) -> bool:
+        """Counting can move to the router when the handler reads routing from the standard experts call
+        `experts(hidden, top_k_index, top_k_weights)` and nothing changes routing in between."""
+        h = type(b.handler)
+        return (b.router is not None and len(b.experts) == 1 and b.info.index not in self._middleware
+                and h.routing_from_experts is MoEHandler.routing_from_experts
+                and h.routing_from_router is MoEHandler.routing_from_router)
 
     def _remove_hooks(self) -> None:
         for h in self._handles:
@@ -253,9 +272,11 @@ class ProfileRun:
         self._depth -= 1
         if self._depth > 0:
             return None
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         for dc in self._counters.values():
-            dc.flush()
+            dc.end_forward(capturing)
         self._scores.clear()
+        self._router_routing.clear()
         if self._step_range is not None:
             self._step_range.__exit__(None, None, None)
             self._step_range = None
@@ -304,6 +325,11 @@ class ProfileRun:
                 self._close(id(module))
             self._scores[i] = b.handler.logits_from_router(output)
             routed = b.handler.routing_from_router(b, output)
+            if routed is None and (i in self._count_at_router or i in self._probing):
+                routed = _standard_router_routing(output)
+                if i in self._probing:
+                    self._router_routing[i] = routed
+                    routed = None
             if routed is not None:
                 self._record(b, routed[0], routed[1])
         return hook
@@ -315,7 +341,7 @@ class ProfileRun:
 
         def hook(module, args, kwargs):
             result = None
-            if first:
+            if first and i not in self._count_at_router:
                 routed = b.handler.routing_from_experts(args, kwargs)
                 if routed is not None:
                     idx, w = routed
@@ -323,10 +349,22 @@ class ProfileRun:
                         w, idx = mw(self._scores.get(i), w, idx)
                         result = b.handler.replace_experts_routing(args, kwargs, idx, w)
                     self._record(b, idx, w)
+                    if i in self._probing:
+                        self._end_probe(i, idx, w, spans)
             if spans:
                 self._open(id(module), i, "experts", dev)
             return result
         return hook
+
+    def _end_probe(self, i: int, idx: torch.Tensor, w: torch.Tensor, spans: bool) -> None:
+        """First experts call of layer i: if it got the router's very tensors (`is`, no sync), count at
+        the router from now on and drop the experts' hook unless spans still need it."""
+        self._probing.discard(i)
+        seen = self._router_routing.pop(i, None)
+        if seen is not None and seen[0] is idx and seen[1] is w:
+            self._count_at_router.add(i)
+            if not spans:
+                self._experts_handles[i].remove()
 
     def _record(self, b: MoEBinding, idx: torch.Tensor, w: torch.Tensor) -> None:
         i = b.info.index
@@ -450,6 +488,13 @@ class ProfileRun:
         return RunData(model=model_info, layers=self.layers, counts=counts,
                        forward_calls=dict(self.forward_calls), forward_tokens=dict(self.forward_tokens),
                        timing=timing, timing_source=source, peak_memory=peak, settings=settings)
+
+
+def _standard_router_routing(output: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(indices, weights) of a transformers-5 router output `(logits, top_k_weights, top_k_index)`."""
+    if isinstance(output, tuple) and len(output) == 3 and all(torch.is_tensor(t) for t in output):
+        return output[2], output[1]
+    return None
 
 
 def _describe(obj) -> str | None:
