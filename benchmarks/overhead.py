@@ -107,6 +107,16 @@ def same_run_checks(model, inputs, gen, tmp: Path) -> dict:
     rep = run.report().to_dict()
     ref = [s[:-1].cpu().tolist() for s in seen]
     out = {"counts_equal_reference": all(l["expert_counts"] == r for l, r in zip(rep["layers"], ref))}
+    # stats mode counts at the router after the first forward: check it against the experts' inputs too
+    seen, hs = reference_counter(model)
+    try:
+        with moe_trace.profile(model, mode="stats") as srun:
+            model.generate(**inputs, **gen)
+    finally:
+        for h in hs:
+            h.remove()
+    out["stats_counts_equal_reference"] = all(
+        l["expert_counts"] == s[:-1].cpu().tolist() for l, s in zip(srun.report().to_dict()["layers"], seen))
     trace = moe_trace.analyze(logdir).to_dict()
     out["analyze_counts_equal_report"] = [l["expert_counts"] for l in trace["layers"]] == \
         [l["expert_counts"] for l in rep["layers"]]
@@ -132,7 +142,13 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--json", default=None, help="write all timings here")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="torch.use_deterministic_algorithms(True): the uninstrumented run repeats itself exactly, "
+                         "so every variant's tokens can be compared exactly (also at batch 16)")
     args = ap.parse_args(argv)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     variants = args.variants.split(",")
     torch.manual_seed(0)
     model = build(args).eval()
@@ -174,7 +190,9 @@ def main(argv=None):
     same = {v: sum(bool(torch.equal(a, b)) for a, b in zip(tokens[v], tokens["base"])) for v in variants}
     match = {v: float(torch.stack([(a == b).float().mean() for a, b in zip(tokens[v], tokens["base"])]).mean())
              for v in variants}
-    print(f"\nuninstrumented runs identical to each other: {base_det}")
+    base_vs_first = float(torch.stack([(t == tokens["base"][0]).float().mean() for t in tokens["base"]]).mean())
+    print(f"\nuninstrumented runs identical to each other: {base_det} "
+          f"(mean fraction of tokens equal to the first uninstrumented run: {base_vs_first:.4f})")
     print("runs with tokens identical to the same repetition's base:", {v: f"{same[v]}/{args.reps}" for v in variants})
     print("mean fraction of equal tokens vs base:", {v: round(m, 4) for v, m in match.items()})
     print("same-run checks:", json.dumps(checks))

@@ -1,4 +1,4 @@
-"""Where does `stats` mode spend host time? cProfile of one profiled generate vs an unprofiled one.
+"""Where does `stats` (or `--mode timing`) spend host time? cProfile of one profiled generate vs an unprofiled one.
 
     python3 benchmarks/stats_cost.py --model olmoe-1b-7b
 """
@@ -23,6 +23,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="olmoe-1b-7b")
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--mode", default="stats", choices=("stats", "timing"))
     args = ap.parse_args()
     torch.manual_seed(0)
     model = build_reference_model(args.model, dtype=torch.bfloat16, device="cuda").eval()
@@ -35,7 +36,7 @@ def main():
         torch.cuda.synchronize()
 
     def stats():
-        with moe_trace.profile(model) as run:
+        with moe_trace.profile(model, mode=args.mode) as run:
             model.generate(ids, **gen)
             torch.cuda.synchronize()
         return run

@@ -89,9 +89,11 @@ def test_cuda_event_timer_logic_on_cpu(monkeypatch):
 
     class FakeEvent:
         clock = 0.0
+        made = 0
 
         def __init__(self, enable_timing=True):
             self.t = None
+            FakeEvent.made += 1
 
         def record(self, stream=None):
             FakeEvent.clock += 1.5
@@ -100,8 +102,17 @@ def test_cuda_event_timer_logic_on_cpu(monkeypatch):
         def elapsed_time(self, end):
             return end.t - self.t
 
+    class FakeStream:
+        made = []
+
+        def __init__(self, stream_id, device_index, device_type):
+            FakeStream.made.append(stream_id)
+
+    current = [(7, 0, 1)]
     monkeypatch.setattr(timing.torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(timing.torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(timing.torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(timing.torch._C, "_cuda_getCurrentStream", lambda index: current[0], raising=False)
+    monkeypatch.setitem(timing._event_pool, 0, [])
     synced = []
     monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: synced.append(1))
     t = timing.PartTimer()
@@ -115,6 +126,14 @@ def test_cuda_event_timer_logic_on_cpu(monkeypatch):
     assert out["prefill"][0] == {"router_ms": 1.5, "experts_ms": 1.5, "shared_ms": None}
     assert out["decode"][0]["router_ms"] == 1.5 and out["decode"][1]["shared_ms"] == 1.5
     assert out["decode"][1]["router_ms"] is None
+    assert FakeEvent.made == 8 and FakeStream.made == [7]  # one stream object while the stream stays
+    # a second run reuses the pooled events; a changed current stream is picked up
+    t = timing.PartTimer()
+    t.start(1, 1, 0, "router", dev)
+    current[0] = (9, 0, 1)
+    t.stop(1)
+    out, _ = t.resolve(1)
+    assert FakeEvent.made == 8 and FakeStream.made == [7, 7, 9] and out["decode"][0]["router_ms"] == 1.5
 
 
 def test_no_host_sync_inside_profiled_forwards(monkeypatch):

@@ -1,4 +1,9 @@
-"""Per-layer, per-part timers: CUDA events on GPUs (resolved once at the end), host clock on CPU."""
+"""Per-layer, per-part timers: CUDA events on GPUs (resolved once at the end), host clock on CPU.
+
+Host cost matters at batch 1, where decode is launch-bound: events come from a per-device pool
+that is refilled when a run resolves, and each device's current stream is looked up with one
+C call and reused while it stays the same (`torch.cuda.current_stream` builds a new Python object).
+"""
 from __future__ import annotations
 
 import time
@@ -8,34 +13,47 @@ import torch
 
 from moe_trace.analysis.rundata import PARTS, PHASES
 
+#: Events kept for reuse per device (enough for a few thousand timed parts).
+POOL_LIMIT = 1 << 15
+_event_pool: dict[int, list[torch.cuda.Event]] = defaultdict(list)
+
 
 class PartTimer:
     """Collects (phase, layer, part) intervals. `start`/`stop` never synchronize."""
 
     def __init__(self):
         self._open: dict[int, tuple] = {}
-        self._cuda: list[tuple[int, int, str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._cuda: list[tuple[int, int, str, torch.cuda.Event, torch.cuda.Event, int]] = []
         self._host: dict[tuple[int, int, str], float] = defaultdict(float)
+        self._streams: dict[int, tuple[tuple, torch.cuda.Stream]] = {}
         self.uses_cuda = False
         self.uses_host = False
 
+    def _record(self, index: int) -> torch.cuda.Event:
+        raw = torch._C._cuda_getCurrentStream(index)
+        cached = self._streams.get(index)
+        if cached is None or cached[0] != raw:
+            cached = (raw, torch.cuda.Stream(stream_id=raw[0], device_index=raw[1], device_type=raw[2]))
+            self._streams[index] = cached
+        pool = _event_pool[index]
+        ev = pool.pop() if pool else torch.cuda.Event(enable_timing=True)
+        ev.record(cached[1])
+        return ev
+
     def start(self, key: int, phase: int, layer: int, part: str, device: torch.device) -> None:
         if device.type == "cuda":
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record(torch.cuda.current_stream(device))
-            self._open[key] = (phase, layer, part, ev, device)
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self._open[key] = (phase, layer, part, self._record(index), index)
         else:
-            self._open[key] = (phase, layer, part, time.perf_counter(), device)
+            self._open[key] = (phase, layer, part, time.perf_counter(), None)
 
     def stop(self, key: int) -> None:
         entry = self._open.pop(key, None)
         if entry is None:
             return
-        phase, layer, part, start, device = entry
-        if isinstance(start, torch.cuda.Event):
-            end = torch.cuda.Event(enable_timing=True)
-            end.record(torch.cuda.current_stream(device))
-            self._cuda.append((phase, layer, part, start, end))
+        phase, layer, part, start, index = entry
+        if index is not None:
+            self._cuda.append((phase, layer, part, start, self._record(index), index))
             self.uses_cuda = True
         else:
             self._host[(phase, layer, part)] += (time.perf_counter() - start) * 1e3
@@ -46,8 +64,11 @@ class PartTimer:
         totals: dict[tuple[int, int, str], float] = defaultdict(float, self._host)
         if self._cuda:
             torch.cuda.synchronize()
-            for phase, layer, part, s, e in self._cuda:
+            for phase, layer, part, s, e, index in self._cuda:
                 totals[(phase, layer, part)] += s.elapsed_time(e)
+                pool = _event_pool[index]
+                if len(pool) < POOL_LIMIT:
+                    pool += (s, e)
         out = {}
         for p, phase in enumerate(PHASES):
             out[phase] = [{f"{part}_ms": totals.get((p, i, part)) for part in PARTS} for i in range(num_layers)]
