@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from moe_trace.errors import ConfigError
+
 from .metrics import ZERO_FLOPS, add_flops, balance, flops, k_stats
 from .rundata import PHASES, LayerCounts, RunData
 
@@ -16,22 +18,48 @@ SCHEMA = "moe-trace/report/1"
 class Report:
     """Metrics of one run; `parts` holds one `RunData` per process (rank), usually just one."""
 
-    def __init__(self, parts: RunData | list[RunData], ranks: list[int | None] | None = None):
+    def __init__(self, parts: RunData | list[RunData], ranks: list[int | None] | None = None,
+                 ep_size: int | None = None):
+        """`ep_size`: add the load per expert-parallel rank for that many ranks (contiguous placement);
+        by default only for runs that were expert parallel."""
         self.parts = [parts] if isinstance(parts, RunData) else list(parts)
         if not self.parts:
             raise ValueError("a Report needs at least one RunData")
         # the distributed rank of each part (labels of per-device rows); position when unknown
         self.ranks = [r if r is not None else i for i, r in enumerate(ranks or [None] * len(self.parts))]
+        if ep_size is not None and (not isinstance(ep_size, int) or ep_size < 1):
+            raise ConfigError(f"ep_size must be a positive integer, got {ep_size!r}")
+        self.ep_size = ep_size
+        self.notes: list[str] = []
         self._dict: dict[str, Any] | None = None
 
     # -- building ---------------------------------------------------------------------------
     @property
     def run(self) -> RunData:
-        """The parts combined layer by layer (counts summed across ranks)."""
-        run = self.parts[0]
-        for other in self.parts[1:]:
+        """The parts combined layer by layer: counts summed across ranks, where ranks that hold the
+        same batch (tensor-parallel ranks: one `batch_group` in `settings["parallel"]`) count once."""
+        kept = self._distinct_batches()
+        run = kept[0]
+        for other in kept[1:]:
             run = run.merged(other)
         return run
+
+    def _distinct_batches(self) -> list[RunData]:
+        groups: dict[Any, list[RunData]] = {}
+        for n, part in enumerate(self.parts):
+            layout = part.settings.get("parallel") or {}
+            key = layout.get("batch_group")
+            groups.setdefault(("group", key) if key is not None else ("part", n), []).append(part)
+        kept = []
+        self.notes = []
+        for (kind, key), members in groups.items():
+            kept.append(members[0])
+            if kind == "group" and len(members) > 1:
+                first = [[c.expert_counts.tolist() for c in members[0].counts[p]] for p in PHASES]
+                if any([[c.expert_counts.tolist() for c in m.counts[p]] for p in PHASES] != first for m in members[1:]):
+                    self.notes.append(f"ranks of batch group {key} hold the same batch but counted different "
+                                      "routing; the first rank's counts are used")
+        return kept
 
     def to_dict(self) -> dict[str, Any]:
         if self._dict is None:
@@ -92,6 +120,41 @@ class Report:
                        "flops_per_token": total_flops["total"] / total_tokens if total_tokens else 0.0},
             "layers": out_layers,
             "devices": self._devices(),
+            "expert_parallel": self._expert_parallel(run),
+            "notes": list(self.notes),
+        }
+
+    def _expert_parallel(self, run: RunData) -> dict[str, Any] | None:
+        """Assignments per expert-parallel rank (rank r holds experts [r*E/N, (r+1)*E/N))."""
+        layout = self.parts[0].settings.get("parallel") or {}
+        run_ep = layout.get("ep_size") or 1
+        n = self.ep_size or (run_ep if run_ep > 1 else None)
+        if not n or not run.layers:
+            return None
+        for layer in run.layers:
+            if layer.num_experts % n:
+                raise ConfigError(f"ep_size {n} does not divide the {layer.num_experts} experts of layer "
+                                  f"{layer.name}; choose a divisor of {layer.num_experts}")
+        per_layer = []
+        phases = {}
+        for p in PHASES:
+            loads = np.stack([np.asarray(run.counts[p][i].expert_counts, dtype=np.int64).reshape(n, -1).sum(1)
+                              for i in range(len(run.layers))])                       # [L, n]
+            per_layer.append(loads)
+            total = loads.sum(0)
+            phases[p] = {"assignments": [int(x) for x in total], "imbalance": _imbalance(total)}
+        loads = per_layer[0] + per_layer[1]
+        total = loads.sum(0)
+        share = total / total.sum() if total.sum() else np.zeros(n)
+        return {
+            "ep_size": int(n),
+            "source": "run" if n == run_ep else "what-if",
+            "ranks": [{"ep_rank": r, "experts": [r * run.layers[0].num_experts // n,
+                                                 (r + 1) * run.layers[0].num_experts // n],
+                       "assignments": int(total[r]), "share": float(share[r])} for r in range(n)],
+            "imbalance": _imbalance(total),
+            "per_layer_imbalance": [_imbalance(row) for row in loads],
+            "phases": phases,
         }
 
     def _devices(self) -> list[dict[str, Any]]:
@@ -185,6 +248,14 @@ class Report:
             lines.append(row)
         if timed:
             lines.append(f"  timing: {d['timing_source']}")
+        ep = d.get("expert_parallel")
+        if ep:
+            loads = " ".join(f"{r['assignments']}" for r in ep["ranks"])
+            worst = max(ep["per_layer_imbalance"], default=None)
+            lines.append(f"  expert parallel ({ep['source']}, {ep['ep_size']} ranks): assignments per rank {loads}; "
+                         f"max/mean {_fmt_ratio(ep['imbalance'])}, worst layer {_fmt_ratio(worst)}")
+        for note in d.get("notes", []):
+            lines.append(f"  note: {note}")
         if len(d["devices"]) > 1:
             lines.append("  per device:")
             for dev in d["devices"]:
@@ -211,6 +282,16 @@ def _counts_block(layer, c: LayerCounts) -> dict[str, Any]:
         "router_entropy_mean": c.entropy_sum / tokens if tokens else 0.0,
         "flops": flops(layer, c),
     }
+
+
+def _imbalance(loads: np.ndarray) -> float | None:
+    """max / mean of per-rank loads (1.0 is perfect balance); None without any load."""
+    mean = float(np.mean(loads)) if len(loads) else 0.0
+    return float(np.max(loads)) / mean if mean else None
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _sum_opt(values) -> float | None:

@@ -20,6 +20,7 @@ from moe_trace.errors import ConfigError, ProfileStateError
 from .counters import DeviceCounters, Pending
 from .detect import find_bindings
 from .handlers.base import MoEBinding, MoEHandler
+from .parallel import parallel_layout
 from .selection import Middleware, resolve_selector, selector_middleware
 from .timing import PartTimer
 
@@ -484,7 +485,8 @@ class ProfileRun:
                       "name": getattr(cfg, "_name_or_path", None) or type(self.model).__name__,
                       "class": type(self.model).__name__}
         settings = {"mode": self.mode, "selector": _describe(self.selector),
-                    "router_middleware": _describe(self.router_middleware), "slim": self.slim}
+                    "router_middleware": _describe(self.router_middleware), "slim": self.slim,
+                    "parallel": parallel_layout(self.model, [e for b in self.bindings for e in b.experts])}
         return RunData(model=model_info, layers=self.layers, counts=counts,
                        forward_calls=dict(self.forward_calls), forward_tokens=dict(self.forward_tokens),
                        timing=timing, timing_source=source, peak_memory=peak, settings=settings)

@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     p.add_argument("--csv", metavar="F", help="also write one CSV row per layer and phase")
     p.add_argument("--per-device", action="store_true",
                    help="print the per-device table (tokens, FLOPs, range times, kernel time per GPU)")
+    p.add_argument("--ep-size", type=int, metavar="N",
+                   help="also show the load per expert-parallel rank with the experts placed contiguously over N "
+                        "ranks (shown by default for runs that were expert parallel)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, even for large files")
     p.set_defaults(func=_cmd_analyze)
 
@@ -42,7 +45,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         report_of(datas, args.path)  # raises the TraceError that says what is missing
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = report_of(datas, args.path)
+        report = report_of(datas, args.path, ep_size=args.ep_size)
+        report.to_dict()  # a bad --ep-size is a ConfigError with its fix, raised here
     for w in caught:
         print(f"moe-trace: warning: {w.message}", file=sys.stderr)
     print(report)

@@ -231,12 +231,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         src.close()
 
 
-def analyze(path: str | os.PathLike, *, progress: bool | None = None) -> Report:
-    """Report of a trace file or of a directory of them (one RunData per process, ordered by rank)."""
-    return report_of(read_traces(path, progress=progress), path)
+def analyze(path: str | os.PathLike, *, progress: bool | None = None, ep_size: int | None = None) -> Report:
+    """Report of a trace file or of a directory of them (one RunData per process, ordered by rank).
+    `ep_size`: also report the load per expert-parallel rank for that many ranks (see Report)."""
+    return report_of(read_traces(path, progress=progress), path, ep_size=ep_size)
 
 
-def report_of(datas: list[TraceData], path: str | os.PathLike = "") -> Report:
+def report_of(datas: list[TraceData], path: str | os.PathLike = "", ep_size: int | None = None) -> Report:
     """Combine read traces into one Report: per-process files by rank; merged files only if alone."""
     moe = [d for d in datas if d.is_moe]
     if not moe:
@@ -273,7 +274,7 @@ def report_of(datas: list[TraceData], path: str | os.PathLike = "") -> Report:
     chosen.sort(key=lambda dr: (dr[0].rank if dr[0].rank is not None else 1 << 30, str(dr[0].path)))
     parts = [r for _, runs in chosen for r in runs]
     ranks = [d.rank for d, runs in chosen for _ in runs]  # per-device rows carry the process's real rank
-    return Report(parts, ranks=ranks)
+    return Report(parts, ranks=ranks, ep_size=ep_size)
 
 
 def _with_summed_timing(base: RunData, runs: list[RunData]) -> RunData:

@@ -92,6 +92,10 @@ class GenericHandler(MoEHandler):
                 continue
             e_mod, h_mod, i_mod, gated = dims
             e_attr = getattr(experts, "num_experts", None)
+            # under expert parallelism transformers sets `num_experts` to the per-rank count; routing
+            # ids stay global, as do the (DTensor) weights' shapes
+            if getattr(experts, "_is_expert_parallel", False):
+                e_attr = None
             num_experts_module = e_attr if isinstance(e_attr, int) and e_attr <= e_mod else e_mod
             router = find_router(module, {id(experts)}, num_experts_module)
             if router is None:
