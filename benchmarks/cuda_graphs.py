@@ -105,6 +105,12 @@ def compiled_generate() -> dict:
         except Exception as exc:
             out["ran"] = False
             out["error"] = f"{type(exc).__name__}: {exc}"[:400]
+        finally:  # why compilation is slow under hooks: dynamo breaks the graph at Python-side state
+            from torch._dynamo.utils import counters
+
+            breaks = counters.get("graph_break", {})
+            out["graph_breaks"] = sum(breaks.values())
+            out["graph_break_reasons"] = [str(k)[:160] for k, _ in sorted(breaks.items(), key=lambda kv: -kv[1])[:3]]
     return out
 
 
