@@ -264,3 +264,20 @@ def test_end_to_end_with_profile_kineto_mode():
     for i in range(len(want.layers)):
         total = np.sum([td.counters[n][want.layers[i].index]["expert_tokens"] for n in td.counters], axis=0)
         assert total.tolist() == (want.counts["prefill"][i].expert_counts + want.counts["decode"][i].expert_counts).tolist()
+
+
+def test_cli_analyze_ep_size_what_if(cpu_trace, capsys):
+    run, _steps, path = cpu_trace
+    E = run.layers[0].num_experts
+    d = tmpdir("reader_ep")
+    assert main(["analyze", str(path), "--ep-size", "2", "--json", str(d / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "expert parallel (what-if, 2 ranks)" in out
+    ep = json.loads((d / "r.json").read_text())["expert_parallel"]
+    totals = [sum(int(run.counts[p][i].expert_counts[lo:lo + E // 2].sum()) for p in PHASES
+                  for i in range(len(run.layers))) for lo in (0, E // 2)]
+    assert [r["assignments"] for r in ep["ranks"]] == totals
+    bad = next(n for n in range(2, E + 2) if E % n)
+    assert main(["analyze", str(path), "--ep-size", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "does not divide" in err and err.count("\n") == 1
