@@ -24,11 +24,12 @@ def __getattr__(name):
     raise AttributeError(f"module 'moe_trace' has no attribute {name!r}")
 
 
-def analyze(path) -> Report:
-    """Rebuild the `Report` of a run from its trace file(s): a `.pt.trace.json[.gz]` or a directory."""
+def analyze(path, *, progress: bool | None = None, ep_size: int | None = None) -> Report:
+    """Rebuild the `Report` of a run from its trace file(s): a `.pt.trace.json[.gz]` or a directory.
+    `ep_size=N` adds the load per expert-parallel rank for N ranks (contiguous placement)."""
     from .trace.reader import analyze as _analyze
 
-    return _analyze(path)
+    return _analyze(path, progress=progress, ep_size=ep_size)
 
 
 __all__ = ["profile", "detect", "analyze", "register_handler", "unregister_handler", "MoEHandler", "ProfileRun",
