@@ -81,18 +81,26 @@ def manual_capture(replays: int = 10) -> dict:
     return out
 
 
-def compiled_generate() -> dict:
+def compiled_generate(control: bool = False) -> dict:
+    """`control=True`: the same compiled generate with moe-trace never touching the model."""
+    import contextlib
+
     model = build_tiny_model("olmoe", device="cuda")
     ids = torch.randint(3, 256, (2, 8), device="cuda")
     gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
     with torch.no_grad():
-        with moe_trace.profile(model) as eager_run:
+        with moe_trace.profile(model) if not control else contextlib.nullcontext() as eager_run:
             eager = model.generate(ids, **gen)
         out = {}
         try:
             model.generation_config.cache_implementation = "static"
             model.forward = torch.compile(model.forward, mode="reduce-overhead")
             model.generate(ids, **gen)  # compile + warm up
+            print("compiled and warmed up", flush=True)
+            if control:
+                out["ran"] = True
+                out["tokens_equal_eager"] = bool(torch.equal(model.generate(ids, **gen), eager))
+                return out
             with moe_trace.profile(model) as run:
                 comp = model.generate(ids, **gen)
             out["ran"] = True
@@ -115,7 +123,10 @@ def compiled_generate() -> dict:
 
 
 if __name__ == "__main__":
-    print("control_capture:", json.dumps(control_capture()), flush=True)
-    print("manual_capture:", json.dumps(manual_capture()), flush=True)
+    if "--skip-manual" not in sys.argv:
+        print("control_capture:", json.dumps(control_capture()), flush=True)
+        print("manual_capture:", json.dumps(manual_capture()), flush=True)
+    if "--compile-control" in sys.argv:
+        print("compiled_generate (no moe-trace):", json.dumps(compiled_generate(control=True)), flush=True)
     if "--compile" in sys.argv:
         print("compiled_generate:", json.dumps(compiled_generate()), flush=True)
