@@ -127,6 +127,12 @@ def same_run_checks(model, inputs, gen, tmp: Path) -> dict:
         b = sum((l.get("time_ms") or {}).get(part) or 0 for l in rep["layers"])
         if a or b:
             out[part] = {"trace": round(a, 3), "cuda_events": round(b, 3), "ratio": round(a / b, 4) if b else None}
+            # per phase: prefill is GPU-bound (events and trace spans measure the same kernels); decode at
+            # small batch is launch-bound (an event pair also holds the GPU's wait for the host)
+            for phase in ("prefill", "decode"):
+                pa = sum((l["phases"][phase].get("time_ms") or {}).get(part) or 0 for l in trace["layers"])
+                pb = sum((l["phases"][phase].get("time_ms") or {}).get(part) or 0 for l in rep["layers"])
+                out[part][phase] = round(pa / pb, 4) if pb else None
     return out
 
 
