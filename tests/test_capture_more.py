@@ -213,6 +213,7 @@ def test_stats_counts_at_the_router_with_one_hook_per_layer():
         calls = ref.calls[layer["index"]]
         idx = torch.cat([c[0].reshape(-1) for c in calls])
         assert layer["expert_counts"] == torch.bincount(idx, minlength=8).tolist()
+        assert (layer["calls"], layer["phases"]["prefill"]["calls"], layer["phases"]["decode"]["calls"]) == (3, 1, 2)
 
 
 def test_a_block_that_changes_routing_after_the_router_is_counted_at_the_experts():

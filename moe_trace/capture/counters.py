@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moe_trace.analysis.rundata import PHASES
@@ -53,16 +54,27 @@ class DeviceCounters:
         self._tiled: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for p in range(P):  # one forward's offsets exist up front (CUDA-graph capture flushes every forward)
             self._tiled_offsets(p, 1)
-        self._forwards: list[list[Pending]] = [[]]   # queued items, one list per forward
+        self._forwards: list[list[Pending | tuple]] = [[]]   # queued items, one list per forward
         self._pending_elems = 0
+        self.phase = 0                       # phase of the current forward (set by the session)
+        self.probs = [False] * self.L        # per layer: router scores are probabilities already
+        self.calls = np.zeros((P, self.L), dtype=np.int64)   # routing calls counted per phase and layer
 
     @property
-    def pending(self) -> list[Pending]:
+    def pending(self) -> list[Pending | tuple]:
         return [it for fw in self._forwards for it in fw]
 
     def queue(self, item: Pending) -> None:
         self._forwards[-1].append(item)
         self._pending_elems += item.indices.numel() + (item.scores.numel() if item.scores is not None else 0)
+        if self._pending_elems > MAX_PENDING_ELEMENTS:
+            self.flush()
+
+    def queue_router_output(self, local: int, output: tuple) -> None:
+        """The hot path: a standard router output `(logits, top_k_weights, top_k_index)` kept as is;
+        it becomes a `Pending` at flush time (one tuple append per layer inside the forward)."""
+        self._forwards[-1].append((local, self.phase, output))
+        self._pending_elems += output[0].numel()
         if self._pending_elems > MAX_PENDING_ELEMENTS:
             self.flush()
 
@@ -76,7 +88,8 @@ class DeviceCounters:
             self._forwards.append([])
 
     def flush(self) -> None:
-        forwards = [fw for fw in self._forwards if fw]
+        forwards = [[it if isinstance(it, Pending) else self._from_router_output(*it) for it in fw]
+                    for fw in self._forwards if fw]
         self._forwards, self._pending_elems = [[]], 0
         if not forwards:
             return
@@ -86,8 +99,10 @@ class DeviceCounters:
             sig = {_signature(it) for it in fw}
             if len(fw) == self.L and len(sig) == 1 and all(it.local == n for n, it in enumerate(fw)):
                 groups.setdefault(sig.pop(), []).extend(fw)
+                self.calls[fw[0].phase] += 1
             else:
                 for it in fw:
+                    self.calls[it.phase, it.local] += 1
                     off = it.phase * self.L * self.bins + it.local * self.bins
                     self._count([it], off, off + self._size, self.num_experts[it.local])
                     self._confidence([it], None)
@@ -95,6 +110,14 @@ class DeviceCounters:
             offsets, k_offsets, num_experts = self._tiled_offsets(items[0].phase, len(items) // self.L)
             self._count(items, offsets, k_offsets, num_experts)
             self._confidence(items, items[0].phase)
+
+    def _from_router_output(self, local: int, phase: int, output: tuple) -> Pending:
+        logits, weights, indices = output
+        scores = logits
+        if scores.dim() != 2 or scores.shape[0] != indices.shape[0]:
+            rows = max(indices.shape[0], 1)
+            scores = scores.reshape(indices.shape[0], -1) if scores.numel() % rows == 0 else None
+        return Pending(local, phase, indices, weights, scores, self.probs[local])
 
     def _tiled_offsets(self, phase: int, n: int):
         """Offsets [n*L,1,1] of every layer of `n` whole forwards in the flat buffers (cached on the device)."""

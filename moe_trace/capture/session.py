@@ -110,7 +110,7 @@ class ProfileRun:
             self._counters[dev] = dc
             for local, i in enumerate(idxs):
                 self._where[i] = (dc, local)
-        self._calls = np.zeros((len(PHASES), len(self.layers)), dtype=np.int64)
+                dc.probs[local] = self.bindings[i].handler.router_outputs_probs
         self.forward_calls = {p: 0 for p in PHASES}
         self.forward_tokens = {p: 0 for p in PHASES}
         self._phase = 0
@@ -264,6 +264,8 @@ class ProfileRun:
         phase = PHASES[self._phase]
         self.forward_calls[phase] += 1
         self.forward_tokens[phase] += tokens
+        for dc in self._counters.values():
+            dc.phase = self._phase
         if _profiler_on():
             self._step_range = torch.autograd.profiler.record_function(step_name(phase, self._step))
             self._step_range.__enter__()
@@ -320,10 +322,15 @@ class ProfileRun:
 
     def _router_post(self, b: MoEBinding, spans: bool):
         i = b.info.index
+        dc, local = self._where[i]
+        fast = not self.observers  # observers get every call with its scores through _record
 
         def hook(module, args, output):
             if spans:
                 self._close(id(module))
+            if fast and i in self._count_at_router:
+                dc.queue_router_output(local, output)  # the hot path: one append, all else at flush
+                return
             self._scores[i] = b.handler.logits_from_router(output)
             routed = b.handler.routing_from_router(b, output)
             if routed is None and (i in self._count_at_router or i in self._probing):
@@ -374,7 +381,6 @@ class ProfileRun:
         if scores is not None and (scores.dim() != 2 or scores.shape[0] != idx.shape[0]):
             scores = scores.reshape(idx.shape[0], -1) if scores.numel() % max(idx.shape[0], 1) == 0 else None
         dc.queue(Pending(local, self._phase, idx, w, scores, b.handler.router_outputs_probs))
-        self._calls[self._phase, i] += 1
         for obs in self.observers:
             obs.on_route(b.info, PHASES[self._phase], self._step, scores, w, idx)
 
@@ -468,7 +474,7 @@ class ProfileRun:
                     # tokens from the device (one k-histogram entry per token), so they stay right
                     # under CUDA-graph replay, where host-side hooks ran only at capture
                     counts[phase][i] = LayerCounts(
-                        tokens=int(kh.sum()), calls=int(self._calls[p, i]),
+                        tokens=int(kh.sum()), calls=int(dc.calls[p, local]),
                         expert_counts=c[p, local, :E].astype(np.int64),
                         k_hist=kh[: max(last, self.layers[i].top_k) + 1].astype(np.int64),
                         excluded=int(c[p, local, E:].sum()),
