@@ -138,6 +138,33 @@ def test_compare_two_runs(browser, tb, tmp_path):
         page.close()
 
 
+def test_expert_parallel_panel_equals_report(browser, tb, logdir):
+    """The EP panel's per-rank assignments equal Report(ep_size=N) in Python, by default (a what-if
+    with the largest split <= 8 below E) and after picking another N, also per phase."""
+    from moe_trace.trace import analyze
+
+    page = _open(browser, tb, "tiny_olmoe")
+    try:
+        E = analyze(logdir / "tiny_olmoe").to_dict()["model"]["num_experts"]
+        default = max(n for n in range(2, 9) if E % n == 0 and n < E)
+        assert int(_attr(page, "chart-ep", "data-ep-size")) == default
+        assert _attr(page, "chart-ep", "data-ep-source") == "what-if"
+        want = analyze(logdir / "tiny_olmoe", ep_size=default).to_dict()["expert_parallel"]
+        assert _attr(page, "chart-ep", "data-ep-loads") == ",".join(str(r["assignments"]) for r in want["ranks"])
+        page.eval("document.body.setAttribute('data-painted', '0');"
+                  "document.querySelector('#moe-ep button[data-value=\"2\"]').click(); true")
+        page.wait_for(bench.PAINTED)
+        page.eval("document.body.setAttribute('data-painted', '0');"
+                  "document.querySelector('#moe-phase button[data-value=decode]').click(); true")
+        page.wait_for(bench.PAINTED)
+        want = analyze(logdir / "tiny_olmoe", ep_size=2).to_dict()["expert_parallel"]
+        assert int(_attr(page, "chart-ep", "data-ep-size")) == 2
+        assert _attr(page, "chart-ep", "data-ep-loads") == ",".join(map(str, want["phases"]["decode"]["assignments"]))
+        assert page.console_errors() == []
+    finally:
+        page.close()
+
+
 def test_run_without_timing(browser, tb):
     page = _open(browser, tb, "untimed")
     try:

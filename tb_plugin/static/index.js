@@ -7,7 +7,7 @@
 // Test/benchmark hooks: when every chart of the current selection is drawn, <body> gets
 // data-painted="1" and data-paint-ms (ms since navigation start), and document.title ends in
 // "painted"; each chart <div> carries data-rows / data-cols / data-traces. The iframe URL may carry
-// ?run=NAME&compare=NAME&phase=all|prefill|decode&mode=tokens|share.
+// ?run=NAME&compare=NAME&phase=all|prefill|decode&mode=tokens|share&ep=N.
 
 const PHASES = ["prefill", "decode"];
 const PARTS = ["router", "experts", "shared"];
@@ -18,7 +18,7 @@ const PLOT_CONFIG = { displaylogo: false, responsive: true, showLink: false, sho
   modeBarButtonsToRemove: ["lasso2d", "select2d"] };
 const FONT = { family: 'Roboto, "Helvetica Neue", Arial, sans-serif', size: 12, color: "#212121" };
 
-const state = { runs: [], run: null, compare: "", phase: "all", mode: "tokens", reports: new Map(), seq: 0 };
+const state = { runs: [], run: null, compare: "", phase: "all", mode: "tokens", ep: 0, reports: new Map(), seq: 0 };
 let els = null;
 
 // -- entry ------------------------------------------------------------------------------------
@@ -27,6 +27,7 @@ export async function render() {
   state.phase = pick(params.get("phase"), ["all", ...PHASES], "all");
   state.mode = pick(params.get("mode"), ["tokens", "share"], "tokens");
   state.compare = params.get("compare") || "";
+  state.ep = Number(params.get("ep")) || 0;
   addStyle();
   buildShell();
   const plotly = loadPlotly();
@@ -133,6 +134,8 @@ function buildShell() {
       card("latency", "Latency per device", h("div", { class: "moe-note hidden", id: "moe-latency-note" }),
         chart("latency")),
       card("flops", "FLOPs per layer and phase", chart("flops")),
+      card("ep", "Load per expert-parallel rank", h("div", { class: "moe-ep-bar", id: "moe-ep-controls" }),
+        chart("ep")),
       card("cmp", "Compare runs",
         h("div", { id: "moe-compare-error", class: "moe-error hidden" }),
         h("div", { id: "moe-compare-table" }),
@@ -308,7 +311,7 @@ async function draw() {
     if (!document.body.hasAttribute("data-first-paint-ms")) {
       document.body.setAttribute("data-first-paint-ms", performance.now().toFixed(1));
     }
-    jobs.push(...drawK(rep), ...drawBalance(rep), ...drawLatency(rep), ...drawFlops(rep));
+    jobs.push(...drawK(rep), ...drawBalance(rep), ...drawLatency(rep), ...drawFlops(rep), ...drawExpertParallel(rep));
     jobs.push(...drawCompare(rep, b, cmp));
     await Promise.all(jobs);
     performance.mark("moe:drawn");
@@ -508,6 +511,62 @@ function drawFlops(rep) {
     xaxis: { ...LAYER_AXIS, domain: LEFT }, yaxis: { title: { text: "FLOP" }, tickformat: ".2s" },
     xaxis2: { domain: RIGHT, anchor: "y2" }, yaxis2: { anchor: "x2", title: { text: "FLOP" }, tickformat: ".2s" },
   }), { rows: layers.length })];
+}
+
+// Experts placed contiguously over N ranks (as transformers shards them): rank r holds experts
+// [r*E/N, (r+1)*E/N). The run's own EP size when it was expert parallel, else a what-if (same sums
+// as Report(..., ep_size=N) in Python, checked by the end-to-end test).
+function epChoices(E) {
+  const out = [];
+  for (let n = 2; n <= Math.min(E, 64); n++) if (E % n === 0) out.push(n);
+  return out;
+}
+
+function drawExpertParallel(rep) {
+  const layers = rep.layers || [];
+  const E = (rep.model || {}).num_experts || 0;
+  const runEp = rep.expert_parallel && rep.expert_parallel.source === "run" ? rep.expert_parallel.ep_size : 0;
+  const choices = epChoices(E).filter((n) => layers.every((l) => l.num_experts % n === 0));
+  const controls = document.getElementById("moe-ep-controls");
+  controls.innerHTML = "";
+  if (!choices.length) {
+    controls.textContent = `${E} experts cannot be split evenly over several ranks.`;
+    hideChart("ep");
+    return [];
+  }
+  const fallback = runEp || choices.filter((n) => n <= 8 && n < E).pop() || choices[0];
+  const n = choices.includes(state.ep) ? state.ep : fallback;
+  controls.appendChild(h("label", {}, "EP ranks ", seg("ep", choices.map((c) => [String(c), String(c)]), String(n),
+    (v) => { state.ep = Number(v); draw(); })));
+  const source = n === runEp ? "this run's expert parallelism" : "what-if placement";
+  document.querySelector("#moe-ep h2 .sub").textContent = `${source}, ${phaseLabel()}`;
+  const width = E / n;
+  const perLayer = layers.map((l) => {
+    const c = blk(l, state.phase).expert_counts || [];
+    const loads = new Array(n).fill(0);
+    c.forEach((v, e) => { loads[Math.floor(e / width)] += v; });
+    return loads;
+  });
+  const total = new Array(n).fill(0);
+  perLayer.forEach((row) => row.forEach((v, r) => { total[r] += v; }));
+  const sum = total.reduce((a, b) => a + b, 0);
+  const ratio = (row) => { const m = row.reduce((a, b) => a + b, 0) / row.length; return m ? Math.max(...row) / m : null; };
+  const ranks = total.map((_, r) => `rank ${r}`);
+  const traces = [
+    { type: "bar", name: "assignments", x: ranks, y: total, marker: { color: "#f57c00" },
+      customdata: total.map((v, r) => [r * width, (r + 1) * width - 1, sum ? (100 * v) / sum : 0]),
+      hovertemplate: "%{x} (experts %{customdata[0]}-%{customdata[1]}): %{y} assignments, %{customdata[2]:.1f}%<extra></extra>" },
+    { type: "scatter", mode: "lines+markers", name: "max / mean per layer", xaxis: "x2", yaxis: "y2",
+      x: layers.map(layerX), y: perLayer.map(ratio), marker: { size: 4, color: "#e53935" }, line: { color: "#e53935", width: 1.5 },
+      hovertemplate: "L%{x:03d}: max / mean %{y:.3f}<extra></extra>" },
+  ];
+  const overall = ratio(total);
+  return [plot("ep", traces, twoPanels(`assignments per rank (max / mean ${overall === null ? "-" : overall.toFixed(3)})`,
+    "imbalance per layer (1.0 = balanced)", {
+      showlegend: false,
+      xaxis: { domain: LEFT }, yaxis: { title: { text: "assignments" } },
+      xaxis2: { ...LAYER_AXIS, domain: RIGHT, anchor: "y2" }, yaxis2: { anchor: "x2", title: { text: "max / mean" }, rangemode: "tozero" },
+    }), { "ep-size": n, "ep-source": n === runEp ? "run" : "what-if", "ep-loads": total.join(","), rows: layers.length })];
 }
 
 // -- compare ------------------------------------------------------------------------------------
