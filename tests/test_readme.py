@@ -1,10 +1,13 @@
 """README stays true: its Python quickstart runs, and the test command it documents is the one CI runs."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,9 +28,66 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     assert len(namespace["df"]) == 3 * d["model"]["num_moe_layers"]
 
 
-def test_ci_runs_the_documented_test_command():
-    test_cmd = [b for b in readme_blocks("bash") if "pytest" in b][0].split("&&")[-1].strip()
-    assert test_cmd in (ROOT / ".ci" / "run").read_text().replace("python3 -m", "python -m")
+def readme_commands() -> list[str]:
+    """The set-up commands of README's "Two commands" section (demo, tests)."""
+    section = (ROOT / "README.md").read_text().split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S) if "pip install" in b]
+
+
+def test_ci_runs_the_readme_commands_verbatim():
+    """The README's set-up commands are CI: .ci/run runs each of them as one line, unchanged."""
+    cmds = readme_commands()
+    assert len(cmds) == 2 and "moe-trace demo" in cmds[0] and cmds[1].endswith("python -m pytest -q")
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    for cmd in cmds:
+        assert "\n" not in cmd and cmd in ci_lines, f".ci/run does not run README's command {cmd!r}"
+    # every pip install that CI and the README do (beyond the local torch wheel) uses the one constraints file
+    for line in cmds + [l for l in ci_lines if "pip install" in l and not l.startswith("#")]:
+        for part in line.split("&&"):
+            if "pip install" in part and "torch==" not in part:
+                assert "-c .ci/constraints.txt" in part, f"unpinned install: {part.strip()!r}"
+
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / ".ci" / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt pins exactly (==): {line!r}"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_constraints_pin_every_dependency_within_pyproject_bounds():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    reqs += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra
+             if not r.startswith("moe-trace")]
+    pins = _constraints()
+    for req in reqs:
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in pins, f"{req.name} is not pinned in .ci/constraints.txt"
+        assert req.specifier.contains(pins[name]), f"pin {name}=={pins[name]} is outside pyproject's {req}"
+    assert pins["torch"] == "2.13.0" and pins["transformers"].startswith("5.")
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="CI=true: the installed packages are CI's pins")
+def test_ci_installed_exactly_the_pins():
+    from importlib.metadata import PackageNotFoundError, version
+
+    wrong = {}
+    for name, pinned in _constraints().items():
+        try:
+            got = version(name)
+        except PackageNotFoundError:
+            continue  # a pin for a package this platform does not need
+        if got.split("+")[0] != pinned.split("+")[0]:
+            wrong[name] = (pinned, got)
+    assert not wrong, f"installed versions differ from .ci/constraints.txt: {wrong}"
 
 
 def test_docs_links_exist():
