@@ -1,25 +1,16 @@
-"""Check a Chrome trace against the JSON rules Perfetto documents and implements.
+"""Check a Chrome trace against what Perfetto's JSON importer does with it.
 
-Rules (Perfetto `docs/faq.md`, `getting-started/other-formats.md` and its JSON importer
-`src/trace_processor/importers/json/json_trace_{tokenizer,parser_impl}.cc`):
+Each rule mirrors a branch of Perfetto's importer (`src/trace_processor/importers/json/
+json_trace_tokenizer.cc` and `json_trace_parser.cc`, google/perfetto at ec5d16b, Aug 2026); the
+rules and the branch each one comes from are listed in docs/trace-format.md. A trace that passes
+imports with no `json_*_failure`, `flow_*` or slice stats and with every event where it belongs.
 
-* the file is a JSON object with a `traceEvents` array, or a bare array of events;
-* every event is an object whose `ph` is a phase Perfetto imports: `B E X` (slices), `i I R`
-  (instants), `b e n` (async), `C` (counters), `s t f` (flows), `M` (metadata). Others (`P`
-  samples, `O N D` objects, the deprecated `S T F` async) are ignored by Perfetto and reported;
-* `ts` is present (only `M` may omit it) and numeric (a number, or a numeric string, which Perfetto
-  coerces); `X` has a numeric `dur` >= 0;
-* `pid` / `tid` are integers >= 0 or strings (Perfetto interns strings, "brittle" but accepted);
-* no top-level field of an event holds an array (Perfetto's tokenizer stops the whole import with
-  "unsupported JSON dictionary with array"); arrays inside `args` are fine;
-* `C`: `args` is an object and every value is a finite number (anything else is a
-  `json_parser_failure` and no counter);
-* `M`: name is one of `process_name`, `thread_name` (args.name a string), `process_labels`
-  (args.labels a string), `process_sort_index`, `thread_sort_index` (args.sort_index an integer);
-* `b e n` have an `id` (or `id2` with `local`/`global`); `s t f` have an `id` (or `bind_id`);
-  instants' scope `s` is `g`, `p` or `t`;
-* complete events nest properly per (pid, tid): two `X` events on one thread either nest or are
-  disjoint (Perfetto does not display partially overlapping slices); `B`/`E` balance per thread.
+Problems fall in three groups: the whole import aborts (top-level `traceEvents` not an array,
+`displayTimeUnit` or `systemTraceEvents` not a string; a non-numeric `dur`/`tts`/`tdur`, after which
+the tokenizer stops and the rest of the file is lost), one event is dropped or misplaced (missing or
+non-numeric `ts`, pids above 2^32-1 mapped to 0, non-numeric counter values, flows with an id that
+is not a hex string...), or the event is not shown (phases Perfetto skips, partially overlapping
+`X` events, unbalanced `B`/`E`).
 
 `validate_trace(obj_or_path) -> list[str]`: empty when valid; otherwise one line per broken rule
 with the number of offending events and the first example.
@@ -29,17 +20,27 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-PHASES = frozenset("BEXiIRbenCstfM")
-IGNORED_PHASES = {"P": "sample", "O": "object snapshot", "N": "object created", "D": "object destroyed",
-                  "S": "deprecated async start", "T": "deprecated async step", "F": "deprecated async finish"}
-META_NAMES = {"process_name": ("name", str), "thread_name": ("name", str), "process_labels": ("labels", str),
-              "process_sort_index": ("sort_index", int), "thread_sort_index": ("sort_index", int)}
+#: phases Perfetto's parser imports (`P`: V8 CPU-profile samples, `T`: thread states)
+PHASES = frozenset("BEXiIRbenCstfMPT")
+#: phases it tokenizes and then skips without a stat: nothing of them is shown
+IGNORED_PHASES = {"O": "object snapshot", "N": "object created", "D": "object destroyed",
+                  "S": "deprecated async start", "F": "deprecated async finish",
+                  "p": "deprecated async step"}
+#: metadata names Perfetto's parser reads; any other `M` event is skipped silently (not a problem)
+META_NAMES = {"process_name": "name", "thread_name": "name",
+              "process_sort_index": "sort_index", "thread_sort_index": "sort_index"}
+UINT32_MAX = 2 ** 32 - 1
+# json::ParseValue on a string ts: a JSON number with no leading/trailing characters
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+# base::CStringToUInt64(s, 16) = strtoull: optional space and sign, optional 0x, hex digits, nothing after
+_HEX_ID = re.compile(r"[ \t\n\v\f\r]*[+-]?(?:0[xX])?[0-9a-fA-F]+")
 
 
 class _Problems:
@@ -69,15 +70,13 @@ def _describe(ev: Any) -> str:
 
 
 def _is_num(x: Any, allow_str: bool = True) -> bool:
+    """A number the tokenizer's CoerceToTs takes: int, finite float, or a string holding a JSON number."""
     if isinstance(x, bool):
         return False
     if isinstance(x, (int, float)):
         return math.isfinite(x)
     if allow_str and isinstance(x, str):
-        try:
-            return math.isfinite(float(x))
-        except ValueError:
-            return False
+        return _JSON_NUMBER.fullmatch(x) is not None and math.isfinite(float(x))
     return False
 
 
@@ -85,8 +84,43 @@ def _num(x: Any) -> float:
     return float(x)
 
 
+def _counter_value_ok(x: Any) -> bool:
+    """The parser's C branch: int, double, or a string base::StringToDouble reads (strtod)."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, (int, float)):
+        return math.isfinite(x)
+    if isinstance(x, str):
+        try:
+            return math.isfinite(float(x))
+        except ValueError:
+            return False
+    return False
+
+
+def _pid_problem(v: Any) -> str | None:
+    """CoerceToUint32: ints and doubles outside [0, 2^32-1] become 0; strings are interned; others unset."""
+    if isinstance(v, str):
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "is not a number or a string (Perfetto leaves it unset: 0)"
+    if isinstance(v, float) and (not math.isfinite(v) or v != int(v)):
+        return "is not an integer (Perfetto truncates it)"
+    if not 0 <= v <= UINT32_MAX:
+        return "is outside 0..2^32-1 (Perfetto maps it to 0)"
+    return None
+
+
 def _id_ok(x: Any) -> bool:
+    """ExtractId: an id is a string or an integer (a double, bool or object is no id)."""
     return (isinstance(x, (int, str)) and not isinstance(x, bool)) and x != ""
+
+
+def _flow_id_ok(x: Any) -> bool:
+    """MaybeExtractFlowIdentifier: an integer, or a string that parses as hex (CStringToUInt64 base 16)."""
+    if isinstance(x, str):
+        return _HEX_ID.fullmatch(x) is not None
+    return _id_ok(x)
 
 
 def load(obj_or_path: Any) -> Any:
@@ -110,10 +144,16 @@ def validate_trace(obj_or_path: Any) -> list[str]:
         return [f"file not found: {obj_or_path}"]
     except (OSError, EOFError, orjson.JSONDecodeError) as exc:
         return [f"not readable as (gzipped) JSON: {exc}"]
+    top: list[str] = []
     if isinstance(obj, dict):
-        events = obj.get("traceEvents")
+        events = obj.get("traceEvents", [])
         if not isinstance(events, list):
+            return ["top level: traceEvents is not an array (Perfetto aborts the import)"]
+        if "traceEvents" not in obj and "systemTraceEvents" not in obj:
             return ["top level: an object without a traceEvents array"]
+        for key in ("displayTimeUnit", "systemTraceEvents"):
+            if key in obj and not isinstance(obj[key], str):
+                top.append(f"top level: {key} is not a string (Perfetto aborts the import)")
     elif isinstance(obj, list):
         events = obj
     else:
@@ -125,6 +165,8 @@ def validate_trace(obj_or_path: Any) -> list[str]:
         if not isinstance(ev, dict):
             probs.add("event is not an object", i, ev)
             continue
+        if not ev:
+            continue  # "{}" is skipped silently (a common trailing element)
         ph = ev.get("ph")
         if not isinstance(ph, str) or len(ph) != 1:
             probs.add("missing or non-string 'ph'", i, ev)
@@ -133,52 +175,65 @@ def validate_trace(obj_or_path: Any) -> list[str]:
             what = IGNORED_PHASES.get(ph)
             probs.add(f"phase {ph!r} ({what}) is ignored by Perfetto" if what else f"unknown phase {ph!r}", i, ev)
             continue
-        arr = next((k for k, v in ev.items() if isinstance(v, list)), None)
-        if arr is not None:
-            probs.add(f"event field {arr!r} holds an array (Perfetto's JSON tokenizer rejects the file)", i, ev)
+        stop = next((k for k in ("dur", "tts", "tdur") if k in ev and not _is_num(ev[k])), None)
+        if stop is not None:
+            probs.add(f"non-numeric '{stop}' (Perfetto's tokenizer stops here: this and every later event "
+                      "is lost)", i, ev)
             continue
         for k in ("pid", "tid"):
             if k in ev:
-                v = ev[k]
-                if not ((isinstance(v, int) and not isinstance(v, bool) and v >= 0) or isinstance(v, str)):
-                    probs.add(f"'{k}' is not an integer >= 0 or a string", i, ev)
+                why = _pid_problem(ev[k])
+                if why:
+                    probs.add(f"'{k}' {why}", i, ev)
         if "ts" not in ev:
             if ph != "M":
                 probs.add("missing 'ts' (only M events may omit it)", i, ev)
                 continue
-        elif not _is_num(ev["ts"]):
+        elif not _is_num(ev["ts"]) and ph != "M":  # an M event's bad ts is read as 0
             probs.add("'ts' is not numeric", i, ev)
             continue
         if "args" in ev and not isinstance(ev["args"], dict):
             probs.add("'args' is not an object", i, ev)
+        if "bind_id" in ev and ph in "XBbn":
+            if not _flow_id_ok(ev["bind_id"]):
+                probs.add("'bind_id' is not an integer or a hex string (no flow)", i, ev)
+            elif not (ev.get("flow_in") is True or ev.get("flow_out") is True):
+                probs.add("'bind_id' without flow_in/flow_out true (flow_without_direction)", i, ev)
         if ph == "X":
             dur = ev.get("dur")
-            if not _is_num(dur) or _num(dur) < 0:
+            if dur is None or _num(dur) < 0:
                 probs.add("X event without a numeric 'dur' >= 0", i, ev)
                 continue
             ts = _num(ev["ts"])
             start = round(ts * 1000)
             slack = 0 if abs(ts) < 2 ** 43 else math.ceil(math.ulp(ts) * 1000)
             slices[(_key(ev.get("pid")), _key(ev.get("tid")))].append((start, start + round(_num(dur) * 1000), slack, i))
+        elif ph == "T":
+            if "dur" not in ev:
+                probs.add("T (thread state) event without 'dur'", i, ev)
         elif ph == "C":
             args = ev.get("args")
-            if not isinstance(args, dict):
+            if args is None:
                 probs.add("C event without an object 'args'", i, ev)
+            elif not isinstance(args, dict):
+                pass  # reported above
             elif not args:
                 probs.add("C event with empty 'args' (no counter value)", i, ev)
-            elif not all(_is_num(v, allow_str=False) for v in args.values()):
+            elif not all(_counter_value_ok(v) for v in args.values()):
                 probs.add("C event with a non-numeric args value", i, ev)
         elif ph == "M":
             name = ev.get("name")
-            spec = META_NAMES.get(name)
-            if spec is None:
-                probs.add(f"M event with unknown name {name!r}", i, ev)
-            else:
-                key, typ = spec
-                args = ev.get("args")
-                val = args.get(key) if isinstance(args, dict) else None
-                if not isinstance(val, typ) or isinstance(val, bool):
-                    probs.add(f"M {name} without args.{key} of type {typ.__name__}", i, ev)
+            key = META_NAMES.get(name)
+            args = ev.get("args")
+            if key is not None and isinstance(args, dict) and key in args:
+                val = args[key]
+                if key == "name" and not (isinstance(val, str) and val):
+                    probs.add(f"M {name} without a non-empty string args.name", i, ev)
+                elif key == "sort_index" and (isinstance(val, bool) or not isinstance(val, (int, float))
+                                              or not math.isfinite(val)):
+                    probs.add(f"M {name} without a numeric args.sort_index", i, ev)
+            elif key is not None:
+                probs.add(f"M {name} without args.{key} (has no effect)", i, ev)
         elif ph in "ben":
             id2 = ev.get("id2")
             has_id2 = isinstance(id2, dict) and (_id_ok(id2.get("local")) or _id_ok(id2.get("global")))
@@ -187,11 +242,19 @@ def validate_trace(obj_or_path: Any) -> list[str]:
             if "pid" not in ev:
                 probs.add(f"async '{ph}' event without 'pid'", i, ev)
         elif ph in "stf":
-            if not (_id_ok(ev.get("id")) or _id_ok(ev.get("bind_id"))):
+            if "id" not in ev:
                 probs.add(f"flow '{ph}' event without 'id'", i, ev)
+            elif not _flow_id_ok(ev["id"]):
+                probs.add(f"flow '{ph}' event whose 'id' is not an integer or a hex string (flow_invalid_id)", i, ev)
         elif ph in "iIR":
-            if "s" in ev and ev["s"] not in ("g", "p", "t"):
-                probs.add("instant event with a scope 's' other than g, p, t", i, ev)
+            scope = ev.get("s")
+            if scope == "g":
+                pass
+            elif scope == "p":
+                if "pid" not in ev:
+                    probs.add("process-scoped instant without 'pid'", i, ev)
+            elif "tid" not in ev:  # "t", missing, or any other value: a thread instant
+                probs.add("thread-scoped instant without 'tid'", i, ev)
         elif ph == "B":
             be[(_key(ev.get("pid")), _key(ev.get("tid")))] += 1
         elif ph == "E":
@@ -200,14 +263,14 @@ def validate_trace(obj_or_path: Any) -> list[str]:
                 probs.add("E event without an open B on its thread", i, ev)
             else:
                 be[k] -= 1
-    out = probs.lines()
+    out = top + probs.lines()
     unclosed = sum(v for v in be.values() if v > 0)
     if unclosed:
         out.append(f"B events never closed by an E: {unclosed}")
     pairs, example = _overlaps(slices, events)
     if pairs:
         out.append(f"partially overlapping X events on one thread: {pairs} pair{'s' if pairs != 1 else ''} "
-                   f"(first: {example})")
+                   f"(Perfetto moves them to an overflow track; first: {example})")
     return out
 
 
