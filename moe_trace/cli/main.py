@@ -10,6 +10,7 @@ from moe_trace.errors import MoeTraceError
 # Modules that define `register(subparsers)`; each adds its commands with `set_defaults(func=...)`.
 COMMAND_MODULES = (
     "moe_trace.cli.core_cmds",        # demo, inspect
+    "moe_trace.cli.run_cmd",          # run
     "moe_trace.cli.trace_cmds",       # analyze, merge
     "moe_trace.cli.experiment_cmds",  # sweep, compare
     "moe_trace.cli.routing_cmds",     # routing-log, routing-analyze

@@ -239,11 +239,13 @@ def load_checkpoint(
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
 ):
     """Load a checkpoint saved by :func:`save_tiny_checkpoint` (or any local HF checkpoint).
 
     The class is the one named in the saved config's ``architectures``; without it
-    ``AutoModelForCausalLM`` is used. Returns the model in eval mode.
+    ``AutoModelForCausalLM`` is used. ``device_map`` (e.g. "auto") is passed to ``from_pretrained``
+    (accelerate places / offloads the layers) and ``device`` is then ignored. Returns the model in eval mode.
     """
     import transformers
 
@@ -260,9 +262,12 @@ def load_checkpoint(
     if cls is None:
         cls = transformers.AutoModelForCausalLM
     kwargs = {} if dtype is None else {"dtype": dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     with _quiet():
         model = cls.from_pretrained(str(path), **kwargs)
-    model = model.to(device)
+    if device_map is None:
+        model = model.to(device)
     model.eval()
     return model
 
