@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
-TRACE_RE = re.compile(r"\.pt\.trace\.json(?:\.gz)?$")
+from moe_trace.trace.format import META_KEY, TRACE_FILE_RE as TRACE_RE  # noqa: E402
+from moe_trace.trace.io import peek_header  # noqa: E402
 MAX_RUN_NAME = 1024
 MAX_DIRS_SCANNED = 20_000
 
@@ -89,8 +90,7 @@ def check_run_name(name: Any) -> str:
 
 
 HEADER_PEEK_BYTES = 4 << 20
-_TE_RE = re.compile(rb'"traceEvents"\s*:')
-_MOE_RE = re.compile(rb'"moe_trace"\s*:')
+_MOE_RE = re.compile(rb'"' + META_KEY.encode() + rb'"\s*:')
 
 
 def peek_moe_key(path: str) -> bool | None:
@@ -98,20 +98,10 @@ def peek_moe_key(path: str) -> bool | None:
     torch.profiler's add_metadata_json write them): True / False, or None when the head cannot be read
     or has no `traceEvents` within 4 MiB (then only a full read can tell)."""
     try:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            buf = b""
-            while len(buf) < HEADER_PEEK_BYTES:
-                chunk = f.read(64 << 10)
-                if not chunk:
-                    break
-                buf += chunk
-                m = _TE_RE.search(buf)
-                if m:
-                    return bool(_MOE_RE.search(buf, 0, m.start()))
-    except (OSError, EOFError, ValueError):
+        head = peek_header(path, HEADER_PEEK_BYTES)
+    except Exception:  # unreadable, corrupt gzip: only a full read can say what is wrong
         return None
-    return None
+    return None if head is None else bool(_MOE_RE.search(head))
 
 
 def _inside(path: str, root: str) -> bool:

@@ -304,9 +304,12 @@ def test_cache_reloads_only_when_files_change(tmp_path):
     e3 = store.get("r")
     assert e3 is not e1 and len(calls) == 2
     tokens = e3.report["totals"]["tokens"]
-    bench.write_run(tmp_path / "r", small_run(5), worker="host_2", pid=2)  # a second process's file appears
-    e4 = store.get("r")
-    assert len(calls) == 3 and e4.report["totals"]["tokens"] == 2 * tokens
+    second = bench.write_run(tmp_path / "r", small_run(5), worker="host_2", pid=2)  # another run's file appears
+    os.utime(second, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # and it is the newest
+    with pytest.warns(UserWarning, match="holds 2 runs"):
+        e4 = store.get("r")
+    # two runs (old files without a run id, no rank: one run per process): never added up
+    assert len(calls) == 3 and e4.report["totals"]["tokens"] == analyze(second).to_dict()["totals"]["tokens"] == tokens
 
 
 def test_new_runs_are_discovered(tmp_path):

@@ -207,7 +207,7 @@ def test_cli_analyze(cpu_trace, capsys):
 def test_progress_bar_and_python_backend_fallback(cpu_trace, monkeypatch, capsys):
     import ijson
 
-    from moe_trace.trace import reader
+    from moe_trace.trace import ijson_path
 
     _run, _steps, path = cpu_trace
     assert read_trace(path, progress=True).is_moe  # tqdm bar on stderr
@@ -218,7 +218,7 @@ def test_progress_bar_and_python_backend_fallback(cpu_trace, monkeypatch, capsys
     def no_c(name):
         raise ImportError("no yajl here")
 
-    monkeypatch.setattr(reader, "_IJSON", None)
+    monkeypatch.setattr(ijson_path, "_IJSON", None)
     monkeypatch.setattr(ijson, "get_backend", no_c)
     with pytest.warns(UserWarning, match="yajl2_c"):
         td = read_trace(d / "compact.json")

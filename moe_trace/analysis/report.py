@@ -19,12 +19,15 @@ class Report:
     """Metrics of one run; `parts` holds one `RunData` per process (rank), usually just one."""
 
     def __init__(self, parts: RunData | list[RunData], ranks: list[int | None] | None = None,
-                 ep_size: int | None = None):
+                 ep_size: int | None = None, run_id: str | None = None):
         """`ep_size`: add the load per expert-parallel rank for that many ranks (contiguous placement);
-        by default only for runs that were expert parallel."""
+        by default only for runs that were expert parallel. `run_id`: the run's id (default: the
+        parts' `run_id` when they agree)."""
         self.parts = [parts] if isinstance(parts, RunData) else list(parts)
         if not self.parts:
             raise ValueError("a Report needs at least one RunData")
+        ids = {p.run_id for p in self.parts}
+        self.run_id = run_id if run_id is not None else (ids.pop() if len(ids) == 1 else None)
         # the distributed rank of each part (labels of per-device rows); position when unknown
         self.ranks = [r if r is not None else i for i, r in enumerate(ranks or [None] * len(self.parts))]
         if ep_size is not None and (not isinstance(ep_size, int) or ep_size < 1):
@@ -112,6 +115,7 @@ class Report:
         total_tokens = sum(run.forward_tokens.get(p, 0) for p in PHASES)
         return {
             "schema": SCHEMA,
+            "run_id": self.run_id,
             "model": model,
             "settings": run.settings,
             "timing_source": run.timing_source,
@@ -190,7 +194,8 @@ class Report:
 
     # -- output -----------------------------------------------------------------------------
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
-        text = json.dumps(self.to_dict(), indent=indent)
+        """The report as strict JSON (non-finite numbers, e.g. a NaN router statistic, are written as null)."""
+        text = json.dumps(_finite(self.to_dict()), indent=indent, allow_nan=False)
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)
@@ -308,3 +313,18 @@ def _fmt(x: float) -> str:
 
 def _fmt_ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
+
+
+def _finite(obj: Any) -> Any:
+    """A copy with NaN / inf floats (Python or numpy) replaced by None: what strict JSON can hold."""
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return _finite(obj.tolist())
+    return obj

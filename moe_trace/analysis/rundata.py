@@ -128,6 +128,7 @@ class RunData:
     timing_source: str | None = None
     peak_memory: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None  # the profile() run that recorded it (shared by the ranks of a job)
 
     @classmethod
     def empty(cls, model: dict[str, Any], layers: list[LayerInfo], max_k: int | None = None) -> "RunData":
@@ -148,6 +149,7 @@ class RunData:
             "timing_source": self.timing_source,
             "peak_memory": dict(self.peak_memory),
             "settings": self.settings,
+            "run_id": self.run_id,
         }
 
     @classmethod
@@ -162,6 +164,7 @@ class RunData:
             timing_source=d.get("timing_source"),
             peak_memory={k: int(v) for k, v in d.get("peak_memory", {}).items()},
             settings=dict(d.get("settings", {})),
+            run_id=d.get("run_id") if isinstance(d.get("run_id"), str) else None,
         )
 
     def merged(self, other: "RunData") -> "RunData":
@@ -191,6 +194,7 @@ class RunData:
             timing_source=self.timing_source if self.timing_source == other.timing_source else None,
             peak_memory=peak,
             settings=self.settings,
+            run_id=self.run_id if self.run_id == other.run_id else None,
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-import uuid
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -16,6 +16,7 @@ from torch import nn
 from moe_trace.analysis.report import Report
 from moe_trace.analysis.rundata import PHASES, LayerCounts, RunData
 from moe_trace.errors import ConfigError, ProfileStateError
+from moe_trace.trace.format import new_run_id, range_name, step_name
 
 from .counters import DeviceCounters, Pending
 from .detect import find_bindings
@@ -32,13 +33,6 @@ def _profiler_on() -> bool:
     return torch._C._autograd._profiler_enabled()
 
 
-def range_name(phase: str, layer: int, part: str) -> str:
-    """The `record_function` name of one part of one MoE layer (see docs/design.md)."""
-    return f"moe_trace/{phase}/L{layer:03d}/{part}"
-
-
-def step_name(phase: str, step: int) -> str:
-    return f"moe_trace/{phase}#{step}"
 
 
 def _phase_and_tokens(args: tuple, kwargs: dict) -> tuple[int, int]:
@@ -129,7 +123,8 @@ class ProfileRun:
         self._snapshots: list[tuple[int, int, int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
         self._raw_traces: list[Path] = []
         self._prof = None
-        self._run_id = uuid.uuid4().hex[:12]
+        self._run_id = new_run_id()  # shared by the ranks of a torchrun job (docs/trace-format.md)
+        self._started_at = time.time()
         for dev in by_dev:
             if dev.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(torch.device(dev))
@@ -416,19 +411,12 @@ class ProfileRun:
             self._raw_traces.append(path)
 
     def _write_traces(self) -> None:
-        from moe_trace.trace.writer import write_trace
+        from moe_trace.trace.writer import write_run_traces
 
-        steps = self._step_deltas()
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        process = _process_info()
-        process["run_id"] = self._run_id
-        worker = (f"rank{process['dist_rank']}_" if process["dist_rank"] is not None else "") + \
-            f"{process['hostname']}_{process['pid']}"
-        for n, raw in enumerate(self._raw_traces):
-            name = f"{worker}.pt.trace.json.gz" if n == 0 else f"{worker}.{n}.pt.trace.json.gz"
-            out = self.logdir / name
-            write_trace(raw, self.run_data, steps, out, slim=self.slim, process=dict(process, window=n))
-            self.trace_files.append(out)
+        self.trace_files += write_run_traces(self._raw_traces, self.run_data, self._step_deltas(), self.logdir,
+                                             slim=self.slim, process=dict(_process_info(), run_id=self._run_id),
+                                             started_at=self._started_at)
+        for raw in self._raw_traces:
             raw.unlink(missing_ok=True)
 
     def _step_deltas(self) -> list[dict[str, Any]]:
@@ -495,7 +483,8 @@ class ProfileRun:
                     "parallel": parallel_layout(self.model, [e for b in self.bindings for e in b.experts])}
         return RunData(model=model_info, layers=self.layers, counts=counts,
                        forward_calls=dict(self.forward_calls), forward_tokens=dict(self.forward_tokens),
-                       timing=timing, timing_source=source, peak_memory=peak, settings=settings)
+                       timing=timing, timing_source=source, peak_memory=peak, settings=settings,
+                       run_id=self._run_id)
 
 
 def _standard_router_routing(output: Any) -> tuple[torch.Tensor, torch.Tensor] | None:

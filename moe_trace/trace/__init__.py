@@ -1,4 +1,5 @@
-"""Kineto traces with MoE counters: writer, streaming reader / analyzer, merge and validator."""
+"""Kineto traces with MoE counters: the format (`format`), file handling (`io`), writer, streaming
+reader / analyzer (`reader` and its parts), merge and validator. docs/design.md has the layout."""
 from .merge import merge_traces
 from .reader import PlainTraceSummary, TraceData, analyze, read_metadata, read_trace, read_traces
 from .validate import validate_trace

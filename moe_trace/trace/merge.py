@@ -22,12 +22,9 @@ import orjson
 from moe_trace.errors import TraceError
 
 from .reader import read_metadata, trace_files
-from .writer import no_gc
+from .io import no_gc
 
-MERGED_SCHEMA = "moe-trace/merged/1"
-_GPU_CATS = frozenset({"kernel", "gpu_memcpy", "gpu_memset", "gpu_user_annotation"})
-_HOST_CATS = frozenset({"cpu_op", "user_annotation", "cuda_runtime", "cuda_driver", "python_function",
-                        "cpu_instant_event"})
+from .format import GPU_CATS as _GPU_CATS, HOST_CATS as _HOST_CATS, MERGED_PREFIX, MERGED_SCHEMA, META_KEY
 
 
 def merge_traces(inputs: str | os.PathLike | Iterable[str | os.PathLike], out_path: str | os.PathLike) -> Path:
@@ -50,8 +47,8 @@ def merge_traces(inputs: str | os.PathLike | Iterable[str | os.PathLike], out_pa
     infos = []
     for order, p in enumerate(files):
         meta = read_metadata(p)
-        mt = meta.get("moe_trace") if isinstance(meta.get("moe_trace"), dict) else {}
-        if str(mt.get("schema", "")).startswith("moe-trace/merged"):
+        mt = meta.get(META_KEY) if isinstance(meta.get(META_KEY), dict) else {}
+        if str(mt.get("schema", "")).startswith(MERGED_PREFIX):
             warnings.warn(f"skipping {p}: it is already a merged trace", stacklevel=2)
             continue
         rank = (mt.get("process") or {}).get("dist_rank")

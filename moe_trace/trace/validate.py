@@ -129,7 +129,7 @@ def load(obj_or_path: Any) -> Any:
         data = p.read_bytes()
         if data[:2] == b"\x1f\x8b":
             data = gzip.decompress(data)
-        from .writer import no_gc
+        from .io import no_gc
 
         with no_gc():
             return orjson.loads(data)

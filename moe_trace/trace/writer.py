@@ -9,14 +9,12 @@ after a small header of metadata keys, which keeps the file readable by HTA (it 
 """
 from __future__ import annotations
 
-import contextlib
-import gc
-import gzip
 import json
 import math
 import os
 import re
 import socket
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -26,46 +24,40 @@ import orjson
 from moe_trace.analysis import RunData
 from moe_trace.errors import TraceError
 
-SCHEMA = "moe-trace/trace/1"
-COUNTER_CAT = "moe_trace"
+from .format import (COUNTER_CAT, GPU_USER_ANNOTATION, GPU_WORK_CATS, META_KEY, NAME_PREFIX, PROFILER_STEP_PREFIX,
+                     SCHEMA, SLIM_CATS, STEP_RE, USER_ANNOTATION, counter_name, expert_key, trace_file_name,
+                     worker_name)
+from .io import atomic_write, load_json, no_gc
+from .metadata import encode_nonfinite
 
-#: categories kept by a slim trace (plus M metadata, counters and the annotations below)
-SLIM_CATS = frozenset({"gpu_user_annotation", "kernel", "gpu_memcpy", "gpu_memset"})
 #: GPU-event args a slim trace keeps (what HTA and our reader use); launch geometry, registers,
 #: occupancy and queue fields are dropped: they are most of a kernel event's bytes.
 SLIM_GPU_ARGS = frozenset({"device", "stream", "correlation", "External id", "bytes"})
-_STEP_RE = re.compile(r"^moe_trace/(prefill|decode)#(\d+)$")
 _DEVICE_RE = re.compile(r"^([a-z_]+)(?::(\d+))?$")
 
 _ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
-
-@contextlib.contextmanager
-def no_gc():
-    """Pause the cyclic GC while millions of acyclic event dicts are created (3x faster loads)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
+__all__ = ["write_trace", "write_run_traces", "write_chrome_trace", "device_pid", "no_gc", "SCHEMA", "COUNTER_CAT",
+           "SLIM_CATS", "SLIM_GPU_ARGS"]
 
 
 def write_trace(raw: dict | str | os.PathLike, run: RunData, steps: list[dict], out_path: str | os.PathLike,
-                *, slim: bool = True, process: dict | None = None, compresslevel: int = 3) -> Path:
+                *, slim: bool = True, process: dict | None = None, compresslevel: int = 3,
+                overwrite: bool = True) -> Path:
     """Write `raw` (a Chrome-trace dict or the path of one) with moe-trace counters to `out_path`.
 
     `steps`: `{"step", "phase", "tokens", "layers": {layer_index: {"expert_counts", "k_hist"}}}` for
     the steps the profiler recorded. `run`: the whole run's totals. `slim=True` keeps only the
     moe-trace and ProfilerStep ranges, GPU activity (kernels, memcpy, memset, GPU annotations),
-    metadata events and the counters. Returns the path written.
+    metadata events and the counters. `overwrite=False`: raise FileExistsError instead of replacing
+    an existing file. Returns the path written.
     """
     with no_gc():
-        return _write_trace(raw, run, steps, out_path, slim=slim, process=process, compresslevel=compresslevel)
+        return _write_trace(raw, run, steps, out_path, slim=slim, process=process, compresslevel=compresslevel,
+                            overwrite=overwrite)
 
 
-def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel) -> Path:
+def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel, overwrite) -> Path:
     trace = _load_raw(raw)
     events = trace.get("traceEvents")
     if not isinstance(events, list):
@@ -93,30 +85,54 @@ def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel) -> 
     out_events = extra_meta + kept + counters
 
     meta = {k: v for k, v in trace.items() if k != "traceEvents"}
-    meta.pop("moe_trace", None)
-    meta["moe_trace"] = {
+    meta.pop(META_KEY, None)
+    proc = _process_info(process, trace, host_pid)
+    run_id = proc.pop("job_run_id", None) or run.run_id
+    meta[META_KEY] = {
         "schema": SCHEMA,
-        "run": run.to_dict(),
+        **({"run_id": run_id, "started_at": proc.pop("started_at", None) or time.time()} if run_id else {}),
+        "run": encode_nonfinite(run.to_dict()),
         "steps": [{"step": int(s["step"]), "phase": s["phase"], "tokens": int(s.get("tokens", 0))} for s in steps],
-        "process": _process_info(process, trace, host_pid),
+        "process": proc,
         "slim": bool(slim),
     }
-    return write_chrome_trace(meta, out_events, out_path, compresslevel=compresslevel)
+    return write_chrome_trace(meta, out_events, out_path, compresslevel=compresslevel, overwrite=overwrite)
+
+
+def write_run_traces(raws: list, run: RunData, steps: list[dict], logdir: str | os.PathLike, *, slim: bool = True,
+                     process: dict, started_at: float | None = None, compresslevel: int = 3) -> list[Path]:
+    """Write the trace files of one `profile()` run (one per profiler window) into `logdir`.
+
+    Names: `{worker}.{run_id}[.{window}].pt.trace.json.gz` (format.trace_file_name); an existing file
+    is never replaced (a `-{k}` is added to the run id part instead), so no run overwrites another's
+    files, in one process or across processes. Returns the paths written."""
+    logdir = Path(logdir)
+    worker = worker_name(process)
+    run_id = run.run_id
+    out: list[Path] = []
+    for n, raw in enumerate(raws):
+        proc = dict(process, window=n, started_at=started_at)
+        for k in range(1000):
+            tag = run_id if k == 0 else f"{run_id}-{k}"
+            path = logdir / trace_file_name(worker, tag, n)
+            try:
+                out.append(write_trace(raw, run, steps, path, slim=slim, process=proc, compresslevel=compresslevel,
+                                       overwrite=False))
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise TraceError(f"cannot find a free file name for run {run_id} in {logdir}; clean up the logdir")
+    return out
 
 
 def write_chrome_trace(meta: dict, events: Iterable[dict], out_path: str | os.PathLike, *,
-                       compresslevel: int = 3) -> Path:
+                       compresslevel: int = 3, overwrite: bool = True) -> Path:
     """Serialize `{**meta, "traceEvents": events}` in moe-trace's layout (atomic replace).
 
     Small metadata values go through `json.dumps` (so `distributedInfo` reads `"rank": 0` with the
     space HTA's rank regex wants), large ones and the events through orjson, one event per line.
     """
-    out = Path(out_path)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TraceError(f"cannot create the trace directory {out.parent} ({exc.strerror or exc}); pass a "
-                         "writable logdir") from None
     parts = [b"{\n"]
     for k, v in meta.items():
         if k == "traceEvents":
@@ -131,25 +147,7 @@ def write_chrome_trace(meta: dict, events: Iterable[dict], out_path: str | os.Pa
                          "of your record_function ranges and counters") from None
     parts.append(body)
     parts.append(b"\n]\n}\n")
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    try:
-        if out.name.endswith(".gz"):
-            with open(tmp, "wb") as fh, gzip.GzipFile(filename="", mode="wb", fileobj=fh,
-                                                      compresslevel=compresslevel, mtime=0) as gz:
-                for p in parts:
-                    gz.write(p)
-        else:
-            with open(tmp, "wb") as fh:
-                for p in parts:
-                    fh.write(p)
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise TraceError(f"cannot write the trace {out} ({exc.strerror or exc}); pass a writable logdir with "
-                         "free space") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return atomic_write(out_path, parts, compresslevel=compresslevel, overwrite=overwrite)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -160,13 +158,7 @@ def _load_raw(raw: dict | str | os.PathLike) -> dict:
     path = Path(raw)
     if not path.is_file():
         raise TraceError(f"raw trace {path} does not exist; pass the file export_chrome_trace wrote or its dict")
-    try:
-        data = path.read_bytes()
-        if path.name.endswith(".gz"):
-            data = gzip.decompress(data)
-        obj = orjson.loads(data)
-    except (OSError, EOFError, orjson.JSONDecodeError) as exc:
-        raise TraceError(f"raw trace {path} cannot be read ({exc}); re-export it with export_chrome_trace") from None
+    obj = load_json(path)
     if not isinstance(obj, dict):
         if isinstance(obj, list):
             return {"traceEvents": obj}
@@ -181,10 +173,10 @@ def _scan(events: list[dict]) -> tuple[dict[tuple[str, int], Any], int | None]:
     fallback_pid = None
     for e in events:
         cat = e.get("cat")
-        if cat == "user_annotation":
+        if cat == USER_ANNOTATION:
             name = e.get("name")
-            if isinstance(name, str) and name.startswith("moe_trace/"):
-                m = _STEP_RE.match(name)
+            if isinstance(name, str) and name.startswith(NAME_PREFIX):
+                m = STEP_RE.match(name)
                 if m:
                     key = (m.group(1), int(m.group(2)))
                     if key not in step_ts:
@@ -234,13 +226,13 @@ def _counter_events(run: RunData, steps: list[dict], step_ts: dict, host_pid: in
             k_mean = float((np.arange(len(kh)) * kh).sum() / n) if n > 0 else 0.0
             if not math.isfinite(k_mean):
                 k_mean = 0.0
-            base = f"moe_trace/L{int(li):03d}"
-            out.append({"ph": "C", "cat": COUNTER_CAT, "name": f"{base} expert_tokens", "pid": pid, "ts": ts,
-                        "args": {f"e{e:03d}": int(c) for e, c in enumerate(counts)}})
-            out.append({"ph": "C", "cat": COUNTER_CAT, "name": f"{base} k_mean", "pid": pid, "ts": ts,
+            li = int(li)
+            out.append({"ph": "C", "cat": COUNTER_CAT, "name": counter_name(li, "expert_tokens"), "pid": pid, "ts": ts,
+                        "args": {expert_key(e): int(c) for e, c in enumerate(counts)}})
+            out.append({"ph": "C", "cat": COUNTER_CAT, "name": counter_name(li, "k_mean"), "pid": pid, "ts": ts,
                         "args": {"k_mean": k_mean}})
-            out.append({"ph": "C", "cat": COUNTER_CAT, "name": f"{base} active_experts", "pid": pid, "ts": ts,
-                        "args": {"active_experts": int((counts > 0).sum())}})
+            out.append({"ph": "C", "cat": COUNTER_CAT, "name": counter_name(li, "active_experts"), "pid": pid,
+                        "ts": ts, "args": {"active_experts": int((counts > 0).sum())}})
     return out, gpu_pids
 
 
@@ -253,13 +245,10 @@ def _keep_slim(e: dict) -> bool:
     cat = e.get("cat")
     if cat in SLIM_CATS:
         return True
-    if cat == "user_annotation":
+    if cat == USER_ANNOTATION:
         name = e.get("name")
-        return isinstance(name, str) and (name.startswith("moe_trace/") or name.startswith("ProfilerStep#"))
+        return isinstance(name, str) and (name.startswith(NAME_PREFIX) or name.startswith(PROFILER_STEP_PREFIX))
     return False
-
-
-GPU_WORK_CATS = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
 
 
 def _kernels_under_moe_ranges(events: list[dict]) -> list[dict]:
@@ -269,7 +258,7 @@ def _kernels_under_moe_ranges(events: list[dict]) -> list[dict]:
 
     spans: dict[tuple, list[tuple[float, float]]] = {}
     for e in events:
-        if e.get("cat") == "gpu_user_annotation" and str(e.get("name", "")).startswith("moe_trace/"):
+        if e.get("cat") == GPU_USER_ANNOTATION and str(e.get("name", "")).startswith(NAME_PREFIX):
             ts = float(e["ts"])
             spans.setdefault((e.get("pid"), e.get("tid")), []).append((ts, ts + float(e.get("dur", 0))))
     if not spans:
@@ -293,7 +282,7 @@ def _kernels_under_moe_ranges(events: list[dict]) -> list[dict]:
 
 
 def _slim_args(e: dict) -> dict:
-    if e.get("cat") in SLIM_CATS and e.get("cat") != "gpu_user_annotation" and isinstance(e.get("args"), dict):
+    if e.get("cat") in SLIM_CATS and e.get("cat") != GPU_USER_ANNOTATION and isinstance(e.get("args"), dict):
         e = dict(e, args={k: v for k, v in e["args"].items() if k in SLIM_GPU_ARGS})
     return e
 

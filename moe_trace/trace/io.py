@@ -1,0 +1,310 @@
+"""File handling for traces: plain or gzip, chunked reading, header peek, atomic write, `no_gc`.
+
+Every reader and writer of trace files goes through here, so a file is opened, decompressed and
+reported on (one `TraceError` sentence, never file bytes) the same way everywhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import gzip
+import os
+import queue
+import re
+import threading
+import zlib
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import orjson
+
+from moe_trace.errors import TraceError
+
+CHUNK = 4 << 20
+PROGRESS_BYTES = 50 * 1000 * 1000
+MAX_HEADER = 64 << 20
+TE_KEY = re.compile(rb'"traceEvents"\s*:\s*\[')
+
+
+@contextlib.contextmanager
+def no_gc():
+    """Pause the cyclic GC while millions of acyclic event dicts are created (3x faster loads)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def is_gzip(path: str | os.PathLike) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def open_trace(path: str | os.PathLike):
+    """A binary file object of the trace's JSON bytes (gunzipped when the file is gzip)."""
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+
+
+def gzip_problem(path, exc: BaseException) -> TraceError:
+    """One sentence for a gzip stream that cannot be inflated (no bytes of the file in it)."""
+    if isinstance(exc, EOFError):
+        return TraceError(f"{path} is a truncated gzip file (the stream ends early, so the writer was probably "
+                          "killed); re-run the profiling to get a complete trace")
+    why = "bad gzip header" if isinstance(exc, gzip.BadGzipFile) else \
+        "bad compressed data or checksum" if isinstance(exc, zlib.error) or "CRC" in str(exc) else type(exc).__name__
+    return TraceError(f"{path} is a corrupt gzip file ({why}); re-run the profiling or pass the uncompressed .json")
+
+
+def os_problem(path, exc: OSError, what: str = "cannot be read") -> TraceError:
+    return TraceError(f"{path} {what} ({exc.strerror or type(exc).__name__}); check the path and its permissions")
+
+
+def load_json(path: str | os.PathLike):
+    """The whole JSON document of a (small or medium) file, plain or gzip; TraceError when unreadable."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        with no_gc():
+            return orjson.loads(data)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise gzip_problem(path, exc) from None
+    except orjson.JSONDecodeError as exc:
+        raise TraceError(f"{path} cannot be read as JSON ({exc.msg} at byte {exc.pos}); pass a Chrome trace written "
+                         "by torch.profiler or moe-trace") from None
+    except OSError as exc:
+        raise os_problem(path, exc) from None
+
+
+class Source:
+    """Decompressed chunks of a file (gzip is inflated in a helper thread), with an optional progress bar."""
+
+    def __init__(self, path: Path, progress: bool | None = False, chunk: int = CHUNK):
+        self.path = Path(path)
+        self.size = self.path.stat().st_size
+        self.gz = self.size >= 2 and is_gzip(self.path)
+        self.chunk = chunk
+        self.bytes_out = 0
+        self._bar = None
+        if progress is None:
+            progress = self._estimate() > PROGRESS_BYTES
+        if progress:
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=self.size, unit="B", unit_scale=True, desc=f"reading {self.path.name}",
+                                 leave=False, dynamic_ncols=True)
+            except ImportError:  # pragma: no cover - tqdm is a dependency
+                self._bar = None
+        self._pos = 0
+
+    def _estimate(self) -> int:
+        if not self.gz or self.size < 18:
+            return self.size
+        with open(self.path, "rb") as fh:  # gzip ISIZE: uncompressed size mod 2**32
+            fh.seek(-4, 2)
+            isize = int.from_bytes(fh.read(4), "little")
+        return max(isize, self.size)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _advance(self, pos: int) -> None:
+        if self._bar is not None and pos > self._pos:
+            self._bar.update(pos - self._pos)
+        self._pos = pos
+
+    def chunks(self) -> Iterator[bytes]:
+        if self.size == 0:
+            raise TraceError(f"{self.path} is empty (0 bytes); the profiler did not write it completely — re-run "
+                             "the profiling")
+        gen = self._gz_chunks() if self.gz else self._plain_chunks()
+        for data, pos in gen:
+            self.bytes_out += len(data)
+            self._advance(pos)
+            yield data
+
+    def _plain_chunks(self):
+        with open(self.path, "rb") as fh:
+            while True:
+                data = fh.read(self.chunk)
+                if not data:
+                    return
+                yield data, fh.tell()
+
+    def _gz_chunks(self):
+        q: queue.Queue = queue.Queue(maxsize=3)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work():
+            try:
+                with open(self.path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+                    while not stop.is_set():
+                        data = gz.read(self.chunk)
+                        if not data:
+                            break
+                        if not put(("data", (data, raw.tell()))):
+                            return
+                put(("end", None))
+            except BaseException as exc:  # handed to the consumer
+                put(("error", exc))
+
+        t = threading.Thread(target=work, name="moe-trace-gunzip", daemon=True)
+        t.start()
+        try:
+            while True:
+                kind, val = q.get()
+                if kind == "data":
+                    yield val
+                elif kind == "end":
+                    return
+                elif isinstance(val, (EOFError, gzip.BadGzipFile, zlib.error)) or \
+                        (isinstance(val, OSError) and val.errno is None):
+                    raise gzip_problem(self.path, val)
+                else:
+                    raise val
+        finally:
+            stop.set()
+
+
+def peek_header(path: str | os.PathLike, limit: int = MAX_HEADER) -> bytes | None:
+    """The decompressed bytes up to and including `"traceEvents": [` (where Kineto, torch.profiler's
+    add_metadata_json and moe-trace put their metadata keys), or None when that key is not within
+    `limit` bytes. Raises TraceError when the file cannot be read."""
+    src = Source(Path(path), False, chunk=min(CHUNK, max(64 << 10, limit)))
+    buf = b""
+    it = src.chunks()
+    try:
+        for data in it:
+            start = max(0, len(buf) - 32)
+            buf += data
+            m = TE_KEY.search(buf, start)
+            if m:
+                return buf[:m.end()]
+            if len(buf) > limit:
+                return None
+        return None
+    except OSError as exc:
+        raise os_problem(path, exc) from None
+    finally:
+        it.close()
+        src.close()
+
+
+def atomic_write(out: str | os.PathLike, parts: Iterable[bytes], *, gz: bool | None = None,
+                 compresslevel: int = 3, overwrite: bool = True) -> Path:
+    """Write `parts` to `out` through a temporary file in the same directory, then rename it into place
+    (readers never see half a file). `gz`: gzip (default: when the name ends in .gz). `overwrite=False`:
+    never replace an existing file; a TraceError with errno EEXIST semantics (`FileExistsError` inside)
+    is raised instead, so the caller can pick another name."""
+    out = Path(out)
+    gz = out.name.endswith(".gz") if gz is None else gz
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TraceError(f"cannot create the directory {out.parent} ({exc.strerror or exc}); pass a writable "
+                         "directory") from None
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as fh:
+            sink = gzip.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=compresslevel, mtime=0) if gz else fh
+            try:
+                for p in parts:
+                    sink.write(p)
+            finally:
+                if sink is not fh:
+                    sink.close()
+        if overwrite:
+            os.replace(tmp, out)
+        else:
+            try:
+                os.link(tmp, out)  # fails with EEXIST instead of replacing
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                if out.exists():  # no hard links on this file system: check, then rename
+                    raise FileExistsError(str(out)) from None
+                os.replace(tmp, out)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            raise FileExistsError(str(out)) from None
+        raise TraceError(f"cannot write {out} ({exc.strerror or exc}); pass a writable path with free space") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return out
+
+
+MAX_DEPTH = 128
+_ESC = re.compile(rb"\\.", re.S)
+
+
+class NestingGuard:
+    """Rejects JSON nested deeper than `max_depth` (a trace needs < 20 levels), in time linear in the
+    bytes fed: strings are masked out (escapes first), then brackets are counted with numpy. Without
+    it a file of nested brackets costs the ijson fallback quadratic time."""
+
+    def __init__(self, path, max_depth: int = MAX_DEPTH):
+        self.path, self.max_depth = path, max_depth
+        self.depth = 0
+        self.in_str = 0
+        self._carry = b""
+
+    def feed(self, data: bytes) -> None:
+        import numpy as np
+
+        if self._carry:
+            data, self._carry = self._carry + data, b""
+        if data.endswith(b"\\"):
+            n = len(data) - len(data.rstrip(b"\\"))
+            if n % 2:  # the escaped byte comes with the next chunk
+                data, self._carry = data[:-1], b"\\"
+        if b"\\" in data:
+            data = _ESC.sub(b"", data)
+        a = np.frombuffer(data, np.uint8)
+        if not a.size:
+            return
+        quotes = np.cumsum(a == 34, dtype=np.int32)
+        brackets = np.flatnonzero(((a == 91) | (a == 123) | (a == 93) | (a == 125)) & ((quotes + self.in_str) & 1 == 0))
+        self.in_str = int((int(quotes[-1]) + self.in_str) & 1)
+        if not brackets.size:
+            return
+        b = a[brackets]
+        depth = self.depth + np.cumsum(np.where((b == 91) | (b == 123), 1, -1), dtype=np.int64)
+        if int(depth.max()) > self.max_depth:
+            raise TraceError(f"{self.path} nests JSON arrays/objects more than {self.max_depth} levels deep (a trace "
+                             "needs fewer than 20); it is not a trace written by torch.profiler or moe-trace")
+        self.depth = int(depth[-1])
+
+
+def head_meta(head: bytes) -> dict:
+    """The top-level keys before `traceEvents` in `head` (the bytes up to `"traceEvents": [`), or {}."""
+    m = TE_KEY.search(head)
+    if not m:
+        return {}
+    try:
+        meta = orjson.loads(head[:m.start()] + b'"traceEvents":[]}')
+    except orjson.JSONDecodeError:
+        return {}
+    if isinstance(meta, dict):
+        meta.pop("traceEvents", None)
+        return meta
+    return {}
