@@ -1,31 +1,38 @@
-"""`moe_trace.profile(model)`: hooks on every router / experts / shared module, counters on the
-device, optional CUDA-event timing and Kineto traces. Everything is removed on exit."""
+"""`moe_trace.profile(model)`: the profiling session.
+
+Data flow (docs/design.md "Capture"): `ProfileOptions` (options.py) -> `ProfileRun.__enter__` finds
+the MoE layers (detect.py), builds the recorders the mode asks for (recorders.py: device counters
+always, the CUDA-event `PartTimer` for "timing", the `KinetoRecorder` for "kineto"), binds the
+router middleware (moe_trace.selectors) and installs the hooks. The session is the only component
+that hooks the model: each model forward becomes a `Step` handed to the recorders and to the
+observers (observers.py: the router-logit logger, the sweep's timer, yours). `__exit__` removes every
+hook, closes the observers, reads the counters once into `RunData` and lets the Kineto recorder
+export. Everything is removed on exit, also when the body raises.
+"""
 from __future__ import annotations
 
-import os
-import socket
-import tempfile
 import time
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from moe_trace.analysis.report import Report
-from moe_trace.analysis.rundata import PHASES, LayerCounts, RunData
+from moe_trace.analysis.rundata import PHASES, RunData
 from moe_trace.errors import ConfigError, ProfileStateError
+from moe_trace.selectors import Middleware, SelectorMiddleware, resolve_selector
 from moe_trace.trace.format import new_run_id, range_name, step_name
 
-from .counters import DeviceCounters, Pending
+from .counters import Pending
 from .detect import find_bindings
 from .handlers.base import MoEBinding, MoEHandler
+from .observers import ObserverSet, Step
+from .options import MODES, ProfileOptions
 from .parallel import parallel_layout
-from .selection import Middleware, resolve_selector, selector_middleware
+from .recorders import CounterRecorder, KinetoRecorder
 from .timing import PartTimer
 
-MODES = ("stats", "timing", "kineto")
+__all__ = ["MODES", "ProfileOptions", "ProfileRun", "profile", "range_name", "step_name"]
 _ACTIVE_ATTR = "_moe_trace_active_run"
 
 
@@ -33,50 +40,39 @@ def _profiler_on() -> bool:
     return torch._C._autograd._profiler_enabled()
 
 
-
-
-def _phase_and_tokens(args: tuple, kwargs: dict) -> tuple[int, int]:
+def _read_step(index: int, args: tuple, kwargs: dict) -> Step:
+    """Phase, batch and positions of one model forward from its inputs (host metadata, no sync)."""
     x = kwargs.get("input_ids")
     if x is None and args and torch.is_tensor(args[0]):
         x = args[0]
     if x is None:
         x = kwargs.get("inputs_embeds")
+    labels = kwargs.get("labels")
+    labels = labels if torch.is_tensor(labels) else None
     if x is None or not torch.is_tensor(x):
-        return 0, 0
+        return Step(index, PHASES[0], None, 0, 0, labels=labels)
     if x.dim() == 1:
-        return (0 if x.shape[0] > 1 else 1), int(x.shape[0])
+        n = int(x.shape[0])
+        return Step(index, PHASES[0 if n > 1 else 1], None, n, n, labels=labels)
     batch, seq = int(x.shape[0]), int(x.shape[1])
-    return (0 if seq > 1 else 1), batch * seq
+    mask = kwargs.get("attention_mask")
+    mask = mask[:, -seq:] if torch.is_tensor(mask) and mask.dim() == 2 else None
+    return Step(index, PHASES[0 if seq > 1 else 1], batch, seq, batch * seq, attention_mask=mask, labels=labels)
 
 
 class ProfileRun:
-    """A profiling session; use as a context manager around `model.generate(...)` or forwards."""
+    """A profiling session; use as a context manager around `model.generate(...)` or forwards.
 
-    def __init__(self, model: nn.Module, mode: str = "stats", *, logdir: str | os.PathLike | None = None,
-                 selector: Any = None, router_middleware: Middleware | None = None,
-                 observers: Iterable[Any] = (), log_router_logits: Any = None,
-                 schedule: Callable | dict | None = None, slim: bool = True,
-                 record_shapes: bool = False, with_stack: bool = False, cuda_events: bool | None = None):
-        if mode not in MODES:
-            raise ConfigError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-        if selector is not None and router_middleware is not None:
-            raise ConfigError("pass either selector= or router_middleware=, not both")
-        if router_middleware is not None and not callable(router_middleware):
-            raise ConfigError("router_middleware must be a callable (logits, weights, indices) -> (weights, indices)")
+    `profile(model, mode, **options)` builds it; the options are `ProfileOptions` (options.py)."""
+
+    def __init__(self, model: nn.Module, mode: str = "stats", **options: Any):
+        self.options = ProfileOptions.from_call(mode, **options)
         self.model = model
-        self.mode = mode
-        self.logdir = Path(logdir) if logdir is not None else (Path("runs") / "moe_trace" if mode == "kineto" else None)
-        self.selector = resolve_selector(selector)
-        self.router_middleware = router_middleware
-        self.observers = list(observers)
-        self.log_router_logits = log_router_logits
-        self.schedule = schedule
-        self.slim = slim
-        self.record_shapes = record_shapes
-        self.with_stack = with_stack
-        # CUDA-event (host-clock on CPU) timing: on in "timing" mode; kineto can add it to compare with the trace
-        self.cuda_events = (mode == "timing") if cuda_events is None else bool(cuda_events)
-        self.trace_files: list[Path] = []
+        self.mode = self.options.mode
+        self.logdir = self.options.logdir
+        self.selector = resolve_selector(self.options.selector)
+        self.router_middleware = self.options.router_middleware
+        self.trace_files: list = []
         self._run_data: RunData | None = None
         self._handles: list[Any] = []
         self._inside = False
@@ -86,29 +82,27 @@ class ProfileRun:
         if getattr(self.model, _ACTIVE_ATTR, None) is not None:
             raise ProfileStateError("this model is already being profiled: moe_trace.profile cannot be nested "
                                     "or run concurrently on one model; finish the first `with` block first")
+        opts = self.options
         self.bindings: list[MoEBinding] = find_bindings(self.model)
         self.layers = [b.info for b in self.bindings]
         self._middleware = self._build_middleware()
-        if self.log_router_logits is not None:
-            from moe_trace.routing.logger import RouterLogger  # lazy: routing sits above capture
+        self.observers = ObserverSet(opts.observers)
+        if opts.log_router_logits is not None:
+            # routing.logger/logfile sit below capture (docs/design.md); imported lazily for start-up time
+            from moe_trace.routing.logger import RouterLogger
 
-            self.observers.append(RouterLogger.from_arg(self.log_router_logits, self.layers, model=self.model))
-        # counters per device
-        by_dev: dict[str, list[int]] = {}
-        for b in self.bindings:
-            by_dev.setdefault(b.info.device, []).append(b.info.index)
-        self._counters: dict[str, DeviceCounters] = {}
-        self._where: dict[int, tuple[DeviceCounters, int]] = {}
-        for dev, idxs in by_dev.items():
-            dc = DeviceCounters(torch.device(dev), [self.layers[i].num_experts for i in idxs])
-            self._counters[dev] = dc
-            for local, i in enumerate(idxs):
-                self._where[i] = (dc, local)
-                dc.probs[local] = self.bindings[i].handler.router_outputs_probs
+            self.observers.add(RouterLogger.from_arg(opts.log_router_logits, self.layers, model=self.model))
+        # recorders, chosen by the mode
+        self.counters = CounterRecorder(self.layers, [b.handler.router_outputs_probs for b in self.bindings])
+        self._timer = PartTimer() if opts.cuda_events else None
+        self.kineto = KinetoRecorder(opts.logdir, self.counters, schedule=opts.schedule, slim=opts.slim,
+                                     record_shapes=opts.record_shapes, with_stack=opts.with_stack) \
+            if opts.kineto else None
         self.forward_calls = {p: 0 for p in PHASES}
         self.forward_tokens = {p: 0 for p in PHASES}
         self._phase = 0
         self._step = -1
+        self._current: Step | None = None
         self._depth = 0
         self._scores: dict[int, Any] = {}
         # Layers whose experts were seen to receive the router's own index and weight tensors are
@@ -119,22 +113,17 @@ class ProfileRun:
         self._experts_handles: dict[int, Any] = {}
         self._ranges: dict[int, list] = {}
         self._step_range = None
-        self._timer = PartTimer() if self.cuda_events else None
-        self._snapshots: list[tuple[int, int, int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
-        self._raw_traces: list[Path] = []
-        self._prof = None
         self._run_id = new_run_id()  # shared by the ranks of a torchrun job (docs/trace-format.md)
         self._started_at = time.time()
-        for dev in by_dev:
-            if dev.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats(torch.device(dev))
         setattr(self.model, _ACTIVE_ATTR, self)
         try:
             self._install_hooks()
-            if self.mode == "kineto":
-                self._start_profiler()
+            if self.kineto is not None:
+                self.kineto.start()
         except BaseException:
             self._remove_hooks()
+            if self.kineto is not None:
+                self.kineto.close()
             raise
         self._inside = True
         return self
@@ -142,17 +131,20 @@ class ProfileRun:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._inside = False
         try:
-            if self.mode == "kineto":
-                self._stop_profiler()
+            if self.kineto is not None:
+                self.kineto.stop()
         finally:
             self._remove_hooks()
-        for obs in self.observers:
-            close = getattr(obs, "close", None)
-            if close:
-                close()
-        self._run_data = self._collect()
-        if self.mode == "kineto" and exc_type is None:
-            self._write_traces()
+        errors = self.observers.close()
+        try:
+            self._run_data = self._collect()
+            if self.kineto is not None and exc_type is None:
+                self.trace_files = self.kineto.export(self._run_data, self._run_id, self._started_at)
+        finally:
+            if self.kineto is not None:
+                self.kineto.close()
+        if errors and exc_type is None:
+            raise errors[0]
         return False
 
     # -- results ------------------------------------------------------------------------------
@@ -170,20 +162,26 @@ class ProfileRun:
 
     # -- hooks --------------------------------------------------------------------------------
     def _build_middleware(self) -> dict[int, Middleware]:
+        """One middleware per layer: `selector=` becomes a `SelectorMiddleware` (weights="mass") bound
+        to each layer; a plain `router_middleware=` callable is used as given."""
         if self.selector is None and self.router_middleware is None:
             return {}
+        mw = self.router_middleware
+        if mw is None:
+            mw = SelectorMiddleware(self.selector, weights="mass")
         out = {}
         for b in self.bindings:
             if not b.handler.supports_selectors:
                 raise ConfigError(f"selectors and router middleware are not supported for layer {b.info.name} "
                                   f"({b.info.family}, handler {b.handler.name}): its experts do not take "
                                   "top-k indices and weights")
-            if self.router_middleware is not None:
-                out[b.info.index] = self.router_middleware
-            else:
+            if isinstance(mw, SelectorMiddleware) and self.router_middleware is None:
                 eager = b.info.experts_implementation in (None, "eager")
-                out[b.info.index] = selector_middleware(self.selector, b.info, probs_in=b.handler.router_outputs_probs,
-                                                        pad_with_sentinel=eager)
+                out[b.info.index] = mw.bind(b.info.num_experts, top_k=b.info.top_k,
+                                            probs_in=b.handler.router_outputs_probs, eager=eager,
+                                            label=f"layer {b.info.index}")
+            else:
+                out[b.info.index] = mw
         return out
 
     def _install_hooks(self) -> None:
@@ -200,7 +198,7 @@ class ProfileRun:
         for mod in step_modules:
             add(mod.register_forward_pre_hook(self._model_pre, with_kwargs=True))
             add(mod.register_forward_hook(self._model_post, always_call=True))
-        spans = self._timer is not None or self.mode == "kineto" or _profiler_on()
+        spans = self._timer is not None or self.kineto is not None or _profiler_on()
         self.ranges_enabled = spans
         for b in self.bindings:
             i = b.info.index
@@ -254,13 +252,14 @@ class ProfileRun:
         self._depth += 1
         if self._depth > 1:
             return None
-        self._phase, tokens = _phase_and_tokens(args, kwargs)
         self._step += 1
-        phase = PHASES[self._phase]
+        step = self._current = _read_step(self._step, args, kwargs)
+        self.observers.step_start(step)
+        phase = step.phase
+        self._phase = PHASES.index(phase)
         self.forward_calls[phase] += 1
-        self.forward_tokens[phase] += tokens
-        for dc in self._counters.values():
-            dc.phase = self._phase
+        self.forward_tokens[phase] += step.tokens
+        self.counters.set_phase(self._phase)
         if _profiler_on():
             self._step_range = torch.autograd.profiler.record_function(step_name(phase, self._step))
             self._step_range.__enter__()
@@ -270,24 +269,22 @@ class ProfileRun:
         self._depth -= 1
         if self._depth > 0:
             return None
+        phase = PHASES[self._phase]
+        if self._current is not None:
+            self.observers.forward_end(self._current, output)
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        for dc in self._counters.values():
-            dc.end_forward(capturing)
+        self.counters.end_forward(capturing)
         self._scores.clear()
         self._router_routing.clear()
         if self._step_range is not None:
             self._step_range.__exit__(None, None, None)
             self._step_range = None
-        if self.mode == "kineto":
-            snap = {dev: dc.snapshot() for dev, dc in self._counters.items()}
-            tokens = self.forward_tokens[PHASES[self._phase]]
-            self._snapshots.append((self._step, self._phase, tokens, snap))
-        for obs in self.observers:
-            fn = getattr(obs, "on_step_end", None)
-            if fn:
-                fn(self._step, PHASES[self._phase])
-        if self._prof is not None:
-            self._prof.step()
+        kineto = self.kineto
+        if kineto is not None:
+            kineto.snapshot(self._step, self._phase, self.forward_tokens[phase])
+        self.observers.step_end(self._step, phase)
+        if kineto is not None:
+            kineto.advance()
         return None
 
     def _open(self, key: int, layer: int, part: str, device: torch.device) -> None:
@@ -317,8 +314,8 @@ class ProfileRun:
 
     def _router_post(self, b: MoEBinding, spans: bool):
         i = b.info.index
-        dc, local = self._where[i]
-        fast = not self.observers  # observers get every call with its scores through _record
+        dc, local = self.counters.where[i]
+        fast = not self.observers.wants_routes()  # observers get every call with its scores through _record
 
         def hook(module, args, output):
             if spans:
@@ -371,120 +368,30 @@ class ProfileRun:
 
     def _record(self, b: MoEBinding, idx: torch.Tensor, w: torch.Tensor) -> None:
         i = b.info.index
-        dc, local = self._where[i]
+        dc, local = self.counters.where[i]
         scores = self._scores.get(i)
         if scores is not None and (scores.dim() != 2 or scores.shape[0] != idx.shape[0]):
             scores = scores.reshape(idx.shape[0], -1) if scores.numel() % max(idx.shape[0], 1) == 0 else None
         dc.queue(Pending(local, self._phase, idx, w, scores, b.handler.router_outputs_probs))
-        for obs in self.observers:
-            obs.on_route(b.info, PHASES[self._phase], self._step, scores, w, idx)
-
-    # -- kineto ---------------------------------------------------------------------------------
-    def _start_profiler(self) -> None:
-        from torch.profiler import ProfilerActivity, profile, schedule
-
-        acts = [ProfilerActivity.CPU]
-        if any(l.device.startswith("cuda") for l in self.layers) and torch.cuda.is_available():
-            acts.append(ProfilerActivity.CUDA)
-        sched = self.schedule
-        if isinstance(sched, dict):
-            sched = schedule(**sched)
-        self._tmpdir = Path(tempfile.mkdtemp(prefix="moe_trace_"))
-        self._prof = profile(activities=acts, schedule=sched, record_shapes=self.record_shapes,
-                             with_stack=self.with_stack,
-                             on_trace_ready=self._on_trace_ready if sched is not None else None)
-        self._prof.__enter__()
-
-    def _on_trace_ready(self, prof) -> None:
-        path = self._tmpdir / f"raw{len(self._raw_traces)}.json"
-        prof.export_chrome_trace(str(path))
-        self._raw_traces.append(path)
-
-    def _stop_profiler(self) -> None:
-        prof, self._prof = self._prof, None
-        if prof is None:
-            return
-        prof.__exit__(None, None, None)
-        if self.schedule is None:
-            path = self._tmpdir / "raw0.json"
-            prof.export_chrome_trace(str(path))
-            self._raw_traces.append(path)
-
-    def _write_traces(self) -> None:
-        from moe_trace.trace.writer import write_run_traces
-
-        self.trace_files += write_run_traces(self._raw_traces, self.run_data, self._step_deltas(), self.logdir,
-                                             slim=self.slim, process=dict(_process_info(), run_id=self._run_id),
-                                             started_at=self._started_at)
-        for raw in self._raw_traces:
-            raw.unlink(missing_ok=True)
-
-    def _step_deltas(self) -> list[dict[str, Any]]:
-        """Per-step counts (differences of successive device snapshots), read in one copy per device."""
-        if not self._snapshots:
-            return []
-        host: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for dev, dc in self._counters.items():
-            c = torch.stack([s[3][dev][0] for s in self._snapshots]).cpu().numpy()
-            k = torch.stack([s[3][dev][1] for s in self._snapshots]).cpu().numpy()
-            shape = (len(self._snapshots), len(PHASES), dc.L, dc.bins)
-            host[dev] = (c.reshape(shape), k.reshape(shape))
-        steps = []
-        prev_tokens = {p: 0 for p in range(len(PHASES))}
-        for n, (step, phase, tokens_cum, _) in enumerate(self._snapshots):
-            layers = {}
-            for dev, (c, k) in host.items():
-                dc = self._counters[dev]
-                dc_c = c[n, phase] - (c[n - 1, phase] if n else 0)
-                dc_k = k[n, phase] - (k[n - 1, phase] if n else 0)
-                for local in range(dc.L):
-                    i = next(g for g, (d, l) in self._where.items() if d is dc and l == local)
-                    E = self.layers[i].num_experts
-                    layers[i] = {"expert_counts": dc_c[local, :E].tolist(),
-                                 "k_hist": dc_k[local].tolist()}
-            steps.append({"step": step, "phase": PHASES[phase], "tokens": tokens_cum - prev_tokens[phase],
-                          "layers": layers})
-            prev_tokens[phase] = tokens_cum
-        return steps
+        self.observers.route(b.info, PHASES[self._phase], self._step, scores, w, idx)
 
     # -- collect ----------------------------------------------------------------------------------
     def _collect(self) -> RunData:
-        counts = {p: [None] * len(self.layers) for p in PHASES}
-        for dev, dc in self._counters.items():
-            c, k, conf = dc.read()
-            for i, (d, local) in self._where.items():
-                if d is not dc:
-                    continue
-                E = self.layers[i].num_experts
-                for p, phase in enumerate(PHASES):
-                    kh = k[p, local]
-                    last = int(np.nonzero(kh)[0].max()) if kh.any() else 0
-                    # tokens from the device (one k-histogram entry per token), so they stay right
-                    # under CUDA-graph replay, where host-side hooks ran only at capture
-                    counts[phase][i] = LayerCounts(
-                        tokens=int(kh.sum()), calls=int(dc.calls[p, local]),
-                        expert_counts=c[p, local, :E].astype(np.int64),
-                        k_hist=kh[: max(last, self.layers[i].top_k) + 1].astype(np.int64),
-                        excluded=int(c[p, local, E:].sum()),
-                        top1_prob_sum=float(conf[p, local, 0]), entropy_sum=float(conf[p, local, 1]))
+        counts = self.counters.collect()
         timing, source = (None, None)
         if self._timer is not None:
             timing, source = self._timer.resolve(len(self.layers))
-        peak = {}
-        for dev in self._counters:
-            if dev.startswith("cuda"):
-                peak[dev] = int(torch.cuda.max_memory_allocated(torch.device(dev)))
         cfg = getattr(self.model, "config", None)
         model_info = {"family": self.layers[0].family if self.layers else None,
                       "name": getattr(cfg, "_name_or_path", None) or type(self.model).__name__,
                       "class": type(self.model).__name__}
         settings = {"mode": self.mode, "selector": _describe(self.selector),
-                    "router_middleware": _describe(self.router_middleware), "slim": self.slim,
+                    "router_middleware": _describe(self.router_middleware), "slim": self.options.slim,
                     "parallel": parallel_layout(self.model, [e for b in self.bindings for e in b.experts])}
         return RunData(model=model_info, layers=self.layers, counts=counts,
                        forward_calls=dict(self.forward_calls), forward_tokens=dict(self.forward_tokens),
-                       timing=timing, timing_source=source, peak_memory=peak, settings=settings,
-                       run_id=self._run_id)
+                       timing=timing, timing_source=source, peak_memory=self.counters.peak_memory(),
+                       settings=settings, run_id=self._run_id)
 
 
 def _standard_router_routing(output: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -500,20 +407,16 @@ def _describe(obj) -> str | None:
     return getattr(obj, "name", None) or repr(obj)
 
 
-def _process_info() -> dict[str, Any]:
-    rank = world = None
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            rank, world = dist.get_rank(), dist.get_world_size()
-    except Exception:
-        pass
-    return {"dist_rank": rank, "world_size": world, "hostname": socket.gethostname(), "pid": os.getpid()}
+def _describe(obj) -> str | None:
+    if obj is None:
+        return None
+    return getattr(obj, "name", None) or repr(obj)
 
 
-def profile(model: nn.Module, mode: str = "stats", **kwargs) -> ProfileRun:
+def profile(model: nn.Module, mode: str = "stats", **options: Any) -> ProfileRun:
     """Profile the MoE layers of `model` inside a `with` block. Modes: "stats" (routing counters),
     "timing" (+ CUDA-event timing of router / experts / shared), "kineto" (+ torch.profiler traces
-    with MoE counters under `logdir`). See docs/capture.md for every option."""
-    return ProfileRun(model, mode, **kwargs)
+    with MoE counters under `logdir`). `options` are the fields of `ProfileOptions` (logdir, selector,
+    router_middleware, observers, log_router_logits, schedule, slim, record_shapes, with_stack,
+    cuda_events); docs/capture.md describes each."""
+    return ProfileRun(model, mode, **options)

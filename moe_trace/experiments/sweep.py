@@ -222,7 +222,11 @@ _MISSING = object()
 # ---------------------------------------------------------------------------------------------
 # timing of generate: first forward (prefill) vs the rest (decode)
 class ForwardTimer:
-    """Forward pre/post hooks on the whole model; CUDA events on GPU, perf_counter on CPU."""
+    """Times every top-level model forward; CUDA events on GPU, perf_counter on CPU.
+
+    Inside `profile()` it is an observer (`moe_trace.capture.observers`: `on_step_start` /
+    `on_forward_end`, so only the session hooks the model); standalone, ``with timer:`` installs
+    its own forward pre/post hooks."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -257,6 +261,13 @@ class ForwardTimer:
         self._depth -= 1
         if self._depth == 0:
             self.marks.append((self._start, self._now()))
+
+    # observer protocol (profile(..., observers=[timer])): the session calls these first thing
+    def on_step_start(self, step) -> None:
+        self._start = self._now()
+
+    def on_forward_end(self, step, output) -> None:
+        self.marks.append((self._start, self._now()))
 
     def __enter__(self) -> "ForwardTimer":
         self.marks.clear()
@@ -416,19 +427,18 @@ def measure_generate(model: nn.Module, inputs: dict[str, torch.Tensor], *, max_n
 
     kw = _gen_kwargs(model, max_new_tokens, generate_kwargs)
     timer = ForwardTimer(model)
-    prof_kw: dict[str, Any] = {}
+    prof_kw: dict[str, Any] = {"observers": [timer]}
     if selector is not None:
         prof_kw["selector"] = selector
     if router_middleware is not None:
         prof_kw["router_middleware"] = router_middleware
     with torch.inference_mode(), mask_blocks(model, active_layers, layers):
         with profile(model, profile_mode, **prof_kw) as run:
-            with timer:
-                timer.synchronize()
-                t0 = time.perf_counter()
-                out = model.generate(**inputs, **kw)
-                timer.synchronize()
-                t1 = time.perf_counter()
+            timer.synchronize()
+            t0 = time.perf_counter()
+            out = model.generate(**inputs, **kw)
+            timer.synchronize()
+            t1 = time.perf_counter()
     report = run.report()
     ids = inputs["input_ids"]
     seq = out.sequences if hasattr(out, "sequences") else out

@@ -15,8 +15,8 @@ steps of copies.
 Samples. Explicit: `begin_sample(sample_id | [ids], dataset=..., labels=...)` starts a batch of
 samples; every following step (prefill and decode) belongs to it until the next `begin_sample`.
 Automatic (no `begin_sample` ever called, the `profile()` path): each prefill starts a new batch;
-its batch size comes from the model's input when the logger is attached to the model
-(`attach(model)` / `from_arg(..., model=model)`), otherwise the whole prefill batch is one sample.
+its batch size comes from the model's input, which the session hands over in `on_step_start`
+(standalone: `attach(model)` hooks the model for it), otherwise the whole prefill batch is one sample.
 Rows of a step are split evenly by sequence (`hidden_states.view(-1, H)` is sequence-major);
 when an attention mask is known, padded prefill positions are dropped.
 
@@ -167,7 +167,7 @@ class RouterLogger:
         if layers is not None:
             logger.bind(layers)
         if model is not None:
-            logger.attach(model)
+            logger.bind_model(model)
         return logger
 
     def bind(self, layers: Sequence[Any]) -> None:
@@ -177,17 +177,44 @@ class RouterLogger:
         if self._writer is not None:
             self._writer.set_layers(layer_meta(self.layers))
 
-    def attach(self, model: torch.nn.Module) -> "RouterLogger":
-        """Watch the model's top-level forward: batch size / attention mask of each forward (so
-        sequences become separate samples and padding is dropped) and `outputs.loss` when the
-        model was called with labels."""
+    def bind_model(self, model: torch.nn.Module) -> "RouterLogger":
+        """Take the model's name for the log (no hooks: inside `profile()` the session hands the
+        logger every step through the observer protocol)."""
         if self.model_name is None:
             cfg = getattr(model, "config", None)
             self.model_name = getattr(cfg, "_name_or_path", None) or getattr(cfg, "model_type", None) or \
                 type(model).__name__
+        return self
+
+    def attach(self, model: torch.nn.Module) -> "RouterLogger":
+        """Standalone use (without `profile()`): watch the model's top-level forward yourself, i.e.
+        batch size / attention mask of each forward (so sequences become separate samples and padding
+        is dropped) and `outputs.loss` when the model was called with labels. Inside `profile()` the
+        session calls `on_step_start` / `on_forward_end` instead, and a logger attached here ignores them."""
+        self.bind_model(model)
         self._hooks.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._post_hook, with_kwargs=True))
         return self
+
+    # -- observer protocol: steps ------------------------------------------------------------------
+    def on_step_start(self, step: Any) -> None:
+        """A model forward starts (`moe_trace.capture.observers.Step`)."""
+        if self._hooks:
+            return
+        info: dict[str, Any] = {}
+        if step.batch is not None:
+            info["batch"] = int(step.batch)
+            info["seq"] = int(step.positions)
+            if step.attention_mask is not None:
+                info["mask"] = step.attention_mask
+        self._next_input = info
+        self._labels = step.labels
+
+    def on_forward_end(self, step: Any, output: Any) -> None:
+        """The forward returned `output`: the loss of the batch when labels were given."""
+        if self._hooks:
+            return
+        self._record_output(output)
 
     def _pre_hook(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -205,9 +232,13 @@ class RouterLogger:
         return None
 
     def _post_hook(self, module, args, kwargs, output):
+        self._record_output(output)
+        return None
+
+    def _record_output(self, output: Any) -> None:
         b = self._batch
         if not self.record_loss or b is None or b.loss is not None or self._stopped:
-            return None
+            return
         labels = self._labels if isinstance(self._labels, torch.Tensor) else b.labels
         self._labels = None
         logits = getattr(output, "logits", None)
@@ -216,11 +247,10 @@ class RouterLogger:
                 labels = labels.unsqueeze(0)
             if tuple(labels.shape) == tuple(logits.shape[:2]) and labels.shape[0] == len(b.uids):
                 self.record_loss_value(per_sample_loss(logits.detach(), labels.to(logits.device)))
-                return None
+                return
         loss = getattr(output, "loss", None)
         if isinstance(loss, torch.Tensor) and len(b.uids) == 1:
             self.record_loss_value(loss.detach())
-        return None
 
     # -- samples --------------------------------------------------------------------------------
     def begin_sample(self, sample_id: int | Sequence[int], dataset: str | None = None, labels: Any = None) -> None:

@@ -1,0 +1,77 @@
+"""`ProfileOptions`: every argument of `moe_trace.profile(model, mode, **options)`, checked once.
+
+`profile()` builds one of these (unknown keywords are a `ConfigError`), and the session reads it;
+nothing else in capture looks at keyword arguments.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from moe_trace.errors import ConfigError
+
+MODES = ("stats", "timing", "kineto")
+DEFAULT_LOGDIR = Path("runs") / "moe_trace"
+
+
+@dataclass
+class ProfileOptions:
+    """Options of one profiling session (docs/capture.md lists them with examples).
+
+    mode: "stats" (routing counters on the device), "timing" (+ CUDA-event timing of router /
+        experts / shared per layer and phase), "kineto" (+ torch.profiler traces with MoE counters).
+    logdir: where kineto traces go (default ``runs/moe_trace``; only kineto writes files).
+    selector: a dynamic-k selector (name like "cumsum:0.8", a `moe_trace.selectors.Selector` or a
+        callable probs -> k) applied to every MoE layer; changes what the model computes.
+    router_middleware: a callable ``(scores, weights, indices) -> (weights, indices)`` (e.g.
+        `moe_trace.selectors.selector_middleware(...)`); exclusive with `selector`.
+    observers: objects following `moe_trace.capture.observers` (phase / step / routing callbacks).
+    log_router_logits: a path, True, a dict of options or a `RouterLogger` (docs/routing.md).
+    schedule: a `torch.profiler.schedule` callable or its keyword arguments as a dict (kineto).
+    slim: slim traces (kineto; docs/trace-format.md).
+    record_shapes, with_stack: passed to torch.profiler (kineto).
+    cuda_events: CUDA-event timing; default on in "timing" mode only.
+    """
+
+    mode: str = "stats"
+    logdir: str | os.PathLike | None = None
+    selector: Any = None
+    router_middleware: Callable | None = None
+    observers: list = field(default_factory=list)
+    log_router_logits: Any = None
+    schedule: Callable | dict | None = None
+    slim: bool = True
+    record_shapes: bool = False
+    with_stack: bool = False
+    cuda_events: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.selector is not None and self.router_middleware is not None:
+            raise ConfigError("pass either selector= or router_middleware=, not both")
+        if self.router_middleware is not None and not callable(self.router_middleware):
+            raise ConfigError("router_middleware must be a callable (logits, weights, indices) -> (weights, indices)")
+        self.observers = list(self.observers or ())
+        if self.logdir is not None:
+            self.logdir = Path(self.logdir)
+        elif self.mode == "kineto":
+            self.logdir = DEFAULT_LOGDIR
+        # CUDA-event (host-clock on CPU) timing: on in "timing" mode; kineto can add it to compare with the trace
+        self.cuda_events = (self.mode == "timing") if self.cuda_events is None else bool(self.cuda_events)
+
+    @classmethod
+    def from_call(cls, mode: str = "stats", **kwargs: Any) -> "ProfileOptions":
+        """`profile(model, mode, **kwargs)` arguments; an unknown keyword is a `ConfigError`."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ConfigError(f"profile() got unknown option(s) {', '.join(unknown)}; "
+                              f"its options: {', '.join(sorted(known - {'mode'}))}")
+        return cls(mode=mode, **kwargs)
+
+    @property
+    def kineto(self) -> bool:
+        return self.mode == "kineto"
