@@ -13,12 +13,13 @@ import torch
 
 import moe_trace
 from moe_trace.capture import find_bindings
-from moe_trace.models import build_tiny_model, example_inputs, list_families
-from tests.conftest import ReferenceRouting
+from moe_trace.models import build_tiny_model, example_inputs
+from moe_trace.models.families import available_families, transformers_moe_families
+from tests.conftest import routing_reference, set_experts_implementation
 from tests.test_capture import flop_counter_parts
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
-FAMILIES = list_families()
+FAMILIES = available_families()  # the recipes the installed transformers can build
 N_NEW = 3
 
 # Families whose experts get no (indices, weights) arguments: routing is derived at the router.
@@ -86,7 +87,10 @@ def _seq(out):
 
 
 def test_every_family_is_listed():
-    assert len(FAMILIES) >= 70
+    """Every MoE family of the installed transformers (found in its source tree) has a recipe here."""
+    missing = sorted(set(transformers_moe_families()) - set(FAMILIES) - {"switch_transformers", "nllb_moe"})  # i11: next land
+    assert not missing, f"MoE families of this transformers without a tiny recipe: {missing}"
+    assert set(FAMILIES) <= set(transformers_moe_families())
 
 
 @pytest.mark.slow
@@ -103,7 +107,7 @@ def test_family(family):
     if bindings[0].handler.name in ROUTER_COUNTED:
         ref = RouterSideReference(bindings[0].handler.name, bindings)
     else:
-        ref = ReferenceRouting(model, [b.experts[0] for b in bindings])
+        ref = routing_reference(model, bindings)
     torch.manual_seed(0)
     with moe_trace.profile(model) as run, torch.no_grad():
         out = model.generate(**inputs, **gen)
@@ -127,7 +131,8 @@ def test_family(family):
             for phase in ("prefill", "decode"):
                 counts, khist, _ = ref.counts(layer["index"], layer["num_experts"], phase)
                 assert layer["phases"][phase]["expert_counts"] == counts.tolist(), (family, layer["index"], phase)
-                assert layer["phases"][phase]["k_hist"] == khist
+                if khist is not None:  # rows per expert module (4.x lists) say nothing about k
+                    assert layer["phases"][phase]["k_hist"] == khist
 
 
 @pytest.mark.slow
@@ -136,10 +141,7 @@ def test_family_flops_match_flop_counter(family):
     if family in FLOPS_EXCEPTIONS:
         pytest.skip(FLOPS_EXCEPTIONS[family])
     model = build_tiny_model(family)
-    try:
-        model.set_experts_implementation("eager")
-    except (ValueError, AttributeError):
-        pass  # undecorated experts always run eagerly
+    set_experts_implementation(model, "eager")  # undecorated (and 4.x) experts always run eagerly
     inputs = example_inputs(model, batch=2, prompt_len=5)
     bindings = find_bindings(model)
     expected = flop_counter_parts(model, bindings, inputs["input_ids"], whole_block=family == "doge")

@@ -7,8 +7,9 @@ from .generic import GenericHandler
 from .jetmoe import JetMoeHandler
 from .legacy import LegacyModuleListHandler
 from .llama4 import DenseExpertsHandler
+from .named_routing import NamedRoutingHandler
 
 BUILTIN = [ProductKeyEmbeddingHandler, DecoderLayerMoEHandler, DenseExpertsHandler, DbrxHandler, JetMoeHandler, LegacyModuleListHandler,
-           GenericHandler]
+           NamedRoutingHandler, GenericHandler]
 for _h in BUILTIN:
     register_handler(_h, first=False)
