@@ -1,0 +1,240 @@
+"""Kineto mode vs plain torch.profiler + tensorboard_trace_handler: time until the trace is on disk.
+
+Interleaved A/B on the same model and generate (greedy, fixed new tokens), after one warm-up of each
+variant; medians of --reps. Per repetition:
+
+* ``kineto``: ``with moe_trace.profile(model, mode="kineto", logdir=...) as run: generate`` then
+  ``run.trace_files`` (which waits for a background writer). ``total`` = entering the ``with`` block
+  until the trace is on disk; ``block`` = until the ``with`` block returned; ``after_stop`` = from
+  the profiler stopping until the block returned (``run.export_timings``, when the build records it).
+* ``tb_handler``: ``with torch.profiler.profile(activities, on_trace_ready=tensorboard_trace_handler(dir))``
+  around the same generate, its default (uncompressed JSON) export; ``total`` = entering the block
+  until it returned (the handler writes the trace inside ``__exit__``).
+
+Both variants sample the process RSS every 2 ms from the end of the generate until the trace is on
+disk: ``export_peak_mb`` = peak RSS minus RSS when the generate returned; compared with the size of
+the raw trace (tb_handler's file, uncompressed Kineto JSON). Bytes per generated token for each file.
+
+    python benchmarks/kineto_speed.py --tiny --layers 8 --new 48 --reps 5          # the CPU box case
+    python benchmarks/kineto_speed.py --cases olmoe64,qwen3 --reps 5               # H200
+    python benchmarks/kineto_speed.py --cases olmoe512 --reps 5                    # H200
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import gzip
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import moe_trace  # noqa: E402
+
+CASES = {  # the issue's H200 cases (random weights, bf16, greedy)
+    "olmoe64": dict(model="olmoe-1b-7b", batch=1, prompt=128, new=64),
+    "olmoe512": dict(model="olmoe-1b-7b", batch=1, prompt=128, new=512),
+    "qwen3": dict(model="qwen3-30b-a3b", batch=4, prompt=256, new=32),
+}
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class PeakRSS:
+    """Samples RSS in a thread between start() and stop(); `peak - base` in bytes."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.base = self.peak = 0
+        self._stop = threading.Event()
+        self._t = None
+
+    def start(self):
+        self.base = self.peak = rss()
+        self._stop.clear()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss())
+        return self.peak - self.base
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def uncompressed_size(path: Path) -> int:
+    if not path.name.endswith(".gz"):
+        return path.stat().st_size
+    with gzip.open(path, "rb") as f:
+        return sum(len(c) for c in iter(lambda: f.read(1 << 20), b""))
+
+
+def run_kineto(model, inputs, gen, device, tmp: Path) -> dict:
+    logdir = tmp / "kineto"
+    shutil.rmtree(logdir, ignore_errors=True)
+    mem = PeakRSS()
+    gc.collect()
+    sync(device)
+    t0 = time.perf_counter()
+    with moe_trace.profile(model, mode="kineto", logdir=logdir) as run:
+        out = model.generate(**inputs, **gen)
+        sync(device)
+        mem.start()
+    t_block = time.perf_counter()
+    files = run.trace_files  # waits for the writer
+    t_disk = time.perf_counter()
+    peak = mem.stop()
+    timings = getattr(run, "export_timings", None) or {}
+    stopped = timings.get("profiler_stopped")
+    f = files[0]
+    return {"total": t_disk - t0, "block": t_block - t0,
+            "after_stop": (t_block - stopped) if stopped else None, "tokens": out,
+            "export_peak_mb": peak / 2 ** 20, "file_bytes": f.stat().st_size,
+            "file_bytes_json": uncompressed_size(f), "timings": timings}
+
+
+def run_tb_handler(model, inputs, gen, device, tmp: Path) -> dict:
+    from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
+    logdir = tmp / "tb"
+    shutil.rmtree(logdir, ignore_errors=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    mem = PeakRSS()
+    gc.collect()
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts, on_trace_ready=tensorboard_trace_handler(str(logdir))):
+        out = model.generate(**inputs, **gen)
+        sync(device)
+        mem.start()
+    t_disk = time.perf_counter()
+    peak = mem.stop()
+    f = next(logdir.glob("*.pt.trace.json*"))
+    return {"total": t_disk - t0, "block": t_disk - t0, "after_stop": None, "tokens": out,
+            "export_peak_mb": peak / 2 ** 20, "file_bytes": f.stat().st_size,
+            "file_bytes_json": uncompressed_size(f)}
+
+
+VARIANTS = {"kineto": run_kineto, "tb_handler": run_tb_handler}
+
+
+def build(name, layers, device, tiny):
+    if tiny:
+        from moe_trace.models import build_tiny_model
+
+        return build_tiny_model("olmoe", device=device, num_hidden_layers=layers or 8).eval()
+    from moe_trace.models.reference import build_reference_model
+
+    return build_reference_model(name, num_hidden_layers=layers, dtype=torch.bfloat16, device=device).eval()
+
+
+def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers) -> dict:
+    torch.manual_seed(0)
+    model = build(model_name, layers, device, tiny)
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(3, vocab, (batch, prompt), device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    tmp = Path(tempfile.mkdtemp(prefix="moe_kspeed_"))
+    res: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    names = list(VARIANTS)
+    try:
+        with torch.no_grad():
+            for v in names:  # warm-up
+                VARIANTS[v](model, inputs, gen, device, tmp)
+            for rep in range(reps):
+                order = names if rep % 2 == 0 else names[::-1]
+                for v in order:
+                    r = VARIANTS[v](model, inputs, gen, device, tmp)
+                    res[v].append(r)
+                    print(f"[{label}] rep {rep} {v:<10} total {r['total']:7.3f} s  block {r['block']:7.3f} s  "
+                          f"export peak {r['export_peak_mb']:7.1f} MB  file {r['file_bytes'] / 1e6:7.2f} MB",
+                          flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        del model
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    tok = batch * new
+    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("total", "block", "export_peak_mb",
+                                                               "file_bytes", "file_bytes_json")}
+           for v, rs in res.items()}
+    after = [r["after_stop"] for r in res["kineto"] if r["after_stop"] is not None]
+    same = all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(res["kineto"], res["tb_handler"]))
+    raw_mb = med["tb_handler"]["file_bytes_json"] / 2 ** 20
+    summary = {
+        "case": label, "model": "tiny-olmoe" if tiny else model_name, "layers": layers, "batch": batch,
+        "prompt": prompt, "new": new, "reps": reps, "device": torch.cuda.get_device_name() if
+        device.startswith("cuda") else "cpu",
+        "median": med, "ratio_total": med["kineto"]["total"] / med["tb_handler"]["total"],
+        "after_stop_max_s": max(after) if after else None,
+        "raw_trace_mb": raw_mb,
+        "export_peak_over_raw": med["kineto"]["export_peak_mb"] / raw_mb if raw_mb else None,
+        "bytes_per_token": {"kineto_file": med["kineto"]["file_bytes"] / tok,
+                            "kineto_json": med["kineto"]["file_bytes_json"] / tok,
+                            "tb_handler_json": med["tb_handler"]["file_bytes_json"] / tok},
+        "slim_over_plain_bytes": med["kineto"]["file_bytes"] / med["tb_handler"]["file_bytes"],
+        "same_tokens": same,
+        "kineto_timings_last": res["kineto"][-1].get("timings"),
+    }
+    print(f"\n## {label}: {summary['model']} batch {batch} prompt {prompt} new {new}, reps {reps}, {summary['device']}")
+    print("| variant | total s (median) | block s | export peak MB | file MB | json MB |")
+    print("|---|---|---|---|---|---|")
+    for v in names:
+        m = med[v]
+        print(f"| {v} | {m['total']:.3f} | {m['block']:.3f} | {m['export_peak_mb']:.1f} | "
+              f"{m['file_bytes'] / 1e6:.2f} | {m['file_bytes_json'] / 1e6:.2f} |")
+    print(f"kineto / tb_handler total: x{summary['ratio_total']:.3f}; block after profiler stop (max): "
+          f"{summary['after_stop_max_s']}; export peak / raw trace: {summary['export_peak_over_raw']}; "
+          f"slim file / plain file: {summary['slim_over_plain_bytes']:.3f}; same tokens: {same}", flush=True)
+    return summary
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=None, help=f"comma list of {', '.join(CASES)} (GPU); default: one case "
+                    "from --model/--batch/--prompt/--new")
+    ap.add_argument("--model", default="olmoe-1b-7b")
+    ap.add_argument("--tiny", action="store_true", help="the tiny random OLMoE (CPU box case)")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--new", type=int, default=48)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json", default=None, help="append one JSON line per case here")
+    args = ap.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    todo = [(c, CASES[c]) for c in args.cases.split(",")] if args.cases else \
+        [("custom", dict(model=args.model, batch=args.batch, prompt=args.prompt, new=args.new))]
+    for label, c in todo:
+        s = bench_case(label, c["model"], c["batch"], c["prompt"], c["new"], args.reps, device, args.tiny, args.layers)
+        if args.json:
+            with open(args.json, "a") as fh:
+                fh.write(json.dumps(s, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
