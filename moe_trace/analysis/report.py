@@ -10,6 +10,7 @@ import numpy as np
 from moe_trace.errors import ConfigError
 
 from .metrics import ZERO_FLOPS, add_flops, balance, flops, k_stats
+from .roofline import format_roofline, roofline
 from .rundata import PHASES, LayerCounts, RunData
 
 SCHEMA = "moe-trace/report/1"
@@ -19,10 +20,11 @@ class Report:
     """Metrics of one run; `parts` holds one `RunData` per process (rank), usually just one."""
 
     def __init__(self, parts: RunData | list[RunData], ranks: list[int | None] | None = None,
-                 ep_size: int | None = None, run_id: str | None = None):
+                 ep_size: int | None = None, run_id: str | None = None, peak: dict[str, float] | None = None):
         """`ep_size`: add the load per expert-parallel rank for that many ranks (contiguous placement);
         by default only for runs that were expert parallel. `run_id`: the run's id (default: the
-        parts' `run_id` when they agree)."""
+        parts' `run_id` when they agree). `peak`: `{"tbps": ..., "tflops": ...}` of the device for the
+        roofline's shares (default: a table of known GPUs, see analysis/roofline.py)."""
         self.parts = [parts] if isinstance(parts, RunData) else list(parts)
         if not self.parts:
             raise ValueError("a Report needs at least one RunData")
@@ -33,6 +35,9 @@ class Report:
         if ep_size is not None and (not isinstance(ep_size, int) or ep_size < 1):
             raise ConfigError(f"ep_size must be a positive integer, got {ep_size!r}")
         self.ep_size = ep_size
+        if peak is not None and not (isinstance(peak, dict) and set(peak) <= {"tbps", "tflops"}):
+            raise ConfigError(f"peak must be a dict with 'tbps' and/or 'tflops', got {peak!r}")
+        self.peak = peak
         self.notes: list[str] = []
         self._dict: dict[str, Any] | None = None
 
@@ -112,6 +117,9 @@ class Report:
                 phases[p]["time_ms"] = {k: _sum_opt(t.get(k) for t in run.timing[p])
                                         for k in ("router_ms", "experts_ms", "shared_ms")}
         total_flops = add_flops(phase_flops["prefill"], phase_flops["decode"])
+        rf = roofline(layers, run.counts, lambda i, p: out_layers[i]["phases"][p]["flops"]["total"],
+                      lambda i, p: out_layers[i]["phases"][p]["k_mean"], run.timing,
+                      (run.settings or {}).get("devices") or {}, self.peak)
         total_tokens = sum(run.forward_tokens.get(p, 0) for p in PHASES)
         return {
             "schema": SCHEMA,
@@ -125,6 +133,7 @@ class Report:
             "layers": out_layers,
             "devices": self._devices(),
             "expert_parallel": self._expert_parallel(run),
+            "roofline": rf,
             "notes": list(self.notes),
         }
 
@@ -233,11 +242,16 @@ class Report:
             f"top-{m['top_k']}, hidden {m['hidden_size']}, expert dim {m['expert_dim']}"
             + (f", shared dim {m['shared_expert_dim']}" if m["shared_expert_dim"] else ""),
         ]
+        timed = d["timing_source"] is not None
         for p in PHASES:
             ph = d["phases"][p]
-            lines.append(f"  {p:<8} forwards {ph['forward_calls']:>5}  tokens {ph['tokens']:>8}  "
-                         f"FLOPs {_fmt(ph['flops']['total'])} ({_fmt(ph['flops_per_token'])}/token)")
-        timed = d["timing_source"] is not None
+            line = (f"  {p:<8} forwards {ph['forward_calls']:>5}  tokens {ph['tokens']:>8}  "
+                    f"FLOPs {_fmt(ph['flops']['total'])} ({_fmt(ph['flops_per_token'])}/token)")
+            if timed and ph.get("time_ms"):
+                t = ph["time_ms"]
+                line += (f"  router {_fmt_ms(t['router_ms'])} ms  experts {_fmt_ms(t['experts_ms'])} ms  "
+                         f"shared {_fmt_ms(t['shared_ms'])} ms")
+            lines.append(line)
         head = f"  {'layer':>5} {'device':<8} {'tokens':>8} {'k_mean':>6} {'active':>6} {'cv':>6} {'gini':>6} " \
                f"{'ent':>5} {'max/mean':>8} {'GFLOPs':>9}"
         if timed:
@@ -252,7 +266,12 @@ class Report:
                 row += f" {_fmt_ms(t['router_ms']):>9} {_fmt_ms(t['experts_ms']):>10} {_fmt_ms(t['shared_ms']):>9}"
             lines.append(row)
         if timed:
-            lines.append(f"  timing: {d['timing_source']}")
+            lines.append(f"  timing: {d['timing_source']} (ms summed over the run's forwards; per phase above)")
+            lines += format_roofline(d["roofline"])
+        else:
+            lines.append("  latency: not measured in stats mode; profile(model, mode=\"timing\") (CUDA events) or "
+                         "mode=\"kineto\" (trace), `--mode timing` on the command line, adds router / experts / "
+                         "shared ms per layer and phase")
         ep = d.get("expert_parallel")
         if ep:
             loads = " ".join(f"{r['assignments']}" for r in ep["ranks"])

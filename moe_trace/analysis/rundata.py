@@ -39,6 +39,10 @@ class LayerInfo:
     handler: str = "generic"
     experts_implementation: str | None = None
     sources: dict[str, str] = field(default_factory=dict)
+    # weight bytes from the modules' own tensors (0: unknown); the roofline's bytes read per forward
+    expert_bytes: int = 0  # one routed expert
+    router_bytes: int = 0
+    shared_bytes: int = 0  # all shared experts (and their gate) of the layer
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +69,9 @@ class LayerCounts:
     excluded: int = 0
     top1_prob_sum: float = 0.0
     entropy_sum: float = 0.0
+    # sum over forwards of the distinct experts that got a token in that forward (the expert weights
+    # read); 0 when not recorded (stats / timing mode: the roofline then estimates it)
+    expert_reads: int = 0
 
     @classmethod
     def empty(cls, num_experts: int, max_k: int) -> "LayerCounts":
@@ -84,6 +91,7 @@ class LayerCounts:
             excluded=self.excluded + other.excluded,
             top1_prob_sum=self.top1_prob_sum + other.top1_prob_sum,
             entropy_sum=self.entropy_sum + other.entropy_sum,
+            expert_reads=self.expert_reads + other.expert_reads,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,6 +103,7 @@ class LayerCounts:
             "excluded": int(self.excluded),
             "top1_prob_sum": float(self.top1_prob_sum),
             "entropy_sum": float(self.entropy_sum),
+            "expert_reads": int(self.expert_reads),
         }
 
     @classmethod
@@ -107,6 +116,7 @@ class LayerCounts:
             excluded=int(d.get("excluded", 0)),
             top1_prob_sum=float(d.get("top1_prob_sum", 0.0)),
             entropy_sum=float(d.get("entropy_sum", 0.0)),
+            expert_reads=int(d.get("expert_reads", 0) or 0),
         )
 
 

@@ -73,7 +73,23 @@ def _match_all(model: nn.Module) -> list[MoEBinding]:
             "moe_trace.register_handler (see docs/handlers.md).")
     for i, b in enumerate(bindings):
         b.info.index = i
+        b.info.expert_bytes, b.info.router_bytes, b.info.shared_bytes = weight_bytes(b)
     return bindings
+
+
+def weight_bytes(b: MoEBinding) -> tuple[int, int, int]:
+    """(bytes of one routed expert, of the router, of the shared experts) from the modules' own tensors
+    (numel x element size, also on the meta device; this rank's shards under tensor / expert parallel)."""
+    def total(modules) -> int:
+        seen: dict[int, int] = {}
+        for m in modules:
+            for t in list(m.parameters()) + list(m.buffers()):
+                seen.setdefault(id(t), t.numel() * t.element_size())
+        return sum(seen.values())
+
+    experts = total(b.experts)
+    return (experts // max(b.info.num_experts, 1), total([b.router] if b.router is not None else []),
+            total(b.shared))
 
 
 def detect(model: nn.Module) -> list[LayerInfo]:

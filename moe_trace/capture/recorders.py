@@ -108,6 +108,7 @@ class KinetoRecorder:
         self.trace_files: list[Path] = []
         self._snapshots: list[tuple[int, int, int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
         self._raw_traces: list[Path] = []
+        self._steps: tuple[int, list] | None = None
         self._prof = None
         self._tmpdir: Path | None = None
 
@@ -174,7 +175,13 @@ class KinetoRecorder:
         return self.trace_files
 
     def step_deltas(self) -> list[dict[str, Any]]:
-        """Per-step counts (differences of successive device snapshots), read in one copy per device."""
+        """Per-step counts (differences of successive device snapshots), read in one copy per device
+        (computed once: the session's roofline and the trace export both use them)."""
+        if self._steps is None or self._steps[0] != len(self._snapshots):
+            self._steps = (len(self._snapshots), self._step_deltas())
+        return self._steps[1]
+
+    def _step_deltas(self) -> list[dict[str, Any]]:
         if not self._snapshots:
             return []
         layers_info = self.counters.layers

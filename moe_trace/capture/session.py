@@ -25,6 +25,7 @@ from moe_trace.trace.format import new_run_id, range_name, step_name
 
 from .counters import Pending
 from .detect import find_bindings
+from .environment import environment
 from .handlers.base import MoEBinding, MoEHandler
 from .observers import ObserverSet, Step
 from .options import MODES, ProfileOptions
@@ -103,6 +104,7 @@ class ProfileRun:
         self._phase = 0
         self._step = -1
         self._current: Step | None = None
+        self._first_prefill: tuple[int, int] | None = None
         self._depth = 0
         self._scores: dict[int, Any] = {}
         # Layers whose experts were seen to receive the router's own index and weight tensors are
@@ -156,9 +158,24 @@ class ProfileRun:
             raise ProfileStateError("nothing recorded yet: use `with moe_trace.profile(model) as run:` first")
         return self._run_data
 
-    def report(self) -> Report:
-        """Metrics of the run (counts, k, load balance, FLOPs, timing per layer, phase and device)."""
-        return Report(self.run_data)
+    def report(self, peak: dict[str, float] | None = None) -> Report:
+        """Metrics of the run (counts, k, load balance, FLOPs, timing per layer, phase and device).
+        In kineto mode without CUDA events the timing is the trace's GPU (or CPU) range times, exactly
+        what `moe_trace.analyze(logdir)` reports. `peak`: see `Report`."""
+        run = self.run_data
+        if run.timing is None and self.trace_files:
+            run = self._with_trace_timing(run)
+        return Report(run, peak=peak)
+
+    def _with_trace_timing(self, run: RunData) -> RunData:
+        if getattr(self, "_trace_timed", None) is None:
+            import dataclasses
+
+            from moe_trace.trace.reader import read_trace, report_of
+
+            traced = report_of([read_trace(f, progress=False) for f in self.trace_files]).run
+            self._trace_timed = dataclasses.replace(run, timing=traced.timing, timing_source=traced.timing_source)
+        return self._trace_timed
 
     # -- hooks --------------------------------------------------------------------------------
     def _build_middleware(self) -> dict[int, Middleware]:
@@ -257,6 +274,8 @@ class ProfileRun:
         self.observers.step_start(step)
         phase = step.phase
         self._phase = PHASES.index(phase)
+        if self._phase == 0 and self._first_prefill is None and step.batch is not None:
+            self._first_prefill = (step.batch, step.positions)
         self.forward_calls[phase] += 1
         self.forward_tokens[phase] += step.tokens
         self.counters.set_phase(self._phase)
@@ -378,6 +397,10 @@ class ProfileRun:
     # -- collect ----------------------------------------------------------------------------------
     def _collect(self) -> RunData:
         counts = self.counters.collect()
+        if self.kineto is not None:  # per-forward counts: the distinct experts each forward read
+            for st in self.kineto.step_deltas():
+                for i, rec in st["layers"].items():
+                    counts[st["phase"]][i].expert_reads += sum(1 for x in rec["expert_counts"] if x)
         timing, source = (None, None)
         if self._timer is not None:
             timing, source = self._timer.resolve(len(self.layers))
@@ -387,7 +410,8 @@ class ProfileRun:
                       "class": type(self.model).__name__}
         settings = {"mode": self.mode, "selector": _describe(self.selector),
                     "router_middleware": _describe(self.router_middleware), "slim": self.options.slim,
-                    "parallel": parallel_layout(self.model, [e for b in self.bindings for e in b.experts])}
+                    "parallel": parallel_layout(self.model, [e for b in self.bindings for e in b.experts]),
+                    **environment(self.model, list(self.counters.devices), self._first_prefill, self.forward_calls)}
         return RunData(model=model_info, layers=self.layers, counts=counts,
                        forward_calls=dict(self.forward_calls), forward_tokens=dict(self.forward_tokens),
                        timing=timing, timing_source=source, peak_memory=self.counters.peak_memory(),

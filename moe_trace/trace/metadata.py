@@ -20,7 +20,8 @@ MAX_EXPERTS = 1 << 20
 MAX_LAYERS = 1 << 16
 MAX_INT = 1 << 62
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-_LAYER_INTS = ("hidden_size", "expert_dim", "expert_hidden_size", "shared_expert_dim", "router_flops_per_token")
+_LAYER_INTS = ("hidden_size", "expert_dim", "expert_hidden_size", "shared_expert_dim", "router_flops_per_token",
+               "expert_bytes", "router_bytes", "shared_bytes")
 
 
 class _Bad(Exception):
@@ -125,6 +126,7 @@ def _counts(d: Any, where: str, num_experts: int) -> dict:
         "excluded": _int(d.get("excluded", 0), f"{where}.excluded"),
         "top1_prob_sum": _float(d.get("top1_prob_sum", 0.0), f"{where}.top1_prob_sum"),
         "entropy_sum": _float(d.get("entropy_sum", 0.0), f"{where}.entropy_sum"),
+        "expert_reads": _int(d.get("expert_reads", 0), f"{where}.expert_reads"),
     }
 
 
