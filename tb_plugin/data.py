@@ -41,20 +41,28 @@ class UnknownRunError(KeyError):
 
 # -- the data provider ------------------------------------------------------------------------
 
-def default_provider(run_dir: str) -> dict:
-    """`moe_trace.analyze` of the trace files directly in `run_dir`, as `Report.to_dict()`.
+def default_provider(run_dir: str, files: list[str] | None = None) -> dict:
+    """The report of one run, as `Report.to_dict()` plus `"step_timeline"` (per process: the recorded
+    steps with their per-layer counters, see docs/trace-format.md; the store serves it next to the
+    report, as `/report`'s `step_timeline`).
 
-    Only the directory's own files: a sub-directory with traces is a run of its own (as TensorBoard
-    treats run directories), so it is not folded into its parent's report.
+    `files`: the run's trace files (the store passes them, checked to lie inside the log dir); by
+    default the trace files directly in `run_dir` that are not symlinks to elsewhere. A sub-directory
+    with traces is a run of its own (as TensorBoard treats run directories).
     """
-    files = [os.path.join(run_dir, n) for n in sorted(os.listdir(run_dir)) if TRACE_RE.search(n)]
-    try:
-        from moe_trace.trace.reader import read_trace, report_of
-    except ImportError:  # an older layout of moe_trace.trace: analyze the directory
-        from moe_trace.trace import analyze
+    from moe_trace.trace.reader import read_trace, runs_of
+    from moe_trace.trace.runs import run_report, select_run
 
-        return analyze(run_dir).to_dict()
-    return report_of([read_trace(f, progress=False) for f in files], run_dir).to_dict()
+    if files is None:
+        root = os.path.realpath(run_dir)
+        files = [os.path.join(run_dir, n) for n in sorted(os.listdir(run_dir))
+                 if TRACE_RE.search(n) and _inside(os.path.realpath(os.path.join(run_dir, n)), root)]
+    datas = [read_trace(f, progress=False) for f in files]
+    run = select_run(runs_of(datas, run_dir), None, run_dir)
+    out = run_report(run).to_dict()
+    out = dict(out, step_timeline=[{"file": os.path.basename(str(d.path)), "rank": d.rank,
+                                    "steps": d.step_timeline()} for d in run.files if not d.merged])
+    return out
 
 
 _provider: Provider = default_provider
@@ -73,17 +81,22 @@ def get_provider() -> Provider:
 # -- run names --------------------------------------------------------------------------------
 
 def check_run_name(name: Any) -> str:
-    """Return `name` if it is a syntactically safe relative run name, else raise RunNameError."""
+    """Return `name` if it is a well-formed run name, else raise RunNameError.
+
+    Run names are looked up in the set of discovered runs and never joined to the file system, so
+    any name a directory can have is served (backslashes, newlines, `~`, `@`, ...); rejected are only
+    names no scan can produce: not a string, empty, too long, a NUL, absolute, or with empty, `.` or
+    `..` components."""
     if not isinstance(name, str) or not name:
         raise RunNameError("missing run name")
     if len(name) > MAX_RUN_NAME:
         raise RunNameError("run name too long")
-    if "\x00" in name or "\\" in name or any(ord(c) < 32 for c in name):
+    if "\x00" in name:
         raise RunNameError("run name has forbidden characters")
-    if name.startswith("/") or name.startswith("~") or re.match(r"^[A-Za-z]:", name):
+    if name.startswith("/"):
         raise RunNameError("run name must be relative to the log dir")
     if name != ".":
-        parts = name.split("/")
+        parts = name.split("@", 1)[0].split("/")
         if any(p in ("", ".", "..") for p in parts):
             raise RunNameError("run name must not contain empty, '.' or '..' components")
     return name
@@ -122,6 +135,7 @@ class _Entry:
     body_gz: bytes = b""
     loaded_at: float = 0.0
     load_s: float = 0.0
+    timeline: list | None = None  # per process: the recorded steps with their per-layer counters
 
 
 @dataclass
@@ -131,6 +145,8 @@ class _Run:
     lock: threading.Lock = field(default_factory=threading.Lock)
     entry: _Entry | None = None
     kind: tuple | None = None  # (signature, "moe" | "plain" | "unknown")
+    files: tuple[str, ...] | None = None  # names of its files in `path`; None: every trace file there
+    alias: bool = False  # a directory's own name when it holds several runs: the newest (not listed)
 
 
 class RunStore:
@@ -146,28 +162,108 @@ class RunStore:
         self._runs: dict[str, _Run] = {}
         self._scanned_at = -math.inf
         self._load_slots = threading.BoundedSemaphore(max_parallel_loads)
+        self._heads: dict[str, tuple] = {}
+        self.unreadable: list[str] = []
 
     # discovery -------------------------------------------------------------------------------
-    def _trace_files(self, path: str) -> list[os.DirEntry]:
+    def _trace_files(self, path: str, names: tuple[str, ...] | None = None) -> list[os.DirEntry]:
+        """The trace files directly in `path` (only `names` when given) that are regular files inside
+        the log dir (a symlink must resolve inside it; FIFOs, sockets, directories are skipped)."""
         out = []
         try:
             with os.scandir(path) as it:
                 for e in it:
-                    if TRACE_RE.search(e.name) and e.is_file():
-                        # a symlinked trace must still resolve inside the log dir
-                        if e.is_symlink() and not _inside(os.path.realpath(e.path), self.logdir):
+                    if names is not None and e.name not in names:
+                        continue
+                    try:
+                        if not (TRACE_RE.search(e.name) and e.is_file()):
                             continue
-                        out.append(e)
+                        if not _inside(os.path.realpath(e.path), self.logdir):
+                            continue
+                    except OSError:
+                        continue
+                    out.append(e)
         except OSError:
             return []
         return sorted(out, key=lambda e: e.name)
 
-    def _scan(self) -> dict[str, str]:
-        found: dict[str, str] = {}
+    def _head(self, e: os.DirEntry) -> tuple:
+        """(group key, label, started, kind) of one trace file from its header, cached by mtime/size."""
+        try:
+            st = e.stat()
+        except OSError:
+            return (("unreadable", e.name), _safe_label(e.name), 0.0, "unknown")
+        sig = (st.st_mtime_ns, st.st_size)
+        hit = self._heads.get(e.path)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+        try:
+            head = peek_header(e.path, HEADER_PEEK_BYTES)
+        except Exception:  # unreadable or corrupt: a run of its own, whose load says what is wrong
+            head = None
+        info: tuple
+        if head is None:
+            info = (("unknown", e.name), _safe_label(e.name), st.st_mtime, "unknown")
+        else:
+            from moe_trace.trace.io import head_meta
+            from moe_trace.trace.runs import run_key
+
+            meta = head_meta(head)
+            kl = run_key(meta, e.path) if meta or not _MOE_RE.search(head) else None
+            if kl is None:
+                kind = "moe" if _MOE_RE.search(head) else "plain"
+                info = (("plain",) if kind == "plain" else ("unknown", e.name), "plain" if kind == "plain"
+                        else _safe_label(e.name), st.st_mtime, kind)
+            else:
+                mt = meta.get(META_KEY) if isinstance(meta.get(META_KEY), dict) else {}
+                t = mt.get("started_at")
+                started = float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else st.st_mtime
+                info = (kl[0], _safe_label(kl[1]), started, "moe")
+        if len(self._heads) > 100_000:
+            self._heads.clear()
+        self._heads[e.path] = (sig, info)
+        return info
+
+    def _dir_runs(self, name: str, dirpath: str, found: dict) -> None:
+        """The runs of one directory: its own name when it holds one run, else `{name}@{run label}`
+        for each (and `name` as an unlisted alias of the newest)."""
+        entries = self._trace_files(dirpath)
+        groups: dict[tuple, list] = {}
+        for e in entries:
+            key, label, started, _kind = self._head(e)
+            g = groups.setdefault(key, [label, 0.0, []])
+            g[1] = max(g[1], started)
+            g[2].append(e.name)
+        moe = {k: g for k, g in groups.items() if k != ("plain",)}
+        if len(moe) <= 1:
+            found[name] = (dirpath, None, False)
+            return
+        if ("plain",) in groups:  # plain torch.profiler files next to several runs: listed as plain
+            moe[("plain",)] = groups[("plain",)]
+        from moe_trace.trace.runs import unique_labels
+
+        keys = list(moe)
+        labels = unique_labels([moe[k][0] for k in keys], ["" for _ in keys])
+        newest = max(keys, key=lambda k: (moe[k][1] if k != ("plain",) else -1.0))
+        for k, label in zip(keys, labels):
+            sub = f"{name}@{label}" if name != "." else f"@{label}"
+            found[sub] = (dirpath, tuple(moe[k][2]), False)
+        found[name] = (dirpath, tuple(moe[newest][2]), True)
+
+    def _scan(self) -> dict[str, tuple]:
+        found: dict[str, tuple] = {}
+        self.unreadable = []
         if not self.logdir or not os.path.isdir(self.logdir):
             return found
         n = 0
-        for dirpath, dirnames, filenames in os.walk(self.logdir, followlinks=False):
+
+        def onerror(exc: OSError) -> None:
+            rel = os.path.relpath(exc.filename, self.logdir) if exc.filename else "?"
+            self.unreadable.append(rel)
+            logger.warning("moe_trace plugin: cannot read %s under the log dir (%s); its runs are not listed",
+                           rel, exc.strerror or type(exc).__name__)
+
+        for dirpath, dirnames, filenames in os.walk(self.logdir, followlinks=False, onerror=onerror):
             n += 1
             if n > MAX_DIRS_SCANNED:
                 logger.warning("moe_trace plugin: stopped scanning %s after %d dirs", self.logdir, n)
@@ -176,7 +272,7 @@ class RunStore:
             if any(TRACE_RE.search(f) for f in filenames):
                 rel = os.path.relpath(dirpath, self.logdir)
                 name = "." if rel == "." else rel.replace(os.sep, "/")
-                found[name] = dirpath
+                self._dir_runs(name, dirpath, found)
         return found
 
     def refresh(self, force: bool = False) -> None:
@@ -191,9 +287,10 @@ class RunStore:
                 for name in list(self._runs):
                     if name not in found:
                         del self._runs[name]
-                for name, path in found.items():
-                    if name not in self._runs:
-                        self._runs[name] = _Run(name, path)
+                for name, (path, files, alias) in found.items():
+                    run = self._runs.get(name)
+                    if run is None or run.path != path or run.files != files or run.alias != alias:
+                        self._runs[name] = _Run(name, path, files=files, alias=alias)
             self._scanned_at = time.monotonic()
 
     def has_runs(self) -> bool:
@@ -202,9 +299,10 @@ class RunStore:
         return bool(self._runs)
 
     def run_names(self) -> list[str]:
+        """The listed runs (a directory that holds several runs lists each, not the directory)."""
         self.refresh()
         with self._lock:
-            return sorted(self._runs)
+            return sorted(n for n, r in self._runs.items() if not r.alias)
 
     def _get_run(self, name: Any) -> _Run:
         name = check_run_name(name)
@@ -225,7 +323,7 @@ class RunStore:
     # listing ---------------------------------------------------------------------------------
     def signature(self, run: _Run) -> tuple:
         sig = []
-        for e in self._trace_files(run.path):
+        for e in self._trace_files(run.path, run.files):
             try:
                 st = e.stat()
             except OSError:
@@ -314,16 +412,23 @@ class RunStore:
             e.error = "no *.pt.trace.json[.gz] files in this run"
         else:
             try:
-                report = provider(run.path)
+                if _takes_files(provider):  # the checked files only: nothing outside the log dir
+                    report = provider(run.path, files=[os.path.join(run.path, f[0]) for f in sig])
+                else:  # a provider of the older one-argument kind
+                    report = provider(run.path)
                 if not isinstance(report, dict):
                     raise TypeError(f"provider returned {type(report).__name__}, not a dict")
+                timeline = report.pop("step_timeline", None) if "step_timeline" in report else None
                 e.report = report
+                e.timeline = timeline
             except Exception as exc:  # a bad or half-written trace must not break the plugin
                 logger.info("moe_trace plugin: run %r failed to load", run.name, exc_info=True)
                 e.error = _describe(exc)
                 if self.logdir:  # show paths relative to the log dir, not the server's file system
                     e.error = e.error.replace(self.logdir + os.sep, "")
         payload = {"run": run.name, "error": e.error} if e.error else {"run": run.name, "report": e.report}
+        if not e.error and e.timeline is not None:
+            payload["step_timeline"] = e.timeline
         e.body = dumps(payload)
         e.body_gz = gzip.compress(e.body, compresslevel=3, mtime=0)
         e.load_s = time.perf_counter() - t0
@@ -331,10 +436,33 @@ class RunStore:
 
 
 def _describe(exc: BaseException) -> str:
-    msg = str(exc).strip() or exc.__class__.__name__
-    if isinstance(exc, (json.JSONDecodeError, EOFError, gzip.BadGzipFile)) or "JSON" in type(exc).__name__:
-        msg = f"unreadable trace (bad or half-written file?): {msg}"
-    return f"{exc.__class__.__name__}: {msg}"[:2000]
+    """The error text a client sees: moe-trace's own one-sentence messages (they name the file and the
+    problem, never its bytes); anything else only by its type (details go to the server log)."""
+    try:
+        from moe_trace.errors import MoeTraceError
+    except ImportError:  # pragma: no cover
+        MoeTraceError = ()  # type: ignore[assignment]
+    if isinstance(exc, MoeTraceError):
+        msg = str(exc).strip() or exc.__class__.__name__
+        return f"{exc.__class__.__name__}: {msg}"[:2000]
+    if isinstance(exc, (json.JSONDecodeError, EOFError, gzip.BadGzipFile, UnicodeError)) or "JSON" in type(exc).__name__:
+        return f"{exc.__class__.__name__}: unreadable trace (bad or half-written file?)"
+    return f"{exc.__class__.__name__}: the run could not be loaded (details in the TensorBoard log)"
+
+
+def _takes_files(fn: Callable) -> bool:
+    import inspect
+
+    try:
+        return "files" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _safe_label(x: Any) -> str:
+    """A run label for a TensorBoard run name: file-name safe characters only (ids come from files)."""
+    out = re.sub(r"[^A-Za-z0-9_.:+-]", "_", str(x))[:96]
+    return out if out.strip(".") else "_" + out
 
 
 def _clean(obj: Any) -> Any:

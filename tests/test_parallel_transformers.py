@@ -206,6 +206,11 @@ def test_analyze_counts_the_batch_group_once(runs, mode):
     files = sorted(p.name for p in traces.glob("*.pt.trace.json.gz"))
     assert len(files) == 2 and files[0].startswith("rank0_") and files[1].startswith("rank1_"), files
     combined = moe_trace.analyze(traces).to_dict()
+    # the ranks of one torchrun job share one run id, without a collective (trace/format.py job_token)
+    from moe_trace.trace import read_metadata
+
+    ids = {read_metadata(traces / f)["moe_trace"].get("run_id") for f in files}
+    assert len(ids) == 1 and None not in ids and combined["run_id"] in ids, ids
     one = ranks[0]["report"]
     # one rank's counts, not the sum over both ranks (which hold the same batch)
     assert _counts(combined) == _counts(one) == ranks[0]["reference"]["all"], \

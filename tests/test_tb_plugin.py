@@ -243,9 +243,11 @@ def test_symlinks_out_of_logdir_are_not_followed(tmp_path):
 def test_check_run_name():
     assert tbdata.check_run_name("a/b-c_d.e") == "a/b-c_d.e"
     assert tbdata.check_run_name(".") == "."
-    for bad in (None, 3, "", "x" * 2000, "a/./b", "a\nb"):
+    for bad in (None, 3, "", "x" * 2000, "a/./b", "a\x00b", "/etc", "a//b", "../x"):
         with pytest.raises(tbdata.RunNameError):
             tbdata.check_run_name(bad)
+    for odd in ("a\nb", "a\\b", "~root", "C:x", "r@run1"):  # names a directory can have: served as listed
+        assert tbdata.check_run_name(odd) == odd
 
 
 # -- bad traces ----------------------------------------------------------------------------------------
@@ -306,10 +308,12 @@ def test_cache_reloads_only_when_files_change(tmp_path):
     tokens = e3.report["totals"]["tokens"]
     second = bench.write_run(tmp_path / "r", small_run(5), worker="host_2", pid=2)  # another run's file appears
     os.utime(second, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # and it is the newest
-    with pytest.warns(UserWarning, match="holds 2 runs"):
-        e4 = store.get("r")
-    # two runs (old files without a run id, no rank: one run per process): never added up
+    store.refresh(force=True)
+    # two runs (old files without a run id, no rank: one run per process): listed apart, never added up
+    assert store.run_names() == ["r@host_2", "r@host_4242"]
+    e4 = store.get("r@host_2")
     assert len(calls) == 3 and e4.report["totals"]["tokens"] == analyze(second).to_dict()["totals"]["tokens"] == tokens
+    assert store.get("r").report == e4.report  # the directory's name: its newest run
 
 
 def test_new_runs_are_discovered(tmp_path):

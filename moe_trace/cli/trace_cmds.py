@@ -22,6 +22,13 @@ def register(subparsers) -> None:
                    help="also show the load per expert-parallel rank with the experts placed contiguously over N "
                         "ranks (shown by default for runs that were expert parallel)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, even for large files")
+    runs = p.add_mutually_exclusive_group()
+    runs.add_argument("--run", metavar="ID",
+                      help="analyze the run with this id (or a unique prefix of it) when the directory holds several "
+                           "runs (default: the newest, and a warning lists the others)")
+    runs.add_argument("--all-runs", action="store_true",
+                      help="report every run of the directory separately, newest first (--json/--csv: one file per "
+                           "run, the run id added to the name)")
     p.set_defaults(func=_cmd_analyze)
 
     m = subparsers.add_parser(
@@ -35,30 +42,49 @@ def register(subparsers) -> None:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from moe_trace.trace.reader import read_traces, report_of
+    from moe_trace.trace.reader import read_traces, runs_of
+    from moe_trace.trace.runs import run_report, select_run
 
     progress = False if args.no_progress else None
-    datas = read_traces(args.path, progress=progress)
-    if not any(d.is_moe for d in datas):
-        for d in datas:
-            print(d.summary)
-        report_of(datas, args.path)  # raises the TraceError that says what is missing
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = report_of(datas, args.path, ep_size=args.ep_size)
-        report.to_dict()  # a bad --ep-size is a ConfigError with its fix, raised here
-    for w in caught:
-        print(f"moe-trace: warning: {w.message}", file=sys.stderr)
-    print(report)
-    if args.per_device:
-        print(_per_device(report, datas))
-    if args.json:
-        report.to_json(args.json)
-        print(f"wrote {args.json}")
-    if args.csv:
-        report.to_csv(args.csv)
-        print(f"wrote {args.csv}")
+        try:
+            datas = read_traces(args.path, progress=progress)
+            if not any(d.is_moe for d in datas):
+                for d in datas:
+                    print(d.summary)
+            runs = runs_of(datas, args.path)  # raises the TraceError that says what is missing
+            chosen = runs if args.all_runs else [select_run(runs, args.run, args.path)]
+            reports = [(r, run_report(r, ep_size=args.ep_size)) for r in chosen]
+            for _, report in reports:
+                report.to_dict()  # a bad --ep-size is a ConfigError with its fix, raised here
+        finally:
+            for w in caught:
+                print(f"moe-trace: warning: {w.message}", file=sys.stderr)
+    for run, report in reports:
+        if args.all_runs:
+            print(f"== run {run.describe()} ==")
+        print(report)
+        if args.per_device:
+            print(_per_device(report, run.files))
+        for fmt, dest in (("json", args.json), ("csv", args.csv)):
+            if dest:
+                out = _per_run_path(dest, run.id if args.all_runs else None)
+                report.to_json(out) if fmt == "json" else report.to_csv(out)
+                print(f"wrote {out}")
     return 0
+
+
+def _per_run_path(dest: str, rid: str | None) -> str:
+    """`report.json` -> `report.{run id}.json` for --all-runs (run ids are file-name safe)."""
+    if rid is None:
+        return dest
+    import re
+    from pathlib import Path
+
+    p = Path(dest)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", rid)
+    return str(p.with_name(f"{p.stem}.{safe}{p.suffix}"))
 
 
 def _per_device(report, datas) -> str:

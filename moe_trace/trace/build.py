@@ -84,7 +84,8 @@ def build(path: Path, meta: dict, agg: Aggregate, parser: str, nbytes: int, seco
         layer, metric = int(m.group(1)), m.group(2)
         rec = part_counters[part].setdefault(step, {}).setdefault(layer, {})
         if metric == "expert_tokens":
-            rec["expert_tokens"] = [_count(v) for _, v in sorted(args.items())]
+            vals = [v for _, v in sorted(args.items())]
+            rec["expert_tokens"] = vals if all(type(v) is int for v in vals) else [_count(v) for v in vals]
         else:
             v = next(iter(args.values()), None)
             rec[metric] = _count(v) if metric == "active_experts" else _value(v)

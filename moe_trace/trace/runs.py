@@ -16,6 +16,7 @@ from pathlib import Path
 from moe_trace.analysis import PHASES, Report, RunData
 from moe_trace.errors import TraceError
 
+from .format import MERGED_PREFIX, META_KEY
 from .result import TraceData, no_meta_msg
 
 
@@ -51,61 +52,82 @@ def _mtime(p: Path) -> float:
         return 0.0
 
 
-def _model_sig(d: TraceData) -> tuple:
-    r = d.runs[0]
-    return (r.model.get("name"), r.model.get("family"), tuple(l.name for l in r.layers),
-            tuple(l.num_experts for l in r.layers))
+def _model_sig(mt: dict) -> tuple:
+    run = mt.get("run")
+    if not isinstance(run, dict):
+        parts = mt.get("parts")
+        run = parts[0].get("run") if isinstance(parts, list) and parts and isinstance(parts[0], dict) else {}
+        run = run if isinstance(run, dict) else {}
+    model = run.get("model") if isinstance(run.get("model"), dict) else {}
+    layers = run.get("layers") if isinstance(run.get("layers"), list) else []
+    return (str(model.get("name")), str(model.get("family")),
+            tuple(str(l.get("name")) + "/" + str(l.get("num_experts")) for l in layers if isinstance(l, dict)))
 
 
 def group_runs(datas: list[TraceData]) -> list[Run]:
     """The runs among `datas` (files with moe-trace metadata only), newest first."""
     groups: dict[tuple, Run] = {}
     for d in datas:
-        if not d.is_moe:
+        kl = run_key(d.metadata, d.path) if d.is_moe else None
+        if kl is None:
             continue
-        key, rid = _key(d)
+        key, rid = kl
         run = groups.get(key)
         if run is None:
             run = groups[key] = Run(id=str(rid), legacy=key[0] != "run")
         run.files.append(d)
     runs = list(groups.values())
-    # labels must be unique: a run id shared by two models, or two old files of one name
-    seen: dict[str, int] = {}
-    for r in runs:
-        seen[r.id] = seen.get(r.id, 0) + 1
-    for r in runs:
-        if seen[r.id] > 1:
-            r.id = f"{r.id}/{r.model}"
-    seen = {}
-    for r in runs:
-        k = seen.get(r.id, 0)
-        seen[r.id] = k + 1
-        if k:
-            r.id = f"{r.id}.{k}"
+    for r, label in zip(runs, unique_labels([r.id for r in runs], [r.model for r in runs])):
+        r.id = label
     runs.sort(key=lambda r: (-r.started, r.id))
     return runs
 
 
-def _key(d: TraceData) -> tuple[tuple, str]:
-    """(group key, label) of one file; a merged file goes with the run its first part came from."""
-    sig = _model_sig(d)
-    rid = d.run_id
-    p = d.process
-    if d.merged:
-        mt = d.metadata.get("moe_trace") or {}
-        parts = mt.get("parts") or [{}]
-        p = parts[0].get("process") if isinstance(parts[0].get("process"), dict) else {}
-        rid = rid or (p.get("job_run_id") if isinstance(p.get("job_run_id"), str) else None)
-        if not p and rid is None:
-            return ("merged", str(d.path)), _stem(d.path)
+def _str_or_none(x):
+    return x if isinstance(x, str) and x else None
+
+
+def run_key(meta: dict, path) -> tuple[tuple, str] | None:
+    """(group key, label) of a file from its top-level metadata; None without moe-trace metadata.
+
+    New files: their run id (and model). A merged file goes with the run its first part came from.
+    Older files: a job's ranks by world size (and model), else the windows of one process."""
+    mt = meta.get(META_KEY)
+    if not isinstance(mt, dict):
+        return None
+    sig = _model_sig(mt)
+    rid = _str_or_none(mt.get("run_id"))
+    p = mt.get("process") if isinstance(mt.get("process"), dict) else {}
+    merged = str(mt.get("schema", "")).startswith(MERGED_PREFIX) or "parts" in mt
+    if merged and rid is None:
+        parts = mt.get("parts") if isinstance(mt.get("parts"), list) else []
+        p = parts[0].get("process") if parts and isinstance(parts[0], dict) and \
+            isinstance(parts[0].get("process"), dict) else {}
+        if not p:
+            return ("merged", str(path)), _stem(path)
     if rid is not None:
         return ("run", rid, sig), rid
     if p.get("dist_rank") is not None and p.get("world_size"):
-        return ("job", p.get("world_size"), sig), f"job-{p.get('world_size')}ranks"
-    if d.merged:
-        return ("merged", str(d.path)), _stem(d.path)
-    return (("proc", p.get("hostname"), p.get("pid"), p.get("run_id"), sig, "" if p else str(d.path)),
-            str(p.get("run_id") or _stem(d.path)))
+        return ("job", str(p.get("world_size")), sig), f"job-{p.get('world_size')}ranks"
+    if merged:
+        return ("merged", str(path)), _stem(path)
+    return (("proc", str(p.get("hostname")), str(p.get("pid")), str(p.get("run_id")), sig, "" if p else str(path)),
+            str(_str_or_none(p.get("run_id")) or _stem(path)))
+
+
+def unique_labels(labels: list[str], models: list[str]) -> list[str]:
+    """Labels made unique: a run id shared by two models gets `/{model}`, remaining clashes `.{k}`."""
+    count: dict[str, int] = {}
+    for x in labels:
+        count[x] = count.get(x, 0) + 1
+    out = [f"{x}/{m}" if count[x] > 1 else x for x, m in zip(labels, models)]
+    seen: dict[str, int] = {}
+    for i, x in enumerate(out):
+        k = seen.get(x, 0)
+        seen[x] = k + 1
+        if k:
+            out[i] = f"{x}.{k}"
+    return out
 
 
 def _stem(p) -> str:
