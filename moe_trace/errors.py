@@ -23,3 +23,15 @@ class ConfigError(MoeTraceError):
 
 class TraceError(MoeTraceError):
     """A trace file or log directory that cannot be read (missing, empty, truncated, not a trace)."""
+
+
+def short_reason(exc: BaseException, limit: int = 160) -> str:
+    """The first line of `exc`'s message, for quoting inside a one-line error: parsers such as
+    yajl (ijson) append the offending bytes on later lines, and those never belong in a message."""
+    arg = exc.args[0] if len(exc.args) == 1 else str(exc)
+    if isinstance(arg, (bytes, bytearray)):
+        arg = bytes(arg).decode("utf-8", "replace")
+    text = str(arg).strip()
+    line = text.splitlines()[0].strip() if text else type(exc).__name__
+    line = "".join(c if c.isprintable() else "?" for c in line)
+    return line if len(line) <= limit else line[:limit - 3] + "..."

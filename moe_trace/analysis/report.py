@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from moe_trace.checks import output_file
 from moe_trace.errors import ConfigError
 
 from .metrics import ZERO_FLOPS, add_flops, balance, flops, k_stats
@@ -14,6 +15,35 @@ from .roofline import format_roofline, roofline
 from .rundata import PHASES, LayerCounts, RunData
 
 SCHEMA = "moe-trace/report/1"
+
+
+def _checked_parts(parts) -> list[RunData]:
+    if isinstance(parts, RunData):
+        return [parts]
+    if isinstance(parts, (str, bytes, dict)) or not hasattr(parts, "__iter__"):
+        raise ConfigError(f"Report takes a RunData or a list of them, got {type(parts).__name__}; get one from "
+                          "run.report() or moe_trace.analyze(path)")
+    parts = list(parts)
+    if not parts:
+        raise ConfigError("a Report needs at least one RunData; get one from run.report() or moe_trace.analyze(path)")
+    bad = next((p for p in parts if not isinstance(p, RunData)), None)
+    if bad is not None:
+        raise ConfigError(f"Report parts must be RunData, got {type(bad).__name__} (RunData.from_dict(d) reads a dict)")
+    return parts
+
+
+def _checked_ranks(ranks, n: int) -> list[int | None]:
+    if ranks is None:
+        return [None] * n
+    if isinstance(ranks, (str, bytes)) or not hasattr(ranks, "__iter__"):
+        raise ConfigError(f"ranks must be a list of ints (or None) with one entry per RunData, got {ranks!r}")
+    ranks = list(ranks)
+    if len(ranks) != n:
+        raise ConfigError(f"ranks has {len(ranks)} entries for {n} RunData part(s); give one rank (int or None) each")
+    bad = next((r for r in ranks if r is not None and (isinstance(r, bool) or not isinstance(r, int))), None)
+    if bad is not None:
+        raise ConfigError(f"ranks must be ints or None, got {bad!r}")
+    return ranks
 
 
 class Report:
@@ -25,14 +55,13 @@ class Report:
         by default only for runs that were expert parallel. `run_id`: the run's id (default: the
         parts' `run_id` when they agree). `peak`: `{"tbps": ..., "tflops": ...}` of the device for the
         roofline's shares (default: a table of known GPUs, see analysis/roofline.py)."""
-        self.parts = [parts] if isinstance(parts, RunData) else list(parts)
-        if not self.parts:
-            raise ValueError("a Report needs at least one RunData")
+        self.parts = _checked_parts(parts)
         ids = {p.run_id for p in self.parts}
         self.run_id = run_id if run_id is not None else (ids.pop() if len(ids) == 1 else None)
         # the distributed rank of each part (labels of per-device rows); position when unknown
-        self.ranks = [r if r is not None else i for i, r in enumerate(ranks or [None] * len(self.parts))]
-        if ep_size is not None and (not isinstance(ep_size, int) or ep_size < 1):
+        ranks = _checked_ranks(ranks, len(self.parts))
+        self.ranks = [r if r is not None else i for i, r in enumerate(ranks)]
+        if ep_size is not None and (not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1):
             raise ConfigError(f"ep_size must be a positive integer, got {ep_size!r}")
         self.ep_size = ep_size
         if peak is not None and not (isinstance(peak, dict) and set(peak) <= {"tbps", "tflops"}):
@@ -204,6 +233,8 @@ class Report:
     # -- output -----------------------------------------------------------------------------
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
         """The report as strict JSON (non-finite numbers, e.g. a NaN router statistic, are written as null)."""
+        if path is not None:
+            output_file(path, "report JSON path")
         text = json.dumps(_finite(self.to_dict()), indent=indent, allow_nan=False)
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -231,6 +262,7 @@ class Report:
         return pd.DataFrame(rows)
 
     def to_csv(self, path: str | Path) -> None:
+        output_file(path, "report CSV path")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.to_dataframe().to_csv(path, index=False)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moe_trace.checks import device as check_device
+from moe_trace.checks import output_dir, output_file
 from moe_trace.errors import ConfigError
 
 
@@ -89,6 +91,16 @@ def cmd_routing_log(args: argparse.Namespace) -> int:
         raise ConfigError("--max-length must be >= 1 and --generate >= 0")
     if args.format == "columnar" and args.out.endswith(".json"):
         raise ConfigError("--format columnar writes a directory: give --out a directory, not a .json file")
+    if args.shard_tokens < 1:
+        raise ConfigError(f"--shard-tokens must be >= 1, got {args.shard_tokens}")
+    if args.format == "json" and args.out.endswith(".json"):
+        output_file(args.out, "--out")
+    else:
+        output_dir(args.out, "--out")
+    check_device(args.device)
+    if args.text_field and not any(Path(p).is_dir() or Path(p).suffix in (".json", ".jsonl") for p in args.prompts or []):
+        raise ConfigError(f"--text-field {args.text_field!r} names a field of .jsonl/.json rows or dataset columns, "
+                          "but no --prompts source is one (a text file has one prompt per line)")
     prompts = []
     for p in args.prompts or [None]:
         prompts += load_prompts(p, text_field=args.text_field, limit=args.per_dataset)
@@ -117,6 +129,11 @@ def cmd_routing_log(args: argparse.Namespace) -> int:
 def cmd_routing_analyze(args: argparse.Namespace) -> int:
     from moe_trace.routing.pipeline import AnalysisConfig, run_analysis
 
+    for name, low in (("max_tokens", 0), ("max_fit_points", 2), ("per_expert_max", 1)):
+        if getattr(args, name) < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}"
+                              + (" (0 = all)" if name == "max_tokens" else "") + f", got {getattr(args, name)}")
+    output_dir(args.out, "--out")
     bw: str | float = args.bandwidth
     if bw not in ("scott", "silverman"):
         try:

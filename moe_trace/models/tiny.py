@@ -44,8 +44,13 @@ def family_info(family: str) -> dict:
 def _entry(family: str) -> dict:
     fams = _data()["families"]
     if family not in fams:
+        import difflib
+
+        close = difflib.get_close_matches(str(family).lower(), sorted(fams), n=4, cutoff=0.5)
         raise ConfigError(
-            f"unknown model family {family!r}; valid names: {', '.join(sorted(fams))}"
+            f"unknown model family {family!r}"
+            + (f"; closest: {', '.join(close)}" if close else "")
+            + f"; `moe-trace demo --list-families` lists all {len(fams)}"
         )
     return fams[family]
 

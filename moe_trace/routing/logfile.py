@@ -37,7 +37,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from moe_trace.errors import TraceError
+from moe_trace.errors import ConfigError, TraceError, short_reason
 
 SCHEMA = "moe-trace/routing-log/1"
 META_NAME = "routing_meta.json"
@@ -525,7 +525,8 @@ def _read_json(path: Path, b: _Builder) -> None:
             header = _json_header(path)
             samples = _iter_json_samples(path)
     except (ValueError, OSError) as exc:
-        raise TraceError(f"{path}: not a readable routing log ({exc}); was the run interrupted before close()?") \
+        raise TraceError(f"{path}: not a readable routing log ({short_reason(exc)}); was the run interrupted before "
+                         "close()?") \
             from exc
     if not isinstance(header, dict) or "samples" not in header and "num_layers" not in header:
         raise TraceError(f"{path}: not a routing log (no 'samples' key)")
@@ -589,7 +590,7 @@ def _json_header(path: Path) -> dict[str, Any]:
                 if prefix and "." not in prefix and event in ("string", "number", "boolean", "null"):
                     header[prefix] = value
     except ijson.JSONError as exc:
-        raise TraceError(f"{path}: not a readable routing log ({exc})") from exc
+        raise TraceError(f"{path}: not a readable routing log ({short_reason(exc)})") from exc
     return header
 
 
@@ -704,6 +705,11 @@ def load_logs(paths, *, datasets: Sequence[str] | None = None, layers: Sequence[
             _read_columnar(p, b)
         else:
             _read_json(p, b)
+    if layers is not None and b.layer_meta:
+        missing = sorted(set(layers) - set(b.layer_meta))
+        if missing:
+            raise ConfigError(f"layer(s) {', '.join(map(str, missing))} not in the routing logs (their MoE layers: "
+                              f"{', '.join(map(str, sorted(b.layer_meta)))})")
     log = b.build()
     if not log.layers or not log.num_samples:
         raise TraceError(f"the routing logs {', '.join(b.sources)} hold no samples"

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from moe_trace.checks import output_dir, output_file
 from moe_trace.errors import ConfigError
 
 from . import kde as K
@@ -229,6 +230,12 @@ def run_logging(model, prompts: Sequence[tuple[str, str]], out: str | os.PathLik
 
     from .logger import RouterLogger
 
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
+        raise ConfigError(f"shard_tokens must be an integer >= 1, got {shard_tokens!r}")
+    if format == "json" and str(out).endswith(".json"):
+        output_file(out, "routing log file")
+    else:
+        output_dir(out, "routing log directory")
     tok = tokenizer or ByteTokenizer(model_vocab_size(model))
     vocab = model_vocab_size(model)
     if model_name is None:
@@ -315,8 +322,20 @@ class AnalysisConfig:
             raise ConfigError(f"pvalue_tail must be one of {K.TAILS}")
         if any(int(t) < 0 for t in self.trims):
             raise ConfigError("trims must be >= 0")
+        bw = self.bandwidth
+        if isinstance(bw, bool) or not (bw in ("scott", "silverman") or (isinstance(bw, (int, float)) and bw > 0)):
+            raise ConfigError(f"bandwidth must be 'scott', 'silverman' or a number > 0, not {bw!r}")
         if self.dpi < 10:
             raise ConfigError("dpi must be >= 10")
+        for name, low in (("max_tokens_per_dataset", 1), ("max_fit_points", 2), ("grid_size", 2),
+                          ("per_expert_max_experts", 1), ("per_expert_max_layers", 1), ("kth_max", 1)):
+            v = getattr(self, name)
+            if v is None and name in ("max_tokens_per_dataset", "per_expert_max_layers", "kth_max"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise ConfigError(f"{name} must be an integer >= {low}"
+                                  + (" (or None)" if name in ("max_tokens_per_dataset", "per_expert_max_layers",
+                                                              "kth_max") else "") + f", got {v!r}")
 
 
 @dataclass
@@ -354,10 +373,10 @@ def run_analysis(logs, config: AnalysisConfig | None = None, log: RoutingLog | N
 
     cfg = config or AnalysisConfig()
     cfg.validate()
+    out = output_dir(cfg.output_dir, "output_dir")  # before reading the logs: fail in a second
     t0 = time.perf_counter()
     if log is None:
         log = load_logs(logs, layers=cfg.layers, max_tokens_per_dataset=cfg.max_tokens_per_dataset)
-    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     prefix = safe_name(cfg.prefix or (log.config.rstrip("/").split("/")[-1] if log.config else "moe"))
     plot_root = out / "plots"

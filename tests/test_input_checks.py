@@ -1,0 +1,214 @@
+"""Bad input, fuzzed (issue 16): every case ends in one clear error, checked before the work.
+
+CLI: exit 2, one `error:` line naming the value, no traceback, nothing written. Python API: a
+`MoeTraceError` subclass (never a raw TypeError / OSError from deep inside). The tables are bounded:
+every case fails before any model runs, so the whole file takes a few seconds.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import moe_trace
+from moe_trace.analysis import LayerCounts, LayerInfo, Report, RunData
+from moe_trace.cli.main import main
+from moe_trace.errors import ConfigError, MoeTraceError
+
+
+def _run(layer_device: str = "cuda:0") -> RunData:
+    layer = LayerInfo(index=0, name="m.l0", family="olmoe", num_experts=4, top_k=2, hidden_size=8, expert_dim=4,
+                      device=layer_device)
+    run = RunData.empty({"family": "olmoe"}, [layer])
+    run.counts["prefill"][0] = LayerCounts(tokens=2, calls=1, expert_counts=[1, 1, 1, 1], k_hist=[0, 0, 2])
+    run.forward_calls["prefill"] = 1
+    run.forward_tokens["prefill"] = 2
+    return run
+
+
+def synthetic_events() -> list[dict]:
+    """One step; one router kernel (10 us) under a MoE GPU range; one 500 us attention kernel outside."""
+    return [
+        {"ph": "X", "cat": "user_annotation", "name": "moe_trace/prefill#0", "pid": 7, "tid": 1, "ts": 0,
+         "dur": 1000},
+        {"ph": "X", "cat": "gpu_user_annotation", "name": "moe_trace/prefill/L000/router", "pid": 0, "tid": 7,
+         "ts": 10, "dur": 12, "args": {"External id": 3}},
+        {"ph": "X", "cat": "kernel", "name": "router_mm", "pid": 0, "tid": 7, "ts": 11, "dur": 10,
+         "args": {"device": 0, "stream": 7}},
+        {"ph": "X", "cat": "kernel", "name": "attention", "pid": 0, "tid": 7, "ts": 30, "dur": 500,
+         "args": {"device": 0, "stream": 7}},
+    ]
+
+
+def write_synthetic(path, slim: bool):
+    from moe_trace.trace import write_trace
+
+    steps = [{"step": 0, "phase": "prefill", "tokens": 2,
+              "layers": {0: {"expert_counts": [1, 1, 1, 1], "k_hist": [0, 0, 2]}}}]
+    return write_trace({"traceEvents": synthetic_events()}, _run(), steps, path, slim=slim)
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad_input")
+    (d / "afile").write_text("hi\n")
+    (d / "adir").mkdir()
+    (d / "prompts.txt").write_text("one\ntwo\n")
+    trace = write_synthetic(d / "run" / "t.pt.trace.json", slim=True)
+    logs = d / "rlogs"
+    assert main(["routing-log", "--out", str(logs), "--max-samples", "4", "--max-length", "8", "--no-progress"]) == 0
+    return {"file": str(d / "afile"), "dir": str(d / "adir"), "missing": str(d / "missing"), "trace": str(trace),
+            "tracedir": str(trace.parent), "rlog": str(logs), "prompts": str(d / "prompts.txt"), "root": d}
+
+
+# (argv, a substring the one error line must contain). {file} is an existing plain file, {dir} an
+# existing empty directory, {missing} a path that does not exist.
+CLI_CASES = [
+    # counts and enums
+    (["demo", "--batch", "0"], "--batch"),
+    (["demo", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["demo", "--mode", "bogus"], "invalid choice"),
+    (["demo", "--family", "nope"], "unknown model family 'nope'"),
+    (["analyze", "{trace}", "--ep-size", "0"], "ep_size"),
+    (["analyze", "{trace}", "--ep-size", "3"], "divisor of 4"),
+    (["sweep", "bogus", "--values", "1"], "unknown knob 'bogus'"),
+    (["sweep", "top-k", "--values", "0"], "out of range"),
+    (["sweep", "top-k", "--values", "1", "--repeats", "0"], "--repeats"),
+    (["sweep", "top-k", "--values", "1", "--warmup", "-1"], "--warmup"),
+    (["sweep", "top-k", "--values", "1", "--selector", "bogus"], "unknown selector 'bogus'"),
+    (["compare", "--config", "x"], "NAME=SPEC"),
+    (["compare", "--config", "a=top_k=0"], "top_k"),
+    (["compare", "--config", "a=foo=1"], "unknown key(s) foo"),
+    (["routing-log", "--max-samples", "0"], "--max-samples"),
+    (["routing-log", "--shard-tokens", "0", "--format", "columnar", "--out", "{root}/col"], "--shard-tokens"),
+    (["routing-log", "--device", "bogus"], "--device 'bogus'"),
+    (["routing-log", "--format", "bogus"], "invalid choice"),
+    (["routing-log", "--family", "nope"], "unknown model family 'nope'"),
+    (["routing-log", "--text-field", "t", "--prompts", "{prompts}", "--out", "{root}/tf"], "--text-field 't'"),
+    (["routing-analyze", "{rlog}", "--dpi", "0"], "dpi"),
+    (["routing-analyze", "{rlog}", "--kernel", "nope"], "unknown kernel 'nope'"),
+    (["routing-analyze", "{rlog}", "--layers", "99", "--out", "{root}/ra"], "layer(s) 99 not in the routing logs"),
+    (["routing-analyze", "{rlog}", "--max-fit-points", "0"], "--max-fit-points"),
+    (["routing-analyze", "{rlog}", "--per-expert-max", "0"], "--per-expert-max"),
+    (["routing-analyze", "{rlog}", "--max-tokens", "-5"], "--max-tokens"),
+    (["routing-analyze", "{rlog}", "--bandwidth", "-1", "--out", "{root}/ra"], "bandwidth"),
+    (["routing-analyze", "{rlog}", "--tail", "bogus"], "invalid choice"),
+    # missing files, directories where files are expected and the reverse
+    (["inspect", "{missing}"], "does not exist"),
+    (["inspect", "{file}"], "cannot read a transformers config"),
+    (["analyze", "{missing}"], "does not exist"),
+    (["analyze", "{dir}"], "no *.pt.trace.json"),
+    (["analyze", "{file}"], "not valid JSON"),
+    (["merge", "{missing}", "-o", "{root}/m.json"], "does not exist"),
+    (["merge", "{dir}", "-o", "{root}/m.json"], "no *.pt.trace.json"),
+    (["sweep-plot", "{missing}"], "cannot read sweep results"),
+    (["sweep-plot", "{dir}"], "cannot read sweep results"),
+    (["sweep", "top-k", "--values", "1", "--prompts", "{missing}"], "cannot read prompts file"),
+    (["sweep", "top-k", "--values", "1", "--model", "{file}"], "not a checkpoint directory"),
+    (["routing-log", "--prompts", "{missing}"], "does not exist"),
+    (["routing-log", "--model", "{missing}"], "local checkpoint directory"),
+    (["routing-analyze", "{missing}"], "no such file or directory"),
+    (["routing-analyze", "{dir}"], "no routing logs"),
+    (["routing-analyze", "{file}"], "not a readable routing log"),
+    (["routing-analyze", "{rlog}", "--kde-models", "{missing}", "--out", "{root}/ra"], "no KDE model files"),
+    # outputs that cannot be written: refused before the work
+    (["routing-log", "--out", "{file}/x", "--max-samples", "1"], "is a file, not a directory"),
+    (["routing-log", "--out", "{file}", "--max-samples", "1"], "is a file, not a directory"),
+    (["routing-log", "--out", "{dir}", "--max-samples", "1", "--format", "json"], None),  # a directory: fine
+    (["routing-analyze", "{rlog}", "--out", "{file}/x"], "is a file, not a directory"),
+]
+CLI_CASES = [c for c in CLI_CASES if c[1] is not None]
+
+
+def _cli(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse
+        return exc.code
+
+
+@pytest.mark.parametrize("argv,needle", CLI_CASES, ids=[" ".join(a)[:60] for a, _ in CLI_CASES])
+def test_cli_bad_input_is_one_line_and_exit_2(argv, needle, places, capsys):
+    argv = [a.format(**places) for a in argv]
+    rc = _cli(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, (rc, out[-400:], err[-400:])
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.strip()]
+    errors = [l for l in lines if "error:" in l]
+    assert len(errors) == 1, err
+    if lines[-1].startswith("moe-trace: error:"):  # ours: exactly one line
+        assert len(lines) == 1, err
+    else:  # argparse: its usage lines, then one error line
+        assert lines[-1].startswith("moe-trace ") and all(l.startswith(("usage:", " ")) for l in lines[:-1]), err
+    assert needle in errors[0], errors[0]
+    assert len(errors[0]) < 600  # names the value, does not dump a list or a file
+
+
+def test_outputs_refused_before_the_work(places, capsys):
+    """Nothing ran (no samples logged, no report printed) when the output place was refused."""
+    logs = os.path.join(places["file"], "x")
+    assert main(["routing-log", "--out", logs, "--max-samples", "1"]) == 2
+    out, _ = capsys.readouterr()
+    assert "logged" not in out and "routing-log:" not in out
+
+
+# -- Python API ----------------------------------------------------------------------------------
+
+def _report():
+    return Report(_run())
+
+
+API_CASES = [
+    ("Report([])", lambda p: Report([]), "at least one RunData"),
+    ("Report(None)", lambda p: Report(None), "got NoneType"),
+    ("Report('x')", lambda p: Report("x"), "got str"),
+    ("Report([1])", lambda p: Report([1]), "must be RunData, got int"),
+    ("Report ranks too long", lambda p: Report(_run(), ranks=[0, 1]), "2 entries for 1"),
+    ("Report ranks not ints", lambda p: Report(_run(), ranks=["a"]), "ints or None"),
+    ("Report ep_size=True", lambda p: Report(_run(), ep_size=True), "ep_size"),
+    ("Report ep_size=0", lambda p: Report(_run(), ep_size=0), "ep_size"),
+    ("to_json into a directory", lambda p: _report().to_json(p["dir"]), "is a directory"),
+    ("to_json under a file", lambda p: _report().to_json(p["file"] + "/r.json"), "is a file, not a directory"),
+    ("to_csv into a directory", lambda p: _report().to_csv(p["dir"]), "is a directory"),
+    ("to_csv under a file", lambda p: _report().to_csv(p["file"] + "/r.csv"), "is a file, not a directory"),
+    ("to_json(5)", lambda p: _report().to_json(5), "must be a path"),
+    ("AnalysisConfig max_fit_points=0", lambda p: _analysis_cfg(p, max_fit_points=0), "max_fit_points"),
+    ("AnalysisConfig max_tokens=-1", lambda p: _analysis_cfg(p, max_tokens_per_dataset=-1), "max_tokens_per_dataset"),
+    ("run_analysis output under a file", lambda p: _analysis_cfg(p, output_dir=p["file"] + "/x"),
+     "is a file, not a directory"),
+    ("run_logging shard_tokens=0", lambda p: _logging(p, shard_tokens=0), "shard_tokens"),
+    ("run_logging out under a file", lambda p: _logging(p, out=p["file"] + "/x"), "is a file, not a directory"),
+]
+
+
+def _analysis_cfg(p, **kw):
+    from moe_trace.routing import AnalysisConfig, run_analysis
+
+    return run_analysis([p["rlog"]], AnalysisConfig(**{"output_dir": str(p["root"] / "ra2"), "progress": False, **kw}))
+
+
+def _logging(p, out=None, **kw):
+    from moe_trace.routing.pipeline import build_demo_model, run_logging
+
+    return run_logging(build_demo_model(), [("d", "hello")], out or str(p["root"] / "rl2"), **kw)
+
+
+@pytest.mark.parametrize("label,call,needle", API_CASES, ids=[c[0] for c in API_CASES])
+def test_api_bad_input_raises_one_clear_error(label, call, needle, places):
+    with pytest.raises(MoeTraceError) as ei:
+        call(places)
+    assert needle in str(ei.value), str(ei.value)
+    assert "\n" not in str(ei.value)
+
+
+def test_report_still_takes_what_it_took(places):
+    run = _run()
+    assert Report(run).to_dict()["model"]["num_experts"] == 4
+    assert Report([run, _run()], ranks=[0, None]).ranks == [0, 1]
+    assert Report((r for r in [run])).parts == [run]
+    out = places["root"] / "new" / "sub" / "r.json"  # missing parents are created
+    Report(run).to_json(out)
+    assert out.is_file()
+    with pytest.raises(ConfigError):
+        Report(run, ep_size=2.0)
