@@ -88,8 +88,11 @@ def weight_bytes(b: MoEBinding) -> tuple[int, int, int]:
         return sum(seen.values())
 
     experts = total(b.experts)
-    return (experts // max(b.info.num_experts, 1), total([b.router] if b.router is not None else []),
-            total(b.shared))
+    # experts this rank holds: stacked [E_local, ...] weights, a list of expert modules, else all
+    stacked = sizes.stacked_params(b.experts[0]) if len(b.experts) == 1 else {}
+    held = min(p.shape[0] for p in stacked.values()) if stacked else (len(b.experts) if len(b.experts) > 1
+                                                                       else b.info.num_experts)
+    return (experts // max(held, 1), total([b.router] if b.router is not None else []), total(b.shared))
 
 
 def detect(model: nn.Module) -> list[LayerInfo]:

@@ -97,11 +97,20 @@ def mlp_dims(module: nn.Module, hidden: int) -> tuple[int, bool] | None:
 
 
 def module_device(module: nn.Module) -> str:
-    for p in module.parameters():
-        return str(p.device)
-    for b in module.buffers():
-        return str(b.device)
-    return "cpu"
+    """Where the module computes: its tensors' device, or for weights offloaded by accelerate (on the
+    meta device between forwards) the execution device of its (or its parent's) offload hook."""
+    dev = None
+    for t in list(module.parameters())[:1] or list(module.buffers())[:1]:
+        dev = str(t.device)
+    if dev in (None, "meta"):
+        hook = getattr(module, "_hf_hook", None)
+        exe = getattr(hook, "execution_device", None)
+        if exe is None:
+            for sub in getattr(hook, "hooks", ()) or ():  # SequentialHook
+                exe = getattr(sub, "execution_device", None) or exe
+        if exe is not None:
+            return str(torch.device(exe) if not isinstance(exe, int) else torch.device("cuda", exe))
+    return dev or "cpu"
 
 
 def stacked_params(module: nn.Module) -> dict[str, torch.Tensor]:
