@@ -140,6 +140,7 @@ class Report:
         for p in PHASES:
             tok = run.forward_tokens.get(p, 0)
             phases[p] = {"forward_calls": run.forward_calls.get(p, 0), "tokens": tok,
+                         "padding_tokens": int(run.padding_tokens.get(p, 0)),
                          "flops": phase_flops[p],
                          "flops_per_token": phase_flops[p]["total"] / tok if tok else 0.0}
             if run.timing:
@@ -332,6 +333,7 @@ def _counts_block(layer, c: LayerCounts) -> dict[str, Any]:
         "expert_counts": [int(x) for x in counts],
         "assignments": int(counts.sum()),
         "excluded": int(c.excluded),
+        "padding_tokens": int(c.padding_tokens),
         **ks,
         **balance(counts),
         "top1_prob_mean": c.top1_prob_sum / tokens if tokens else 0.0,

@@ -72,6 +72,7 @@ class LayerCounts:
     # sum over forwards of the distinct experts that got a token in that forward (the expert weights
     # read); 0 when not recorded (stats / timing mode: the roofline then estimates it)
     expert_reads: int = 0
+    padding_tokens: int = 0  # positions whose attention mask was 0: not routed, not in any count above
 
     @classmethod
     def empty(cls, num_experts: int, max_k: int) -> "LayerCounts":
@@ -92,6 +93,7 @@ class LayerCounts:
             top1_prob_sum=self.top1_prob_sum + other.top1_prob_sum,
             entropy_sum=self.entropy_sum + other.entropy_sum,
             expert_reads=self.expert_reads + other.expert_reads,
+            padding_tokens=self.padding_tokens + other.padding_tokens,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +106,7 @@ class LayerCounts:
             "top1_prob_sum": float(self.top1_prob_sum),
             "entropy_sum": float(self.entropy_sum),
             "expert_reads": int(self.expert_reads),
+            "padding_tokens": int(self.padding_tokens),
         }
 
     @classmethod
@@ -117,6 +120,7 @@ class LayerCounts:
             top1_prob_sum=float(d.get("top1_prob_sum", 0.0)),
             entropy_sum=float(d.get("entropy_sum", 0.0)),
             expert_reads=int(d.get("expert_reads", 0) or 0),
+            padding_tokens=int(d.get("padding_tokens", 0)),
         )
 
 
@@ -133,12 +137,13 @@ class RunData:
     layers: list[LayerInfo]
     counts: dict[str, list[LayerCounts]]
     forward_calls: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
-    forward_tokens: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
+    forward_tokens: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})  # real tokens
     timing: dict[str, list[dict[str, float | None]]] | None = None
     timing_source: str | None = None
     peak_memory: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None  # the profile() run that recorded it (shared by the ranks of a job)
+    padding_tokens: dict[str, int] = field(default_factory=dict)  # per phase: positions with attention mask 0
 
     @classmethod
     def empty(cls, model: dict[str, Any], layers: list[LayerInfo], max_k: int | None = None) -> "RunData":
@@ -160,6 +165,7 @@ class RunData:
             "peak_memory": dict(self.peak_memory),
             "settings": self.settings,
             "run_id": self.run_id,
+            "padding_tokens": dict(self.padding_tokens),
         }
 
     @classmethod
@@ -175,6 +181,7 @@ class RunData:
             peak_memory={k: int(v) for k, v in d.get("peak_memory", {}).items()},
             settings=dict(d.get("settings", {})),
             run_id=d.get("run_id") if isinstance(d.get("run_id"), str) else None,
+            padding_tokens={p: int(v) for p, v in (d.get("padding_tokens") or {}).items()},
         )
 
     def merged(self, other: "RunData") -> "RunData":
@@ -205,6 +212,7 @@ class RunData:
             peak_memory=peak,
             settings=self.settings,
             run_id=self.run_id if self.run_id == other.run_id else None,
+            padding_tokens={p: self.padding_tokens.get(p, 0) + other.padding_tokens.get(p, 0) for p in PHASES},
         )
 
 

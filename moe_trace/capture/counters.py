@@ -31,6 +31,7 @@ class Pending:
     weights: torch.Tensor   # [T, k]
     scores: torch.Tensor | None  # [T, E'] logits (or probabilities when `is_probs`)
     is_probs: bool
+    mask: torch.Tensor | None = None  # attention mask of the forward's new positions [B, S] (T == B*S)
 
 
 class DeviceCounters:
@@ -42,11 +43,16 @@ class DeviceCounters:
         self.E = max(num_experts)
         self.bins = self.E + 1  # last bin: assignments to no computing expert (excluded)
         P = len(PHASES)
-        # one buffer, two regions: expert counts, then the k histogram (one index_add_ fills both)
+        # one buffer, four regions (one index_add_ fills them all): expert counts [P, L, E+1], the k
+        # histogram [P, L, E+1], padding positions [P, L] (attention mask 0: not routed tokens), and
+        # one trash slot where the assignments of padding positions go
         self._size = P * self.L * self.bins
-        self._hist = torch.zeros(2 * self._size, dtype=torch.int64, device=device)
+        self._pad_base = 2 * self._size
+        self._trash = self._pad_base + P * self.L
+        self._hist = torch.zeros(self._trash + 1, dtype=torch.int64, device=device)
         self.counts = self._hist[: self._size]
-        self.k_hist = self._hist[self._size:]
+        self.k_hist = self._hist[self._size: 2 * self._size]
+        self.padding = self._hist[self._pad_base: self._trash]
         self._ones = torch.ones(1024, dtype=torch.int64, device=device)
         self.conf = torch.zeros(P, self.L, 2, dtype=torch.float64, device=device)
         self.num_experts = num_experts
@@ -57,6 +63,7 @@ class DeviceCounters:
         self._forwards: list[list[Pending | tuple]] = [[]]   # queued items, one list per forward
         self._pending_elems = 0
         self.phase = 0                       # phase of the current forward (set by the session)
+        self.mask: torch.Tensor | None = None  # attention mask of the current forward's new positions
         self.probs = [False] * self.L        # per layer: router scores are probabilities already
         self.calls = np.zeros((P, self.L), dtype=np.int64)   # routing calls counted per phase and layer
 
@@ -73,7 +80,7 @@ class DeviceCounters:
     def queue_router_output(self, local: int, output: tuple) -> None:
         """The hot path: a standard router output `(logits, top_k_weights, top_k_index)` kept as is;
         it becomes a `Pending` at flush time (one tuple append per layer inside the forward)."""
-        self._forwards[-1].append((local, self.phase, output))
+        self._forwards[-1].append((local, self.phase, output, self.mask))
         self._pending_elems += output[0].numel()
         if self._pending_elems > MAX_PENDING_ELEMENTS:
             self.flush()
@@ -88,8 +95,9 @@ class DeviceCounters:
             self._forwards.append([])
 
     def flush(self) -> None:
-        forwards = [[it if isinstance(it, Pending) else self._from_router_output(*it) for it in fw]
-                    for fw in self._forwards if fw]
+        flat_masks: dict[int, torch.Tensor] = {}  # one flattened mask per forward (the originals stay alive)
+        forwards = [[self._with_mask(it if isinstance(it, Pending) else self._from_router_output(*it), flat_masks)
+                     for it in fw] for fw in self._forwards if fw]
         self._forwards, self._pending_elems = [[]], 0
         if not forwards:
             return
@@ -104,32 +112,51 @@ class DeviceCounters:
                 for it in fw:
                     self.calls[it.phase, it.local] += 1
                     off = it.phase * self.L * self.bins + it.local * self.bins
-                    self._count([it], off, off + self._size, self.num_experts[it.local])
+                    pad = self._pad_base + it.phase * self.L + it.local
+                    self._count([it], off, off + self._size, self.num_experts[it.local], pad)
                     self._confidence([it], None)
         for items in groups.values():
-            offsets, k_offsets, num_experts = self._tiled_offsets(items[0].phase, len(items) // self.L)
-            self._count(items, offsets, k_offsets, num_experts)
+            offsets, k_offsets, num_experts, pad = self._tiled_offsets(items[0].phase, len(items) // self.L)
+            self._count(items, offsets, k_offsets, num_experts, pad)
             self._confidence(items, items[0].phase)
 
-    def _from_router_output(self, local: int, phase: int, output: tuple) -> Pending:
+    def _from_router_output(self, local: int, phase: int, output: tuple, mask=None) -> Pending:
         logits, weights, indices = output
         scores = logits
         if scores.dim() != 2 or scores.shape[0] != indices.shape[0]:
             rows = max(indices.shape[0], 1)
             scores = scores.reshape(indices.shape[0], -1) if scores.numel() % rows == 0 else None
-        return Pending(local, phase, indices, weights, scores, self.probs[local])
+        return Pending(local, phase, indices, weights, scores, self.probs[local], mask)
+
+    def _with_mask(self, it: Pending, cache: dict[int, torch.Tensor]) -> Pending:
+        """Flatten the item's mask to its rows ([T] bool; host metadata decides, no sync); a mask whose
+        size is not the item's row count (a router that sees other rows) is dropped."""
+        m = it.mask
+        if m is None:
+            return it
+        if m.numel() != it.indices.shape[0]:
+            it.mask = None
+            return it
+        flat = cache.get(id(m))
+        if flat is None:
+            flat = m.reshape(-1).to(self.device, non_blocking=True) != 0
+            cache[id(m)] = flat
+        it.mask = flat
+        return it
 
     def _tiled_offsets(self, phase: int, n: int):
         """Offsets [n*L,1,1] of every layer of `n` whole forwards in the flat buffers (cached on the device)."""
         key = (phase, n)
         if key not in self._tiled:
-            base = torch.arange(self.L, dtype=torch.int64, device=self.device) * self.bins + phase * self.L * self.bins
+            layers = torch.arange(self.L, dtype=torch.int64, device=self.device)
+            base = layers * self.bins + phase * self.L * self.bins
             off = base.repeat(n).view(-1, 1, 1)
             ne = self._num_experts.repeat(n).view(-1, 1, 1)
-            self._tiled[key] = (off, off.view(-1, 1) + self._size, ne)
+            pad = (layers + self._pad_base + phase * self.L).repeat(n).view(-1, 1)
+            self._tiled[key] = (off, off.view(-1, 1) + self._size, ne, pad)
         return self._tiled[key]
 
-    def _count(self, items: list[Pending], offsets, k_offsets, num_experts) -> None:
+    def _count(self, items: list[Pending], offsets, k_offsets, num_experts, pad_offsets) -> None:
         idx = torch.stack([it.indices for it in items])                           # [n, T, k]
         if idx.dtype != torch.int64:
             idx = idx.to(torch.int64)
@@ -137,6 +164,10 @@ class DeviceCounters:
         valid = (w != 0) & (idx >= 0) & (idx < num_experts)
         slot = torch.where(valid, idx, self.E) + offsets                          # counts region
         k = valid.sum(-1) + k_offsets                                             # k-histogram region
+        if items[0].mask is not None:  # padding positions: no assignment, no k, one padding count
+            real = _stack_masks(items)                                            # [n, T]
+            slot = torch.where(real.unsqueeze(-1), slot, self._trash)
+            k = torch.where(real, k, pad_offsets)
         flat = torch.cat([slot.reshape(-1), k.reshape(-1)])
         if flat.numel() > self._ones.numel():
             self._ones = torch.ones(2 * flat.numel(), dtype=torch.int64, device=self.device)
@@ -148,8 +179,12 @@ class DeviceCounters:
             return
         s = torch.stack([it.scores for it in items])                              # [n, T, E']
         p = s.float() if items[0].is_probs else torch.softmax(s, dim=-1, dtype=torch.float32)
-        top1 = p.amax(-1).sum(-1)                                                 # [n]
-        ent = torch.special.entr(p).sum((-2, -1))                                 # [n]
+        top1 = p.amax(-1)                                                         # [n, T]
+        ent = torch.special.entr(p).sum(-1)                                       # [n, T]
+        if items[0].mask is not None:
+            real = _stack_masks(items).to(top1.dtype)
+            top1, ent = top1 * real, ent * real
+        top1, ent = top1.sum(-1), ent.sum(-1)                                     # [n]
         if whole_phase is not None:
             both = torch.stack([top1, ent], -1).view(-1, self.L, 2).sum(0)        # [L, 2]
             self.conf[whole_phase] += both
@@ -158,25 +193,36 @@ class DeviceCounters:
             self.conf[it.phase, it.local, 0] += top1[0]
             self.conf[it.phase, it.local, 1] += ent[0]
 
-    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Device copies of the running counts (no sync); per-step deltas come from differences."""
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Device copies of the running counts, k histogram and padding (no sync); per-step deltas
+        come from differences."""
         self.flush()
         snap = self._hist.clone()
-        return snap[: self._size], snap[self._size:]
+        return snap[: self._size], snap[self._size: 2 * self._size], snap[self._pad_base: self._trash]
 
     def read(self):
-        """Host copies: counts [P, L, E+1], k_hist [P, L, E+1], conf [P, L, 2]. Syncs once."""
+        """Host copies: counts [P, L, E+1], k_hist [P, L, E+1], conf [P, L, 2], padding [P, L]. Syncs once."""
         self.flush()
         P = len(PHASES)
-        counts = self.counts.view(P, self.L, self.bins).cpu().numpy()
-        k_hist = self.k_hist.view(P, self.L, self.bins).cpu().numpy()
+        hist = self._hist.cpu().numpy()
+        counts = hist[: self._size].reshape(P, self.L, self.bins)
+        k_hist = hist[self._size: 2 * self._size].reshape(P, self.L, self.bins)
+        padding = hist[self._pad_base: self._trash].reshape(P, self.L)
         conf = self.conf.cpu().numpy()
-        return counts, k_hist, conf
+        return counts, k_hist, conf, padding
 
 
 def _signature(it: Pending) -> tuple:
     return (it.phase, tuple(it.indices.shape), tuple(it.weights.shape),
-            None if it.scores is None else tuple(it.scores.shape), it.is_probs)
+            None if it.scores is None else tuple(it.scores.shape), it.is_probs, it.mask is not None)
+
+
+def _stack_masks(items: list[Pending]) -> torch.Tensor:
+    """[n, T] bool masks of the items; items of one forward share one mask tensor (stacked once)."""
+    first = items[0].mask
+    if all(it.mask is first for it in items):
+        return first.unsqueeze(0).expand(len(items), -1)
+    return torch.stack([it.mask for it in items])
 
 
 def _as_topk_weights(weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

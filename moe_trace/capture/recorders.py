@@ -47,15 +47,17 @@ class CounterRecorder:
             if dev.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(torch.device(dev))
 
-    def set_phase(self, phase: int) -> None:
+    def set_step(self, phase: int, mask: torch.Tensor | None) -> None:
+        """Phase and attention mask ([B, S] of the new positions, or None) of the forward that starts."""
         for dc in self.devices.values():
             dc.phase = phase
+            dc.mask = mask
 
     def end_forward(self, capturing: bool) -> None:
         for dc in self.devices.values():
             dc.end_forward(capturing)
 
-    def snapshot(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def snapshot(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Device copies of the running counts of every device (no sync)."""
         return {dev: dc.snapshot() for dev, dc in self.devices.items()}
 
@@ -66,7 +68,7 @@ class CounterRecorder:
         """Read every device once and build {phase: [LayerCounts per layer]}."""
         counts: dict[str, list[LayerCounts | None]] = {p: [None] * len(self.layers) for p in PHASES}
         for dc in self.devices.values():
-            c, k, conf = dc.read()
+            c, k, conf, pad = dc.read()
             for local in range(dc.L):
                 i = self.layer_index(dc, local)
                 E = self.layers[i].num_experts
@@ -79,7 +81,7 @@ class CounterRecorder:
                         tokens=int(kh.sum()), calls=int(dc.calls[p, local]),
                         expert_counts=c[p, local, :E].astype(np.int64),
                         k_hist=kh[: max(last, self.layers[i].top_k) + 1].astype(np.int64),
-                        excluded=int(c[p, local, E:].sum()),
+                        excluded=int(c[p, local, E:].sum()), padding_tokens=int(pad[p, local]),
                         top1_prob_sum=float(conf[p, local, 0]), entropy_sum=float(conf[p, local, 1]))
         return counts
 
@@ -185,26 +187,30 @@ class KinetoRecorder:
         if not self._snapshots:
             return []
         layers_info = self.counters.layers
-        host: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        host: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        n_snap = len(self._snapshots)
         for dev, dc in self.counters.devices.items():
-            c = torch.stack([s[3][dev][0] for s in self._snapshots]).cpu().numpy()
-            k = torch.stack([s[3][dev][1] for s in self._snapshots]).cpu().numpy()
-            shape = (len(self._snapshots), len(PHASES), dc.L, dc.bins)
-            host[dev] = (c.reshape(shape), k.reshape(shape))
+            c, k, pad = (torch.stack([s[3][dev][j] for s in self._snapshots]).cpu().numpy() for j in range(3))
+            shape = (n_snap, len(PHASES), dc.L, dc.bins)
+            host[dev] = (c.reshape(shape), k.reshape(shape), pad.reshape(n_snap, len(PHASES), dc.L))
         steps = []
         prev_tokens = {p: 0 for p in range(len(PHASES))}
         for n, (step, phase, tokens_cum, _) in enumerate(self._snapshots):
             layers = {}
-            for dev, (c, k) in host.items():
+            padding = 0
+            for dev, (c, k, pad) in host.items():
                 dc = self.counters.devices[dev]
                 dc_c = c[n, phase] - (c[n - 1, phase] if n else 0)
                 dc_k = k[n, phase] - (k[n - 1, phase] if n else 0)
+                dc_pad = pad[n, phase] - (pad[n - 1, phase] if n else 0)
+                padding = max(padding, int(dc_pad.max(initial=0)))
                 for local in range(dc.L):
                     i = self.counters.layer_index(dc, local)
                     E = layers_info[i].num_experts
                     layers[i] = {"expert_counts": dc_c[local, :E].tolist(),
                                  "k_hist": dc_k[local].tolist()}
-            steps.append({"step": step, "phase": PHASES[phase], "tokens": tokens_cum - prev_tokens[phase],
+            # a step's tokens leave out its padding positions, like the run's totals
+            steps.append({"step": step, "phase": PHASES[phase], "tokens": tokens_cum - prev_tokens[phase] - padding,
                           "layers": layers})
             prev_tokens[phase] = tokens_cum
         return steps

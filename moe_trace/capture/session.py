@@ -278,7 +278,7 @@ class ProfileRun:
             self._first_prefill = (step.batch, step.positions)
         self.forward_calls[phase] += 1
         self.forward_tokens[phase] += step.tokens
-        self.counters.set_phase(self._phase)
+        self.counters.set_step(self._phase, step.attention_mask)
         if _profiler_on():
             self._step_range = torch.autograd.profiler.record_function(step_name(phase, self._step))
             self._step_range.__enter__()
@@ -391,7 +391,7 @@ class ProfileRun:
         scores = self._scores.get(i)
         if scores is not None and (scores.dim() != 2 or scores.shape[0] != idx.shape[0]):
             scores = scores.reshape(idx.shape[0], -1) if scores.numel() % max(idx.shape[0], 1) == 0 else None
-        dc.queue(Pending(local, self._phase, idx, w, scores, b.handler.router_outputs_probs))
+        dc.queue(Pending(local, self._phase, idx, w, scores, b.handler.router_outputs_probs, dc.mask))
         self.observers.route(b.info, PHASES[self._phase], self._step, scores, w, idx)
 
     # -- collect ----------------------------------------------------------------------------------
@@ -401,6 +401,9 @@ class ProfileRun:
             for st in self.kineto.step_deltas():
                 for i, rec in st["layers"].items():
                     counts[st["phase"]][i].expert_reads += sum(1 for x in rec["expert_counts"] if x)
+        padding = {p: max((c.padding_tokens for c in counts[p] if c is not None), default=0) for p in PHASES}
+        # positions whose attention mask is 0 are not tokens (docs/capture.md "Padding")
+        forward_tokens = {p: self.forward_tokens[p] - padding[p] for p in PHASES}
         timing, source = (None, None)
         if self._timer is not None:
             timing, source = self._timer.resolve(len(self.layers))
@@ -413,8 +416,8 @@ class ProfileRun:
                     "parallel": parallel_layout(self.model, [e for b in self.bindings for e in b.experts]),
                     **environment(self.model, list(self.counters.devices), self._first_prefill, self.forward_calls)}
         return RunData(model=model_info, layers=self.layers, counts=counts,
-                       forward_calls=dict(self.forward_calls), forward_tokens=dict(self.forward_tokens),
-                       timing=timing, timing_source=source, peak_memory=self.counters.peak_memory(),
+                       forward_calls=dict(self.forward_calls), forward_tokens=forward_tokens,
+                       padding_tokens=padding, timing=timing, timing_source=source, peak_memory=self.counters.peak_memory(),
                        settings=settings, run_id=self._run_id)
 
 

@@ -127,6 +127,7 @@ def _counts(d: Any, where: str, num_experts: int) -> dict:
         "top1_prob_sum": _float(d.get("top1_prob_sum", 0.0), f"{where}.top1_prob_sum"),
         "entropy_sum": _float(d.get("entropy_sum", 0.0), f"{where}.entropy_sum"),
         "expert_reads": _int(d.get("expert_reads", 0), f"{where}.expert_reads"),
+        "padding_tokens": _int(d.get("padding_tokens", 0), f"{where}.padding_tokens"),
     }
 
 
@@ -174,6 +175,7 @@ def check_run(d: Any, where: str = "run") -> dict:
     return dict(d, model=model, layers=layers, counts=counts, timing=timing,
                 forward_calls=_phase_ints(d.get("forward_calls"), f"{where}.forward_calls"),
                 forward_tokens=_phase_ints(d.get("forward_tokens"), f"{where}.forward_tokens"),
+                padding_tokens=_phase_ints(d.get("padding_tokens"), f"{where}.padding_tokens"),
                 peak_memory=_phase_ints(d.get("peak_memory"), f"{where}.peak_memory"),
                 settings=_dict(d.get("settings", {}), f"{where}.settings"))
 

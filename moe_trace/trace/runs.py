@@ -213,7 +213,7 @@ def _with_summed_timing(base: RunData, runs: list[RunData]) -> RunData:
     return RunData(model=base.model, layers=base.layers, counts=base.counts, forward_calls=base.forward_calls,
                    forward_tokens=base.forward_tokens, timing=timing,
                    timing_source=sources.pop() if len(sources) == 1 else None, peak_memory=base.peak_memory,
-                   settings=base.settings, run_id=base.run_id)
+                   settings=base.settings, run_id=base.run_id, padding_tokens=base.padding_tokens)
 
 
 def _add(*vals):
