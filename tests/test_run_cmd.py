@@ -36,10 +36,14 @@ def _reference(ckpt, chat: bool, batch_size: int, new: int):
     tok.padding_side = "left"
     layers = [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
     counts = np.zeros((len(layers), 8), dtype=np.int64)
+    pad_mask = {}  # the batch's attention mask: its 0 positions (left padding) are not routed tokens
 
     def hook(i):
         def h(module, args, kwargs):
             idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            m = pad_mask.get("prefill")
+            if m is not None and idx.shape[0] == m.numel():  # the prefill forward: drop pad rows
+                idx = idx[m.reshape(-1).bool()]
             counts[i] += np.bincount(idx.reshape(-1).numpy(), minlength=8)
         return h
 
@@ -49,6 +53,7 @@ def _reference(ckpt, chat: bool, batch_size: int, new: int):
         with torch.no_grad():
             for b in range(0, len(PROMPTS), batch_size):
                 enc = encode(tok, PROMPTS[b:b + batch_size], chat)
+                pad_mask["prefill"] = enc["attention_mask"]
                 out = model.generate(**enc, max_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
                 for ids in out[:, enc["input_ids"].shape[1]:].tolist():
                     if tok.eos_token_id in ids:
