@@ -6,7 +6,7 @@ every case fails before any model runs, so the whole file takes a few seconds.
 """
 from __future__ import annotations
 
-import os
+import re
 
 import pytest
 
@@ -116,6 +116,13 @@ CLI_CASES = [
     (["routing-log", "--out", "{file}", "--max-samples", "1"], "is a file, not a directory"),
     (["routing-log", "--out", "{dir}", "--max-samples", "1", "--format", "json"], None),  # a directory: fine
     (["routing-analyze", "{rlog}", "--out", "{file}/x"], "is a file, not a directory"),
+    (["analyze", "{trace}", "--json", "{file}/r.json"], "is a file, not a directory"),
+    (["analyze", "{trace}", "--csv", "{file}/r.csv"], "is a file, not a directory"),
+    (["analyze", "{trace}", "--json", "{dir}"], "is a directory"),
+    (["analyze", "{trace}", "--csv", "{dir}"], "is a directory"),
+    (["analyze", "{missing}", "--ep-size", "0"], "ep_size"),  # the argument first, before any file is read
+    (["merge", "{tracedir}", "-o", "{file}/m.json"], "is a file, not a directory"),
+    (["merge", "{tracedir}", "-o", "{dir}"], "is a directory"),
 ]
 CLI_CASES = [c for c in CLI_CASES if c[1] is not None]
 
@@ -145,12 +152,108 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, needle, places, capsys):
     assert len(errors[0]) < 600  # names the value, does not dump a list or a file
 
 
-def test_outputs_refused_before_the_work(places, capsys):
-    """Nothing ran (no samples logged, no report printed) when the output place was refused."""
-    logs = os.path.join(places["file"], "x")
-    assert main(["routing-log", "--out", logs, "--max-samples", "1"]) == 2
-    out, _ = capsys.readouterr()
-    assert "logged" not in out and "routing-log:" not in out
+REFUSED_FIRST = [
+    ["routing-log", "--out", "{file}/x", "--max-samples", "1"],
+    ["routing-analyze", "{rlog}", "--out", "{file}/x"],
+    ["analyze", "{trace}", "--json", "{file}/r.json"],
+    ["analyze", "{trace}", "--per-device", "--csv", "{dir}"],
+    ["merge", "{tracedir}", "-o", "{file}/m.json"],
+]
+
+
+@pytest.mark.parametrize("argv", REFUSED_FIRST, ids=[" ".join(a)[:60] for a in REFUSED_FIRST])
+def test_outputs_refused_before_the_work(argv, places, capsys):
+    """Nothing ran (no samples logged, no report printed, no progress bar) when the output place is bad."""
+    assert _cli([a.format(**places) for a in argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, (out, err)
+
+
+# -- item: honest labels (analyze --per-device on slim and full traces) --------------------------
+
+def test_per_device_says_which_kernels_it_counts(tmp_path, capsys):
+    """One 10 us router kernel under a MoE range + one 500 us attention kernel outside: the slim
+    trace keeps only the first, and every place that shows the figure says so."""
+    from moe_trace.trace import read_trace
+    from moe_trace.trace.merge import merge_traces
+
+    slim = write_synthetic(tmp_path / "slim" / "t.pt.trace.json", slim=True)
+    full = write_synthetic(tmp_path / "full" / "t.pt.trace.json", slim=False)
+    s, f = read_trace(slim).summary, read_trace(full).summary
+    assert (f.devices["GPU 0"]["kernels"], f.devices["GPU 0"]["kernel_ms"]) == (2, pytest.approx(0.51))
+    assert (s.devices["GPU 0"]["kernels"], s.devices["GPU 0"]["kernel_ms"]) == (1, pytest.approx(0.01))
+    assert (f.kernel_scope, s.kernel_scope) == ("all", "moe_ranges")
+    assert s.to_dict()["kernel_scope"] == "moe_ranges" and "only kernels inside MoE ranges" in str(s)
+    assert f.to_dict()["kernel_scope"] == "all" and "all kernels" in str(f)
+
+    assert main(["analyze", str(slim), "--per-device", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    heading = next(l for l in out.splitlines() if l.startswith("GPU activity"))
+    assert "only kernels inside MoE ranges" in heading and "slim=False" in heading, heading
+    assert "all kernels" not in out
+    row = out.splitlines()[-1].split()
+    assert row[:4] == ["GPU", "0", "1", "0.010"] and row[-1] == "-"  # no busy % from a partial count
+    assert main(["analyze", str(full), "--per-device", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU activity in the trace: all kernels of the profiled steps" in out
+    assert out.splitlines()[-1].split()[:4] == ["GPU", "0", "2", "0.510"]
+
+    merged = merge_traces(tmp_path / "slim", tmp_path / "merged.json")  # a merged slim trace says so too
+    assert read_trace(merged).summary.kernel_scope == "moe_ranges"
+
+
+# -- item: errors that say what is wrong ---------------------------------------------------------
+
+def _nan_trace(path, literal="NaN"):
+    path.write_text('{"traceEvents": [\n'
+                    '{"ph": "X", "cat": "kernel", "name": "k", "pid": 0, "tid": 0, "ts": 1, "dur": 2},\n'
+                    '{"ph": "X", "cat": "kernel", "name": "k2", "pid": 0, "tid": 0, "ts": ' + literal + ', "dur": 2}\n'
+                    ']}\n')
+    return path
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_literal_error_gives_line_and_column(literal, tmp_path, capsys):
+    d = tmp_path / literal
+    d.mkdir()
+    f = _nan_trace(d / "t.pt.trace.json", literal)
+    assert main(["analyze", str(f), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "line 3, column 70" in err and "NaN and Infinity are not JSON" in err, err
+    assert main(["merge", str(d), "-o", str(tmp_path / f"m{literal}.json")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and re.search(r"line 3,? column 7[01]", err), err  # orjson points past a minus
+
+
+def test_nan_position_across_chunks(tmp_path):
+    """The position is exact past the first 4 MiB chunk (the error is in the second one)."""
+    from moe_trace.errors import TraceError
+    from moe_trace.trace import read_trace
+
+    ev = ",\n".join('{"ph": "X", "cat": "kernel", "name": "k", "pid": 0, "tid": 0, "ts": %d, "dur": 2}' % i
+                    for i in range(60000))
+    text = '{"traceEvents": [\n' + ev + ',\n{"ph": "X", "cat": "kernel", "name": "k", "ts": NaN}\n]}'
+    at = text.index("NaN")
+    assert at > 4 << 20
+    (tmp_path / "big.json").write_text(text)
+    with pytest.raises(TraceError) as ei:
+        read_trace(tmp_path / "big.json", progress=False)
+    line, col = text.count("\n", 0, at) + 1, at - text.rfind("\n", 0, at)
+    assert f"line {line}, column {col} (byte {at})" in str(ei.value)
+
+
+def test_gzip_of_garbage_quotes_no_bytes(tmp_path, capsys):
+    import gzip
+    import random
+
+    d = tmp_path / "g"
+    d.mkdir()
+    (d / "t.pt.trace.json.gz").write_bytes(gzip.compress(random.Random(0).randbytes(400)))
+    for argv in (["analyze", str(d), "--no-progress"], ["merge", str(d), "-o", str(tmp_path / "m.json")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1, err
+        assert err.isascii() and err.strip().isprintable() and "\\x" not in err and len(err) < 400, err
 
 
 # -- Python API ----------------------------------------------------------------------------------
@@ -160,6 +263,12 @@ def _report():
 
 
 API_CASES = [
+    ("analyze(None)", lambda p: moe_trace.analyze(None), "got NoneType"),
+    ("analyze(5)", lambda p: moe_trace.analyze(5), "got int"),
+    ("analyze('')", lambda p: moe_trace.analyze(""), "empty"),
+    ("analyze ep_size=True before reading", lambda p: moe_trace.analyze(p["missing"], ep_size=True), "ep_size"),
+    ("read_trace(None)", lambda p: _read_trace(None), "got NoneType"),
+    ("merge_traces output under a file", lambda p: _merge(p["tracedir"], p["file"] + "/m.json"), "is a file"),
     ("Report([])", lambda p: Report([]), "at least one RunData"),
     ("Report(None)", lambda p: Report(None), "got NoneType"),
     ("Report('x')", lambda p: Report("x"), "got str"),
@@ -180,6 +289,18 @@ API_CASES = [
     ("run_logging shard_tokens=0", lambda p: _logging(p, shard_tokens=0), "shard_tokens"),
     ("run_logging out under a file", lambda p: _logging(p, out=p["file"] + "/x"), "is a file, not a directory"),
 ]
+
+
+def _read_trace(path):
+    from moe_trace.trace import read_trace
+
+    return read_trace(path)
+
+
+def _merge(src, out):
+    from moe_trace.trace.merge import merge_traces
+
+    return merge_traces(src, out)
 
 
 def _analysis_cfg(p, **kw):

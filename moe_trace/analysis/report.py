@@ -17,6 +17,13 @@ from .rundata import PHASES, LayerCounts, RunData
 SCHEMA = "moe-trace/report/1"
 
 
+def check_ep_size(ep_size):
+    """`ep_size` if it is None or a positive int (the divisor check needs the layers: Report does it)."""
+    if ep_size is not None and (not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1):
+        raise ConfigError(f"ep_size must be a positive integer, got {ep_size!r}")
+    return ep_size
+
+
 def _checked_parts(parts) -> list[RunData]:
     if isinstance(parts, RunData):
         return [parts]
@@ -61,9 +68,7 @@ class Report:
         # the distributed rank of each part (labels of per-device rows); position when unknown
         ranks = _checked_ranks(ranks, len(self.parts))
         self.ranks = [r if r is not None else i for i, r in enumerate(ranks)]
-        if ep_size is not None and (not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1):
-            raise ConfigError(f"ep_size must be a positive integer, got {ep_size!r}")
-        self.ep_size = ep_size
+        self.ep_size = check_ep_size(ep_size)
         if peak is not None and not (isinstance(peak, dict) and set(peak) <= {"tbps", "tflops"}):
             raise ConfigError(f"peak must be a dict with 'tbps' and/or 'tflops', got {peak!r}")
         self.peak = peak

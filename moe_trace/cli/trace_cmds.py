@@ -45,6 +45,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from moe_trace.trace.reader import read_traces, runs_of
     from moe_trace.trace.runs import run_report, select_run
 
+    from moe_trace.analysis.report import check_ep_size
+    from moe_trace.checks import output_file
+
+    check_ep_size(args.ep_size)
+    for flag, dest in (("--json", args.json), ("--csv", args.csv)):
+        if dest:
+            output_file(dest, flag)  # before reading: a bad output place fails in a second, not after the work
     progress = False if args.no_progress else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -97,16 +104,24 @@ def _per_device(report, datas) -> str:
                      f"{_ms(d['router_ms']):>10} {_ms(d['experts_ms']):>11} {_ms(d['shared_ms']):>10} "
                      f"{(f'{peak / 2**20:.0f}' if peak else '-'):>9}")
     rows = []
+    scopes = set()
     for td in datas:
         if not td.is_moe:
             continue
+        if td.summary.devices:
+            scopes.add(td.summary.kernel_scope)
         who = f"rank{td.rank} " if td.rank is not None and len(datas) > 1 else ""
         for name, dev in td.summary.devices.items():
-            busy = f"{100 * dev['kernel_ms'] / dev['span_ms']:.1f}%" if dev["span_ms"] else "-"
+            busy = f"{100 * dev['kernel_ms'] / dev['span_ms']:.1f}%" \
+                if dev["span_ms"] and td.summary.kernel_scope == "all" else "-"  # slim: not the busy time
             rows.append(f"  {who + name:<16} {dev['kernels']:>8} {dev['kernel_ms']:>11.3f} {dev['memcpy_ms']:>10.3f} "
                         f"{busy:>6}")
     if rows:
-        lines.append("GPU activity in the trace (all kernels, profiled steps only):")
+        from moe_trace.trace.result import kernel_scope_text
+
+        scope = "moe_ranges" if "moe_ranges" in scopes else "all"
+        lines.append(f"GPU activity in the trace: {kernel_scope_text(scope)}"
+                     + (" (some files are slim)" if len(scopes) > 1 else "") + ":")
         lines.append(f"  {'device':<16} {'kernels':>8} {'kernel ms':>11} {'memcpy ms':>10} {'busy':>6}")
         lines.extend(rows)
     else:

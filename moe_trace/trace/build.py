@@ -121,7 +121,7 @@ def build(path: Path, meta: dict, agg: Aggregate, parser: str, nbytes: int, seco
     summary = PlainTraceSummary(path=str(path), devices=devices, profiler_steps=len(agg.pstep),
                                 profiler_step_ms=(sum(pst) / len(pst) / 1000.0) if pst else None,
                                 user_annotations=agg.user_annotations, range_ms=range_ms,
-                                rank=rank if isinstance(rank, int) else None)
+                                rank=rank if isinstance(rank, int) else None, kernel_scope=_kernel_scope(mt))
     return TraceData(path=path, metadata=meta, runs=runs, steps=steps,
                      counters=part_counters[0] if part_counters else {}, part_counters=part_counters,
                      range_ms=range_ms, summary=summary, timing_source=timing_source, parser=parser,
@@ -148,3 +148,11 @@ def _value(v) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     return float(v)
+
+
+def _kernel_scope(mt: dict | None) -> str:
+    """"moe_ranges" when the writer slimmed the trace (for a merged trace: any of its files), else "all"."""
+    if not isinstance(mt, dict):
+        return "all"
+    parts = mt.get("parts") if isinstance(mt.get("parts"), list) else [mt]
+    return "moe_ranges" if any(isinstance(p, dict) and p.get("slim") is True for p in parts) else "all"

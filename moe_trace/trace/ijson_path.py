@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from moe_trace.errors import TraceError
+from moe_trace.errors import TraceError, short_reason
 
 from .aggregate import Aggregate
 from .fastpath import Fallback, split_tail
@@ -44,6 +44,11 @@ class _Stream:
         self._head_done = False
         self._prev = b""
         self._guard = NestingGuard(src.path)
+        # where `tail` starts in the stream: byte offset, newlines before it, offset of the last one
+        self._base = 0
+        self._lines = 0
+        self._last_nl = -1
+        self._read_at = 0  # offset in _buf of the last slice handed to ijson
 
     def _fill(self) -> bool:
         data = next(self._it, None)
@@ -53,9 +58,44 @@ class _Stream:
         if not self._head_done:
             self.head += data[: self.HEAD - len(self.head)]
             self._head_done = len(self.head) >= self.HEAD or TE_KEY.search(self.head) is not None
+        old = self._prev
+        k = old.rfind(b"\n")
+        if k >= 0:
+            self._last_nl = self._base + k
+        self._lines += old.count(b"\n")
+        self._base += len(old)
         self._prev = self._buf
         self._buf, self._off = data, 0
         return True
+
+    def locate(self, message) -> tuple[int, int, int] | None:
+        """(line, column, byte offset), 1-based line and column, of the error yajl reported in
+        `message` (its second line quotes ~30 bytes each side of the error, its third points at it
+        with `^`), found in the bytes ijson was last handed; None when it cannot be pinned down."""
+        raw = message if isinstance(message, (bytes, bytearray)) else str(message).encode("utf-8", "surrogateescape")
+        lines = bytes(raw).split(b"\n")
+        if len(lines) < 3 or b"^" not in lines[2]:
+            return None
+        caret = lines[2].index(b"^")
+        before, after = lines[1][:caret].lstrip(b" "), lines[1][caret:]
+        pattern = before + after
+        if not pattern.strip():
+            return None
+        window = self.tail
+        norm = window.replace(b"\n", b" ").replace(b"\r", b" ")
+        lo = max(0, len(self._prev) + self._read_at - len(pattern) - 64)
+        i = norm.find(pattern, lo)
+        if i < 0:
+            i = norm.find(pattern)
+        if i < 0:
+            return None
+        at = max(0, i + len(before) - 1)  # yajl points just past the byte it failed on
+        while at > 0 and window[at - 1:at].isalpha() or at > 0 and window[at - 1:at] == b"-":
+            at -= 1  # to the start of a bare word such as NaN or -Infinity
+        k = window.rfind(b"\n", 0, at)
+        last_nl = self._base + k if k >= 0 else self._last_nl
+        line = self._lines + window.count(b"\n", 0, at) + 1
+        return line, self._base + at - last_nl, self._base + at
 
     @property
     def tail(self) -> bytes:
@@ -72,6 +112,7 @@ class _Stream:
             if not self._fill():
                 return b""
         end = len(self._buf) if n is None or n < 0 else self._off + n
+        self._read_at = self._off
         out = self._buf[self._off:end]
         self._off += len(out)
         return out
@@ -93,12 +134,19 @@ def parse(src: Source, agg: Aggregate) -> dict:
                 agg.add_event(ev)
             agg.events += 1
     except ij.common.JSONError as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = short_reason(exc)  # yajl appends the offending bytes: never echo them
         if "premature EOF" in msg or "Incomplete" in msg:
             raise TraceError(f"{src.path} ends in the middle of the JSON (truncated, the writer was probably "
                              "killed); re-run the profiling to get a complete trace") from None
-        raise TraceError(f"{src.path} is not valid JSON ({msg}); pass a Chrome trace written by torch.profiler "
-                         "or moe-trace") from None
+        where = stream.locate(exc.args[0]) if len(exc.args) == 1 else None
+        at = f" at line {where[0]}, column {where[1]} (byte {where[2]})" if where else ""
+        hint = ""
+        if where is not None:
+            bad = stream.tail[where[2] - stream._base:where[2] - stream._base + 9]
+            if bad.startswith((b"NaN", b"Infinity", b"-Infinity")):
+                hint = "; NaN and Infinity are not JSON (strict writers write null)"
+        raise TraceError(f"{src.path} is not valid JSON{at} ({msg}{hint}); pass a Chrome trace written by "
+                         "torch.profiler or moe-trace") from None
     if prefix == "item":
         return {}
     meta = head_meta(bytes(stream.head))

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 import orjson
 
+from moe_trace.checks import output_file
 from moe_trace.errors import TraceError
 
 from .reader import read_metadata, trace_files
@@ -29,7 +30,7 @@ from .format import GPU_CATS as _GPU_CATS, HOST_CATS as _HOST_CATS, MERGED_PREFI
 
 def merge_traces(inputs: str | os.PathLike | Iterable[str | os.PathLike], out_path: str | os.PathLike) -> Path:
     """Merge a directory of traces (recursively) or a list of trace files into `out_path`."""
-    out = Path(out_path)
+    out = output_file(out_path, "merge output")  # checked before any input is read
     if isinstance(inputs, (str, os.PathLike)):
         files = trace_files(inputs)
     else:
@@ -95,7 +96,8 @@ def merge_traces(inputs: str | os.PathLike | Iterable[str | os.PathLike], out_pa
             if isinstance(info["mt"].get("run"), dict):
                 parts.append({"file": str(info["path"]), "label": info["label"], "dist_rank": info["rank"],
                               "run": info["mt"]["run"], "steps": info["mt"].get("steps", []),
-                              "process": info["mt"].get("process", {}), "pids": sorted(pmap.values())})
+                              "process": info["mt"].get("process", {}), "slim": info["mt"].get("slim"),
+                              "pids": sorted(pmap.values())})
             for pid, name in names.items():
                 yield {"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": name}}
                 yield {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}}

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from moe_trace.analysis import Report
-from moe_trace.errors import TraceError
+from moe_trace.analysis.report import check_ep_size
+from moe_trace.errors import ConfigError, TraceError
 
 from . import fastpath, ijson_path
 from .aggregate import Aggregate
@@ -38,7 +39,7 @@ __all__ = ["read_trace", "read_traces", "trace_files", "read_metadata", "analyze
 
 def read_trace(path: str | os.PathLike, *, progress: bool | None = None) -> TraceData:
     """Stream one trace file. `progress`: tqdm bar on stderr (default: files over 50 MB)."""
-    path = Path(path)
+    path = _as_path(path)
     if not path.exists():
         raise TraceError(f"trace file {path} does not exist; pass a .pt.trace.json[.gz] file or the logdir "
                          "that moe_trace.profile(mode='kineto') wrote")
@@ -70,6 +71,18 @@ def read_trace(path: str | os.PathLike, *, progress: bool | None = None) -> Trac
     return build(path, meta, agg, parser, src.bytes_out, time.perf_counter() - t0)
 
 
+def _as_path(path) -> Path:
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"a trace path must be a str or os.PathLike, got {type(path).__name__}; pass a "
+                          ".pt.trace.json[.gz] file or the logdir of moe_trace.profile(mode='kineto')")
+    if str(path) == "":
+        raise ConfigError("the trace path is empty; pass a .pt.trace.json[.gz] file or a logdir ('.' for the "
+                          "current directory)")
+    return Path(path)
+
+
 def read_traces(path: str | os.PathLike, *, progress: bool | None = None) -> list[TraceData]:
     """A trace file, or every `*.pt.trace.json[.gz]` under a directory (recursively), read."""
     return [read_trace(p, progress=progress) for p in trace_files(path)]
@@ -78,7 +91,7 @@ def read_traces(path: str | os.PathLike, *, progress: bool | None = None) -> lis
 def trace_files(path: str | os.PathLike, *, warn: bool = True) -> list[Path]:
     """`path` itself, or the trace files under the directory `path` (recursively, not following links to
     directories). Subdirectories that cannot be listed are named in a warning."""
-    path = Path(path)
+    path = _as_path(path)
     if not path.exists():
         raise TraceError(f"{path} does not exist; pass a .pt.trace.json[.gz] file or the logdir that "
                          "moe_trace.profile(mode='kineto') wrote")
@@ -123,6 +136,7 @@ def analyze(path: str | os.PathLike, *, progress: bool | None = None, ep_size: i
     A directory with several runs: the newest is reported and a warning names the others; `run` picks
     one by id (or a unique prefix), `all_runs=True` returns `{run id: Report}` for every run, newest
     first. `ep_size`: also report the load per expert-parallel rank for that many ranks (see Report)."""
+    check_ep_size(ep_size)  # before reading: a bad argument fails in a second
     datas = read_traces(path, progress=progress)
     if all_runs:
         return reports_of(datas, path, ep_size=ep_size)

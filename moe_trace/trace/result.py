@@ -11,6 +11,13 @@ from moe_trace.errors import TraceError
 from .format import MERGED_PREFIX, META_KEY
 
 
+def kernel_scope_text(scope: str) -> str:
+    """What a kernel count / kernel time of `PlainTraceSummary.devices` covers, in words."""
+    if scope == "moe_ranges":
+        return "only kernels inside MoE ranges (slim trace; profile with slim=False for all)"
+    return "all kernels of the profiled steps"
+
+
 @dataclass
 class PlainTraceSummary:
     """What any Kineto trace tells without moe-trace metadata: GPU activity per device, steps, ranges."""
@@ -22,9 +29,13 @@ class PlainTraceSummary:
     user_annotations: int = 0
     range_ms: dict[str, dict[str, Any]] = field(default_factory=dict)
     rank: int | None = None
+    #: which GPU work `devices` counts: "all" (every kernel / memcpy / memset of the profiled steps) or
+    #: "moe_ranges" (a slim trace keeps only the work inside MoE router / experts / shared ranges)
+    kernel_scope: str = "all"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "rank": self.rank, "devices": self.devices, "profiler_steps": self.profiler_steps,
+        return {"path": self.path, "rank": self.rank, "devices": self.devices, "kernel_scope": self.kernel_scope,
+                "kernel_scope_text": kernel_scope_text(self.kernel_scope), "profiler_steps": self.profiler_steps,
                 "profiler_step_ms": self.profiler_step_ms, "user_annotations": self.user_annotations,
                 "range_ms": self.range_ms}
 
@@ -33,10 +44,12 @@ class PlainTraceSummary:
         step = f", mean {self.profiler_step_ms:.3f} ms (host)" if self.profiler_step_ms is not None else ""
         lines.append(f"  profiler steps {self.profiler_steps}{step}; user annotations {self.user_annotations}")
         if self.devices:
+            lines.append(f"  GPU work: {kernel_scope_text(self.kernel_scope)}")
             lines.append(f"  {'device':<16} {'kernels':>8} {'kernel ms':>11} {'memcpy ms':>10} {'memset ms':>10} "
                          f"{'span ms':>10} {'busy':>6}")
             for name, d in self.devices.items():
-                busy = f"{100 * d['kernel_ms'] / d['span_ms']:.1f}%" if d["span_ms"] else "-"
+                busy = f"{100 * d['kernel_ms'] / d['span_ms']:.1f}%" if d["span_ms"] and self.kernel_scope == "all" \
+                    else "-"
                 lines.append(f"  {name:<16} {d['kernels']:>8} {d['kernel_ms']:>11.3f} {d['memcpy_ms']:>10.3f} "
                              f"{d['memset_ms']:>10.3f} {d['span_ms']:>10.3f} {busy:>6}")
         else:
