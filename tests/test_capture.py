@@ -82,7 +82,7 @@ def test_router_confidence_matches_recomputed_logits(olmoe):
         assert d["layers"][i]["phases"]["prefill"]["router_entropy_mean"] == pytest.approx(ent, rel=1e-5)
 
 
-def flop_counter_parts(model, bindings, ids, whole_block: bool = False):
+def flop_counter_parts(model, bindings, ids, whole_block: bool = False, call_kwargs: dict | None = None):
     """FLOPs counted by torch's FlopCounterMode inside each layer's router / experts / shared modules.
 
     `whole_block`: the experts' matmuls run in the block's own body (doge's embedding experts), so the
@@ -90,7 +90,7 @@ def flop_counter_parts(model, bindings, ids, whole_block: bool = False):
     names = {id(m): n for n, m in model.named_modules()}
     fc = FlopCounterMode(display=False)
     with fc:  # not under no_grad: torch's ModuleTracker fails on dbrx's parameter views there
-        model(ids)
+        model(ids, **(call_kwargs or {}))
     counts = {k.split(".", 1)[1] if "." in k else "": sum(v.values()) for k, v in fc.get_flop_counts().items()}
     parts = []
     for b in bindings:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
+import transformers
 
 import moe_trace
 from moe_trace.capture import find_bindings
@@ -28,6 +30,12 @@ ROUTER_COUNTED = {"llama4", "jetmoe", "doge"}
 FLOPS_EXCEPTIONS: dict[str, str] = {}
 # Block-diffusion generation: forwards are not one-token decode steps, so B*P + B*(N-1) does not apply.
 NOT_AUTOREGRESSIVE = {"diffusion_gemma"}
+# Encoder-decoder families with capacity-limited routers: checked by test_seq2seq_family.
+SEQ2SEQ = {"switch_transformers", "nllb_moe"}
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+if TRANSFORMERS_5:
+    FLOPS_EXCEPTIONS["nllb_moe"] = ("transformers 5.x NllbMoeExperts runs expert_0/expert_1 on every token instead of "
+                                    "the dispatched experts (moe-trace counts the router's dispatch); checked on 4.57")
 
 
 class RouterSideReference:
@@ -88,13 +96,13 @@ def _seq(out):
 
 def test_every_family_is_listed():
     """Every MoE family of the installed transformers (found in its source tree) has a recipe here."""
-    missing = sorted(set(transformers_moe_families()) - set(FAMILIES) - {"switch_transformers", "nllb_moe"})  # i11: next land
+    missing = sorted(set(transformers_moe_families()) - set(FAMILIES))
     assert not missing, f"MoE families of this transformers without a tiny recipe: {missing}"
     assert set(FAMILIES) <= set(transformers_moe_families())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in SEQ2SEQ])
 def test_family(family):
     model = build_tiny_model(family)
     bindings = find_bindings(model)
@@ -144,9 +152,93 @@ def test_family_flops_match_flop_counter(family):
     set_experts_implementation(model, "eager")  # undecorated (and 4.x) experts always run eagerly
     inputs = example_inputs(model, batch=2, prompt_len=5)
     bindings = find_bindings(model)
-    expected = flop_counter_parts(model, bindings, inputs["input_ids"], whole_block=family == "doge")
+    ids = inputs["input_ids"]
+    call = {"decoder_input_ids": ids[:, :3]} if family in SEQ2SEQ else {}
+    expected = flop_counter_parts(model, bindings, ids, whole_block=family == "doge", call_kwargs=call)
     with moe_trace.profile(model) as run, torch.no_grad():
-        model(inputs["input_ids"])
+        model(ids, **call)
     d = run.report().to_dict()
     got = [l["phases"]["prefill"]["flops"] for l in d["layers"]]
     assert got == expected
+
+
+class DispatchReference:
+    """Independent routing of the capacity-limited seq2seq routers, from their outputs with numpy:
+    Switch - the one-hot dispatch rows (an empty row: the token was dropped); NLLB - the non-zero
+    combine weights of each token (2 minus those: its dropped choices). Phases as the model's:
+    the encoder run and the first decoder forward are prefill."""
+
+    def __init__(self, model, bindings):
+        self.forwards = 0
+        self.data = {i: {p: [np.zeros(b.info.num_experts, np.int64), {}, 0] for p in ("prefill", "decode")}
+                     for i, b in enumerate(bindings)}
+        self.handles = [model.register_forward_pre_hook(self._step)]
+        self.handles += [b.router.register_forward_hook(self._hook(i, b.info.top_k)) for i, b in enumerate(bindings)]
+
+    def _step(self, module, args):
+        self.forwards += 1
+
+    def _hook(self, i, top_k):
+        def hook(module, args, out):
+            mask, probs = out[0], out[1]
+            E = mask.shape[-1]
+            routed = (mask.reshape(-1, E) != 0) if top_k == 1 else (probs.reshape(-1, E) != 0)
+            routed = routed.numpy()
+            counts, khist, dropped = self.data[i]["prefill" if self.forwards <= 1 else "decode"]
+            counts += routed.sum(0)
+            for k in routed.sum(-1):
+                khist[str(int(k))] = khist.get(str(int(k)), 0) + 1
+            self.data[i]["prefill" if self.forwards <= 1 else "decode"][2] += int(top_k * routed.shape[0] - routed.sum())
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f in SEQ2SEQ])
+def test_seq2seq_family(family, tmp_path):
+    """SwitchTransformers / NLLB-MoE: encoder and decoder sparse layers found and labelled; generate
+    unchanged under every mode; per layer and phase, counts, k and capacity drops equal the router's
+    dispatch (numpy), and where the experts follow the dispatch (Switch; NLLB on 4.x) the rows each
+    expert module receives."""
+    model = build_tiny_model(family)
+    bindings = find_bindings(model)
+    stacks = [b.info.stack for b in bindings]
+    assert stacks == ["encoder"] * 2 + ["decoder"] * 2
+    assert all(st in b.info.name.split(".") for st, b in zip(stacks, bindings))
+    inputs = example_inputs(model, batch=2, prompt_len=5)
+    B, P = inputs["input_ids"].shape
+    gen = dict(max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False)
+    with torch.no_grad():
+        ref_tokens = model.generate(**inputs, **gen)
+    dispatch = DispatchReference(model, bindings)
+    rows = routing_reference(model, bindings) if family != "nllb_moe" or not TRANSFORMERS_5 else None
+    with moe_trace.profile(model) as run, torch.no_grad():
+        out = model.generate(**inputs, **gen)
+    dispatch.remove()
+    if rows is not None:
+        rows.remove()
+    assert torch.equal(out, ref_tokens)
+    for mode in ("timing", "kineto"):
+        with moe_trace.profile(model, mode=mode, logdir=tmp_path) as r2, \
+                torch.no_grad():
+            assert torch.equal(model.generate(**inputs, **gen), ref_tokens), mode
+        assert r2.report().to_dict()["layers"][0]["stack"] == "encoder"
+    d = run.report().to_dict()
+    assert d["phases"]["prefill"]["forward_calls"] == 2 and d["phases"]["decode"]["forward_calls"] == N_NEW - 1
+    assert sum(l["dropped"] for l in d["layers"]) > 0, "the tiny recipe should overflow an expert's capacity"
+    for layer in d["layers"]:
+        i = layer["index"]
+        assert layer["stack"] == stacks[i]
+        want = {"prefill": B * P, "decode": 0} if stacks[i] == "encoder" else {"prefill": B, "decode": B * (N_NEW - 1)}
+        for phase in ("prefill", "decode"):
+            got = layer["phases"][phase]
+            counts, khist, dropped = dispatch.data[i][phase]
+            assert got["tokens"] == want[phase], (i, phase)
+            assert got["expert_counts"] == counts.tolist(), (i, phase)
+            assert got["k_hist"] == khist and got["dropped"] == dropped, (i, phase)
+            assert got["assignments"] + got["dropped"] == layer["top_k"] * got["tokens"]
+            if rows is not None:
+                assert got["expert_counts"] == rows.counts(i, layer["num_experts"], phase)[0].tolist(), (i, phase)

@@ -127,7 +127,7 @@ class Report:
         for i, layer in enumerate(layers):
             per_phase = {p: run.counts[p][i] for p in PHASES}
             total = per_phase["prefill"] + per_phase["decode"]
-            entry = {"index": layer.index, "name": layer.name, "device": layer.device,
+            entry = {"index": layer.index, "name": layer.name, "device": layer.device, "stack": layer.stack,
                      "family": layer.family, "num_experts": layer.num_experts, "top_k": layer.top_k,
                      **_counts_block(layer, total)}
             entry["phases"] = {}
@@ -256,7 +256,7 @@ class Report:
             blocks = [("all", layer)] + [(p, layer["phases"][p]) for p in PHASES]
             for phase, b in blocks:
                 row = {"layer": layer["index"], "name": layer["name"], "device": layer["device"], "phase": phase}
-                for k in ("tokens", "assignments", "excluded", "k_mean", "k_std", "k_min", "k_max",
+                for k in ("tokens", "assignments", "excluded", "dropped", "k_mean", "k_std", "k_min", "k_max",
                           "active_experts", "dead_experts", "cv", "gini", "entropy_norm", "max_over_mean",
                           "top1_prob_mean", "router_entropy_mean"):
                     row[k] = b[k]
@@ -310,6 +310,12 @@ class Report:
             lines.append("  latency: not measured in stats mode; profile(model, mode=\"timing\") (CUDA events) or "
                          "mode=\"kineto\" (trace), `--mode timing` on the command line, adds router / experts / "
                          "shared ms per layer and phase")
+        stacks = {st: [str(l["index"]) for l in d["layers"] if l.get("stack") == st] for st in ("encoder", "decoder")}
+        if any(stacks.values()):
+            lines.append("  " + "; ".join(f"{st} layers {' '.join(ix)}" for st, ix in stacks.items() if ix))
+        dropped = sum(l.get("dropped", 0) for l in d["layers"])
+        if dropped:
+            lines.append(f"  dropped by expert capacity: {dropped} token-expert slots (not routed, not in the counts)")
         ep = d.get("expert_parallel")
         if ep:
             loads = " ".join(f"{r['assignments']}" for r in ep["ranks"])
@@ -339,6 +345,7 @@ def _counts_block(layer, c: LayerCounts) -> dict[str, Any]:
         "assignments": int(counts.sum()),
         "excluded": int(c.excluded),
         "padding_tokens": int(c.padding_tokens),
+        "dropped": int(c.dropped),
         **ks,
         **balance(counts),
         "top1_prob_mean": c.top1_prob_sum / tokens if tokens else 0.0,

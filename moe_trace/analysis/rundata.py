@@ -38,6 +38,7 @@ class LayerInfo:
     shared: list[str] = field(default_factory=list)
     handler: str = "generic"
     experts_implementation: str | None = None
+    stack: str | None = None  # "encoder" / "decoder" in encoder-decoder models, else None
     sources: dict[str, str] = field(default_factory=dict)
     # weight bytes from the modules' own tensors (0: unknown); the roofline's bytes read per forward
     expert_bytes: int = 0  # one routed expert
@@ -59,7 +60,9 @@ class LayerCounts:
 
     `expert_counts[e]` = (token, expert) assignments to routed expert e; `k_hist[k]` = tokens that
     used k computing experts; `excluded` = assignment slots that pointed at no computing expert
-    (skip/zero experts, padding sentinels, experts of other expert-parallel ranks).
+    (skip/zero experts, padding sentinels, experts of other expert-parallel ranks); `dropped` =
+    slots the router chose but did not dispatch because the expert was full (capacity-limited
+    routers: SwitchTransformers, NLLB-MoE); they are in neither `expert_counts` nor `k_hist`'s k.
     """
 
     tokens: int = 0
@@ -67,6 +70,7 @@ class LayerCounts:
     expert_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     k_hist: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
     excluded: int = 0
+    dropped: int = 0
     top1_prob_sum: float = 0.0
     entropy_sum: float = 0.0
     # sum over forwards of the distinct experts that got a token in that forward (the expert weights
@@ -90,6 +94,7 @@ class LayerCounts:
             expert_counts=self.expert_counts + other.expert_counts,
             k_hist=kh,
             excluded=self.excluded + other.excluded,
+            dropped=self.dropped + other.dropped,
             top1_prob_sum=self.top1_prob_sum + other.top1_prob_sum,
             entropy_sum=self.entropy_sum + other.entropy_sum,
             expert_reads=self.expert_reads + other.expert_reads,
@@ -103,6 +108,7 @@ class LayerCounts:
             "expert_counts": [int(x) for x in self.expert_counts],
             "k_hist": [int(x) for x in self.k_hist],
             "excluded": int(self.excluded),
+            "dropped": int(self.dropped),
             "top1_prob_sum": float(self.top1_prob_sum),
             "entropy_sum": float(self.entropy_sum),
             "expert_reads": int(self.expert_reads),
@@ -117,6 +123,7 @@ class LayerCounts:
             expert_counts=np.asarray(d.get("expert_counts", []), dtype=np.int64),
             k_hist=np.asarray(d.get("k_hist", [0]), dtype=np.int64),
             excluded=int(d.get("excluded", 0)),
+            dropped=int(d.get("dropped", 0)),
             top1_prob_sum=float(d.get("top1_prob_sum", 0.0)),
             entropy_sum=float(d.get("entropy_sum", 0.0)),
             expert_reads=int(d.get("expert_reads", 0) or 0),

@@ -16,6 +16,10 @@ import torch
 
 from moe_trace.analysis.rundata import PHASES
 
+# An index handlers use for a slot the router chose but could not dispatch (expert capacity):
+# counted in `LayerCounts.dropped`, never as routed and never in the k histogram.
+DROPPED_INDEX = -2
+
 # Flush early (inside a forward) when queued tensors exceed this many elements (bounds held memory).
 MAX_PENDING_ELEMENTS = 1 << 25
 # At the end of a forward, count at once when the queue holds more elements than this or more forwards.
@@ -41,10 +45,11 @@ class DeviceCounters:
         self.device = device
         self.L = len(num_experts)
         self.E = max(num_experts)
-        self.bins = self.E + 1  # last bin: assignments to no computing expert (excluded)
+        # bin E: assignments to no computing expert (excluded); bin E+1: slots dropped by capacity
+        self.bins = self.E + 2
         P = len(PHASES)
-        # one buffer, four regions (one index_add_ fills them all): expert counts [P, L, E+1], the k
-        # histogram [P, L, E+1], padding positions [P, L] (attention mask 0: not routed tokens), and
+        # one buffer, four regions (one index_add_ fills them all): expert counts [P, L, E+2], the k
+        # histogram [P, L, E+2], padding positions [P, L] (attention mask 0: not routed tokens), and
         # one trash slot where the assignments of padding positions go
         self._size = P * self.L * self.bins
         self._pad_base = 2 * self._size
@@ -162,7 +167,7 @@ class DeviceCounters:
             idx = idx.to(torch.int64)
         w = torch.stack([_as_topk_weights(it.weights, it.indices) for it in items])
         valid = (w != 0) & (idx >= 0) & (idx < num_experts)
-        slot = torch.where(valid, idx, self.E) + offsets                          # counts region
+        slot = torch.where(valid, idx, torch.where(idx == DROPPED_INDEX, self.E + 1, self.E)) + offsets
         k = valid.sum(-1) + k_offsets                                             # k-histogram region
         if items[0].mask is not None:  # padding positions: no assignment, no k, one padding count
             real = _stack_masks(items)                                            # [n, T]
@@ -201,7 +206,7 @@ class DeviceCounters:
         return snap[: self._size], snap[self._size: 2 * self._size], snap[self._pad_base: self._trash]
 
     def read(self):
-        """Host copies: counts [P, L, E+1], k_hist [P, L, E+1], conf [P, L, 2], padding [P, L]. Syncs once."""
+        """Host copies: counts [P, L, E+2], k_hist [P, L, E+2], conf [P, L, 2], padding [P, L]. Syncs once."""
         self.flush()
         P = len(PHASES)
         hist = self._hist.cpu().numpy()

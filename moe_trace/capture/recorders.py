@@ -81,7 +81,8 @@ class CounterRecorder:
                         tokens=int(kh.sum()), calls=int(dc.calls[p, local]),
                         expert_counts=c[p, local, :E].astype(np.int64),
                         k_hist=kh[: max(last, self.layers[i].top_k) + 1].astype(np.int64),
-                        excluded=int(c[p, local, E:].sum()), padding_tokens=int(pad[p, local]),
+                        excluded=int(c[p, local, E:dc.E + 1].sum()), dropped=int(c[p, local, dc.E + 1]),
+                        padding_tokens=int(pad[p, local]),
                         top1_prob_sum=float(conf[p, local, 0]), entropy_sum=float(conf[p, local, 1]))
         return counts
 

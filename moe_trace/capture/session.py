@@ -11,6 +11,7 @@ export. Everything is removed on exit, also when the body raises.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -48,6 +49,8 @@ def _read_step(index: int, args: tuple, kwargs: dict) -> Step:
         x = args[0]
     if x is None:
         x = kwargs.get("inputs_embeds")
+    if x is None and torch.is_tensor(kwargs.get("decoder_input_ids")):
+        return _read_decoder_step(index, kwargs)
     labels = kwargs.get("labels")
     labels = labels if torch.is_tensor(labels) else None
     if x is None or not torch.is_tensor(x):
@@ -59,6 +62,28 @@ def _read_step(index: int, args: tuple, kwargs: dict) -> Step:
     mask = kwargs.get("attention_mask")
     mask = mask[:, -seq:] if torch.is_tensor(mask) and mask.dim() == 2 else None
     return Step(index, PHASES[0 if seq > 1 else 1], batch, seq, batch * seq, attention_mask=mask, labels=labels)
+
+
+def _read_decoder_step(index: int, kwargs: dict) -> Step:
+    """A decoder step of an encoder-decoder model (generate passes `decoder_input_ids` and the
+    encoder's outputs): prefill while the decoder's cache is empty, decode after."""
+    x = kwargs["decoder_input_ids"]
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))  # 4.x / 5.x spelling
+    get_len = getattr(cache, "get_seq_length", None)
+    past = get_len() if callable(get_len) else (0 if cache is None else 1)
+    batch, seq = int(x.shape[0]), int(x.shape[-1])
+    mask = kwargs.get("decoder_attention_mask")
+    mask = mask[:, -seq:] if torch.is_tensor(mask) and mask.dim() == 2 else None
+    return Step(index, PHASES[0 if past == 0 else 1], batch, seq, batch * seq, attention_mask=mask)
+
+
+def _encoder_of(model: nn.Module) -> nn.Module | None:
+    """The encoder of an encoder-decoder model: `generate` runs it outside the model's forward."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    get = getattr(model, "get_encoder", None)
+    enc = get() if callable(get) else None
+    return enc if isinstance(enc, nn.Module) and enc is not model else None
 
 
 class ProfileRun:
@@ -76,6 +101,7 @@ class ProfileRun:
         self.trace_files: list = []
         self._run_data: RunData | None = None
         self._handles: list[Any] = []
+        self._encoder: nn.Module | None = None
         self._inside = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -212,6 +238,9 @@ class ProfileRun:
         base = getattr(self.model, "base_model", None)
         if isinstance(base, nn.Module) and base is not self.model:
             step_modules.append(base)
+        encoder = self._encoder = _encoder_of(self.model)  # seq2seq generate: the encoder run is a prefill step
+        if encoder is not None:
+            step_modules.append(encoder)
         for mod in step_modules:
             add(mod.register_forward_pre_hook(self._model_pre, with_kwargs=True))
             add(mod.register_forward_hook(self._model_post, always_call=True))
@@ -271,6 +300,8 @@ class ProfileRun:
             return None
         self._step += 1
         step = self._current = _read_step(self._step, args, kwargs)
+        if module is self._encoder and step.phase != PHASES[0]:  # a one-token source is still prefill
+            step = self._current = dataclasses.replace(step, phase=PHASES[0])
         self.observers.step_start(step)
         phase = step.phase
         self._phase = PHASES.index(phase)

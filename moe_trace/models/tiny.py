@@ -125,6 +125,8 @@ def _text_kwargs(family: str, overrides: dict) -> dict:
             _set_path(kw, path, copy.deepcopy(value))
             explicit.add(path.split(".")[0])
     layers_key = aliases.get("num_hidden_layers", "num_hidden_layers")
+    if not isinstance(layers_key, str):  # encoder-decoder: several layer counts, the first one rules
+        layers_key = layers_key[0]
     n_layers = _get_path(kw, layers_key)
     for key in e.get("per_layer_keys", []):
         if key not in explicit and isinstance(kw.get(key), list) and len(kw[key]) != n_layers:

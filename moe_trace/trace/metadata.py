@@ -124,6 +124,7 @@ def _counts(d: Any, where: str, num_experts: int) -> dict:
         "expert_counts": [_int(x, f"{where}.expert_counts[{i}]") for i, x in enumerate(ec)],
         "k_hist": [_int(x, f"{where}.k_hist[{i}]") for i, x in enumerate(kh)],
         "excluded": _int(d.get("excluded", 0), f"{where}.excluded"),
+        "dropped": _int(d.get("dropped", 0), f"{where}.dropped"),
         "top1_prob_sum": _float(d.get("top1_prob_sum", 0.0), f"{where}.top1_prob_sum"),
         "entropy_sum": _float(d.get("entropy_sum", 0.0), f"{where}.entropy_sum"),
         "expert_reads": _int(d.get("expert_reads", 0), f"{where}.expert_reads"),

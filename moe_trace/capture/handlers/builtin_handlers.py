@@ -8,8 +8,9 @@ from .jetmoe import JetMoeHandler
 from .legacy import LegacyModuleListHandler
 from .llama4 import DenseExpertsHandler
 from .named_routing import NamedRoutingHandler
+from .seq2seq import CapacityRoutedHandler
 
-BUILTIN = [ProductKeyEmbeddingHandler, DecoderLayerMoEHandler, DenseExpertsHandler, DbrxHandler, JetMoeHandler, LegacyModuleListHandler,
+BUILTIN = [CapacityRoutedHandler, ProductKeyEmbeddingHandler, DecoderLayerMoEHandler, DenseExpertsHandler, DbrxHandler, JetMoeHandler, LegacyModuleListHandler,
            NamedRoutingHandler, GenericHandler]
 for _h in BUILTIN:
     register_handler(_h, first=False)
