@@ -50,6 +50,8 @@ def greedy(model, inputs, n: int = N_NEW):
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     seq = out if torch.is_tensor(out) else out.sequences
+    if model.config.is_encoder_decoder:  # the decoder's sequence: its start token, then the new ones
+        return seq[:, 1:]
     return seq[:, inputs["input_ids"].shape[1]:]
 
 

@@ -49,8 +49,6 @@ def _read_step(index: int, args: tuple, kwargs: dict) -> Step:
         x = args[0]
     if x is None:
         x = kwargs.get("inputs_embeds")
-    if x is None and torch.is_tensor(kwargs.get("decoder_input_ids")):
-        return _read_decoder_step(index, kwargs)
     labels = kwargs.get("labels")
     labels = labels if torch.is_tensor(labels) else None
     if x is None or not torch.is_tensor(x):
@@ -299,9 +297,14 @@ class ProfileRun:
         if self._depth > 1:
             return None
         self._step += 1
-        step = self._current = _read_step(self._step, args, kwargs)
+        if self._encoder is not None and kwargs.get("input_ids") is None \
+                and torch.is_tensor(kwargs.get("decoder_input_ids")):
+            step = _read_decoder_step(self._step, kwargs)  # seq2seq generate: a decoder step
+        else:
+            step = _read_step(self._step, args, kwargs)
         if module is self._encoder and step.phase != PHASES[0]:  # a one-token source is still prefill
-            step = self._current = dataclasses.replace(step, phase=PHASES[0])
+            step = dataclasses.replace(step, phase=PHASES[0])
+        self._current = step
         self.observers.step_start(step)
         phase = step.phase
         self._phase = PHASES.index(phase)
