@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -122,11 +123,25 @@ def compiled_generate(control: bool = False) -> dict:
     return out
 
 
-if __name__ == "__main__":
-    if "--skip-manual" not in sys.argv:
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--skip-manual", action="store_true", help="skip the manual torch.cuda.graph capture checks")
+    ap.add_argument("--compile", action="store_true",
+                    help="also a torch.compile(mode='reduce-overhead') generate under profile(stats)")
+    ap.add_argument("--compile-control", action="store_true",
+                    help="also the same compiled generate without moe-trace (does it crash without us?)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("CUDA graphs need a GPU: CUDA is not available on this machine")
+    if not args.skip_manual:
         print("control_capture:", json.dumps(control_capture()), flush=True)
         print("manual_capture:", json.dumps(manual_capture()), flush=True)
-    if "--compile-control" in sys.argv:
+    if args.compile_control:
         print("compiled_generate (no moe-trace):", json.dumps(compiled_generate(control=True)), flush=True)
-    if "--compile" in sys.argv:
+    if args.compile:
         print("compiled_generate:", json.dumps(compiled_generate()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

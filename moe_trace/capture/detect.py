@@ -95,9 +95,19 @@ def weight_bytes(b: MoEBinding) -> tuple[int, int, int]:
     return (experts // max(held, 1), total([b.router] if b.router is not None else []), total(b.shared))
 
 
-def detect(model: nn.Module) -> list[LayerInfo]:
-    """The MoE layers of `model`: index, name, family, sizes (and where each size came from), device."""
-    return [b.info for b in find_bindings(model)]
+class LayerList(list):
+    """The `LayerInfo`s of a model: a plain list whose repr is the table `moe-trace inspect` prints."""
+
+    def __repr__(self) -> str:
+        return format_layers(list(self))
+
+    __str__ = __repr__
+
+
+def detect(model: nn.Module) -> LayerList:
+    """The MoE layers of `model`: index, name, family, sizes (and where each size came from), device.
+    A list of `LayerInfo`; printing it shows a table."""
+    return LayerList(b.info for b in find_bindings(model))
 
 
 def _unclaimed_expert_like(model: nn.Module, claimed: list[str]) -> list[str]:

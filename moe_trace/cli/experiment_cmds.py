@@ -129,6 +129,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from moe_trace.experiments.selectors import resolve_selector
     from moe_trace.experiments.sweep import normalize_knob, run_sweep
 
+    from .options import check_out_dir
+
+    check_out_dir(args.out)
     knob = normalize_knob(args.knob)           # bad knob / selector: fail before loading anything
     resolve_selector(args.selector)
     values = _values(args.values)
@@ -199,11 +202,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from moe_trace.experiments.sweep import prepare_inputs
 
     df = bench.run(configs, prompts if prompts is not None else prepare_inputs(model))
-    import pandas as pd
+    import shutil
 
-    with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print(f"compare on {label}")
-        print(df.to_string(float_format=lambda x: f"{x:.3f}"))
+    from moe_trace.experiments.benchmark import format_compare
+
+    print(f"compare on {label}")
+    print(f"(the first config is the base; means over {args.repeats} repeat(s) per prompt)")
+    print(format_compare(df, width=min(shutil.get_terminal_size((80, 24)).columns, 120)))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.out)

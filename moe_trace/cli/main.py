@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from moe_trace.errors import MoeTraceError
+
+from .options import HelpFormatter
 
 # Modules that define `register(subparsers)`; each adds its commands with `set_defaults(func=...)`.
 COMMAND_MODULES = (
@@ -18,7 +21,8 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-trace", description="Make Mixture-of-Experts inference visible.")
+    parser = argparse.ArgumentParser(prog="moe-trace", description="Make Mixture-of-Experts inference visible.",
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -28,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    for command in sub.choices.values():  # every command's --help shows each option's default
+        if command.formatter_class is argparse.HelpFormatter:
+            command.formatter_class = HelpFormatter
     return parser
 
 
@@ -42,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     except MoeTraceError as exc:
         print(f"moe-trace: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `moe-trace ... | head`: the reader left; stop quietly like other CLI tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -33,3 +33,18 @@ def check_device(device: str | None, option: str = "--device") -> None:
             raise ConfigError(f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type not in ("cpu", "meta") and not getattr(torch, dev.type, None):
         raise ConfigError(f"{option} {device}: device type {dev.type} is not available here")
+
+
+def check_out_dir(path: str | None, option: str = "--out") -> None:
+    """An output directory that cannot be created (it, or a folder above it, is a file): one error, early."""
+    if not path:
+        return
+    from pathlib import Path
+
+    p = Path(path)
+    for q in [p, *p.parents]:
+        if q.exists():
+            if not q.is_dir():
+                where = "is a file" if q == p else f"is under {q}, which is a file"
+                raise ConfigError(f"{option} {path} {where}; give a directory")
+            return

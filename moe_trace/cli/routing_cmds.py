@@ -35,18 +35,21 @@ def register(sub) -> None:
                           "(default: the bundled prompts)")
     log.add_argument("--text-field", default=None, help="the text field of JSONL rows / dataset columns")
     log.add_argument("--out", default="routing_logs", help="output directory, or a .json file (json format only)")
-    log.add_argument("--format", default="json", choices=["json", "columnar"])
+    log.add_argument("--format", default="json", choices=["json", "columnar"],
+                     help="json: one file per dataset; columnar: .npz shards for large logs")
     log.add_argument("--max-samples", type=int, default=None, help="stop after this many samples in total")
     log.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens in total")
     log.add_argument("--per-dataset", type=int, default=None, help="at most this many prompts of each dataset")
     log.add_argument("--max-length", type=int, default=256, help="truncate prompts to this many tokens")
     log.add_argument("--generate", type=int, default=0, help="also decode N new tokens greedily per prompt")
-    log.add_argument("--logits-dtype", default="float32", choices=["float32", "float16"])
+    log.add_argument("--logits-dtype", default="float32", choices=["float32", "float16"],
+                     help="dtype the router logits are stored in (float16 halves the size)")
     log.add_argument("--shard-tokens", type=int, default=65536, help="tokens per .npz shard (columnar format)")
     log.add_argument("--no-loss", action="store_true", help="do not compute the language-model loss per sample")
-    log.add_argument("--device", default="cpu")
-    log.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    log.add_argument("--no-progress", action="store_true")
+    log.add_argument("--device", default="cpu", help="device of the model (cpu, cuda, cuda:N)")
+    log.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                     help="model dtype (default: the checkpoint's / float32)")
+    log.add_argument("--no-progress", action="store_true", help="no progress bar")
     log.set_defaults(func=cmd_routing_log)
 
     an = sub.add_parser(
@@ -64,19 +67,21 @@ def register(sub) -> None:
     an.add_argument("--kernels", default="gaussian,tophat,epanechnikov,linear", help="kernels to compare")
     an.add_argument("--trims", default="1,2,4", help="trimmed variants: experts dropped from each end")
     an.add_argument("--bandwidth", default="scott", help="scott, silverman or a number")
-    an.add_argument("--max-fit-points", type=int, default=20_000)
-    an.add_argument("--tail", default="upper", choices=["upper", "lower", "two-sided"])
+    an.add_argument("--max-fit-points", type=int, default=20_000,
+                    help="logits sampled per layer to fit a KDE (more: slower, smoother)")
+    an.add_argument("--tail", default="upper", choices=["upper", "lower", "two-sided"],
+                    help="which tail of the logit distribution a p-value measures")
     an.add_argument("--kde-models", default=None, help="use the models in this directory instead of training")
     an.add_argument("--no-kde-training", action="store_true", help="do not train or save KDE models")
-    an.add_argument("--no-basic-plots", action="store_true")
+    an.add_argument("--no-basic-plots", action="store_true", help="skip the per-layer histogram / selection plots")
     an.add_argument("--per-expert-plots", action="store_true", help="also per-expert plots (bounded)")
     an.add_argument("--per-expert-max", type=int, default=16, help="experts per layer in per-expert plots")
-    an.add_argument("--no-kde-plots", action="store_true")
-    an.add_argument("--no-pvalue-plots", action="store_true")
+    an.add_argument("--no-kde-plots", action="store_true", help="skip the KDE density / kernel comparison plots")
+    an.add_argument("--no-pvalue-plots", action="store_true", help="skip the p-value plots")
     an.add_argument("--no-plots", action="store_true", help="no plots at all")
-    an.add_argument("--dpi", type=int, default=300)
-    an.add_argument("--seed", type=int, default=0)
-    an.add_argument("--no-progress", action="store_true")
+    an.add_argument("--dpi", type=int, default=300, help="resolution of the PNG figures")
+    an.add_argument("--seed", type=int, default=0, help="seed of the KDE point sampling")
+    an.add_argument("--no-progress", action="store_true", help="no progress bar")
     an.set_defaults(func=cmd_routing_analyze)
 
 

@@ -201,3 +201,59 @@ def _match(a: list, b: list) -> float:
         same += int((x[:rows, :n] == y[:rows, :n]).sum())
         total += rows * max(x.shape[1], y.shape[1])
     return same / total if total else float("nan")
+
+
+# one number format per row of the printed comparison (rows: metrics, columns: configuration names)
+COMPARE_ROWS = (
+    ("selector", "selector", "{}"),
+    ("active_layers", "active layers", "{}"),
+    ("k_mean", "k (mean experts/token)", "{:.2f}"),
+    ("k_mean_vs_base", "k vs base", "{:+.2f}"),
+    ("active_experts", "active experts", "{:.1f}"),
+    ("flops_per_token", "MFLOP/token", "mflop"),
+    ("flops_per_token_vs_base_%", "FLOPs vs base", "{:+.1f}%"),
+    ("prefill_ms", "prefill ms", "{:.2f}"),
+    ("decode_ms", "decode ms", "{:.2f}"),
+    ("total_ms", "total ms", "{:.2f}"),
+    ("total_ms_vs_base_%", "total vs base", "{:+.1f}%"),
+    ("ms_per_output_token", "ms / output token", "{:.2f}"),
+    ("new_tokens", "new tokens", "{:.1f}"),
+    ("tokens_match", "tokens = base", "{:.0%}"),
+    ("n", "samples", "{:d}"),
+)
+
+
+def format_compare(df, width: int = 80) -> str:
+    """The comparison as text that fits `width` columns: one row per metric with one number format,
+    one column per configuration (named as given); more configurations than fit wrap into blocks."""
+    names = [str(n) for n in df.index]
+    label_w = max(len(label) for _, label, _ in COMPARE_ROWS)
+
+    def cell(col, fmt, name):
+        v = df.loc[name, col] if col in df.columns else None
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return "-"
+        if fmt == "mflop":
+            return f"{float(v) / 1e6:.3f}"
+        if fmt == "{:d}":
+            return str(int(v))
+        return fmt.format(v) if fmt != "{}" else str(v)
+
+    cells = {name: [cell(col, fmt, name) for col, _, fmt in COMPARE_ROWS] for name in names}
+    col_w = {name: max(len(name), *(len(c) for c in cells[name])) for name in names}
+    blocks, cur, used = [], [], label_w
+    for name in names:
+        if cur and used + 2 + col_w[name] > width:
+            blocks.append(cur)
+            cur, used = [], label_w
+        cur.append(name)
+        used += 2 + col_w[name]
+    blocks.append(cur)
+    lines = []
+    for block in blocks:
+        if lines:
+            lines.append("")
+        lines.append(" " * label_w + "".join(f"  {n:>{col_w[n]}}" for n in block))
+        for r, (_, label, _) in enumerate(COMPARE_ROWS):
+            lines.append(f"{label:<{label_w}}" + "".join(f"  {cells[n][r]:>{col_w[n]}}" for n in block))
+    return "\n".join(lines)
