@@ -136,4 +136,4 @@ def test_compare_fits_80_columns_with_one_format_per_row(capsys, monkeypatch):
 def test_sweep_out_under_a_file_is_one_error_before_any_work(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
-    _one_line_error(["sweep", "top-k", "--values", "1", "2", "--out", str(f / "sub")], capsys, "which is a file")
+    _one_line_error(["sweep", "top-k", "--values", "1", "2", "--out", str(f / "sub")], capsys, "is a file")

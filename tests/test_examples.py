@@ -36,7 +36,9 @@ def test_quickstart(tmp_path, monkeypatch, capsys):
 def test_local_checkpoint(tmp_path, monkeypatch, capsys):
     ns = run_example("local_checkpoint.py", tmp_path, monkeypatch)
     d = ns["run"].report().to_dict()
-    assert d["phases"]["prefill"]["tokens"] == ns["batch"]["input_ids"].numel()   # the padded batch
+    # the padded batch: pad positions are not counted (padding-aware counting)
+    assert d["phases"]["prefill"]["tokens"] == int(ns["batch"]["attention_mask"].sum())
+    assert int(ns["batch"]["attention_mask"].sum()) < ns["batch"]["input_ids"].numel()
     assert "->" in capsys.readouterr().out
 
 

@@ -42,7 +42,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     if args.max_new_tokens < 1 or args.batch < 1 or args.prompt_len < 2:
         raise ConfigError("--max-new-tokens and --batch must be >= 1 and --prompt-len >= 2")
-    from .options import check_device
+    from moe_trace.checks import device as check_device
 
     check_device(args.device)
     if args.model:

@@ -129,9 +129,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from moe_trace.experiments.selectors import resolve_selector
     from moe_trace.experiments.sweep import normalize_knob, run_sweep
 
-    from .options import check_out_dir
+    from moe_trace.checks import output_dir
 
-    check_out_dir(args.out)
+    output_dir(args.out, "--out")
     knob = normalize_knob(args.knob)           # bad knob / selector: fail before loading anything
     resolve_selector(args.selector)
     values = _values(args.values)

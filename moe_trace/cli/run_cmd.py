@@ -8,7 +8,9 @@ from pathlib import Path
 
 from moe_trace.errors import ConfigError, NoMoELayersError
 
-from .options import HelpFormatter, check_device
+from moe_trace.checks import device as check_device
+
+from .options import HelpFormatter
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
