@@ -15,7 +15,7 @@ from moe_trace.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1] / "moe_trace"
 ALLOWED = {
-    "capture": {"analysis", "trace", "selectors", "errors", "capture", "routing.logger"},
+    "capture": {"analysis", "trace", "selectors", "errors", "checks", "capture", "routing.logger"},
     "selectors": {"errors", "selectors"},
     "routing/logger.py": {"errors", "routing.logfile"},
     "routing/logfile.py": {"errors"},

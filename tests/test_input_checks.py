@@ -6,6 +6,7 @@ every case fails before any model runs, so the whole file takes a few seconds.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -263,6 +264,15 @@ def _report():
 
 
 API_CASES = [
+    ("profile observers=5", lambda p: _profile(observers=5), "observers must be a list"),
+    ("profile slim='no'", lambda p: _profile(mode="kineto", logdir=str(p["root"] / "k"), slim="no"), "slim"),
+    ("profile record_shapes=3", lambda p: _profile(mode="kineto", logdir=str(p["root"] / "k"), record_shapes=3),
+     "record_shapes"),
+    ("profile cuda_events='x'", lambda p: _profile(cuda_events="x"), "cuda_events"),
+    ("profile logdir=5", lambda p: _profile(mode="kineto", logdir=5), "logdir must be a directory path"),
+    ("profile logdir is a file", lambda p: _profile(mode="kineto", logdir=p["file"]), "is a file, not a directory"),
+    ("profile logdir under a file", lambda p: _profile(mode="kineto", logdir=p["file"] + "/x"),
+     "is a file, not a directory"),
     ("analyze(None)", lambda p: moe_trace.analyze(None), "got NoneType"),
     ("analyze(5)", lambda p: moe_trace.analyze(5), "got int"),
     ("analyze('')", lambda p: moe_trace.analyze(""), "empty"),
@@ -289,6 +299,28 @@ API_CASES = [
     ("run_logging shard_tokens=0", lambda p: _logging(p, shard_tokens=0), "shard_tokens"),
     ("run_logging out under a file", lambda p: _logging(p, out=p["file"] + "/x"), "is a file, not a directory"),
 ]
+
+
+@functools.lru_cache(maxsize=1)
+def _demo_model():
+    from moe_trace.routing.pipeline import build_demo_model
+
+    return build_demo_model()
+
+
+def _profile(**kw):
+    """profile() of a model that must never run: every case fails on entry, before the work."""
+    import torch
+
+    model = _demo_model()
+    ran = []
+    hook = model.register_forward_pre_hook(lambda *a: ran.append(1))
+    try:
+        with moe_trace.profile(model, **kw):
+            model(input_ids=torch.tensor([[1, 2]]))
+    finally:
+        hook.remove()
+        assert not ran, "the model ran before the bad option was refused"
 
 
 def _read_trace(path):
@@ -333,3 +365,31 @@ def test_report_still_takes_what_it_took(places):
     assert out.is_file()
     with pytest.raises(ConfigError):
         Report(run, ep_size=2.0)
+
+
+# -- item: run names in TensorBoard --------------------------------------------------------------
+
+def test_tensorboard_lists_and_serves_odd_run_names(tmp_path):
+    """Folders named with a backslash, a newline, spaces or unicode are listed and every listed run's
+    /report answers 200 (issue 16: listed but 400 before)."""
+    import json
+    from urllib.parse import quote
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.plugins import base_plugin
+    from werkzeug.test import Client
+
+    from tb_plugin.plugin import MoeTracePlugin
+
+    names = ["back\\slash", "new\nline", "tab\there", "sp ace", "ünï", "plain"]
+    for n in names:
+        write_synthetic(tmp_path / n / "t.pt.trace.json", slim=True)
+    apps = MoeTracePlugin(base_plugin.TBContext(logdir=str(tmp_path))).get_plugin_apps()
+    listed = json.loads(Client(apps["/runs"]).get("/runs").get_data())["runs"]
+    got = {r["name"] for r in listed}
+    for n in names:
+        assert any(g == n or g.startswith(n + "@") for g in got), (n, got)
+    for r in listed:
+        resp = Client(apps["/report"]).get("/report?run=" + quote(r["name"], safe=""))
+        assert resp.status_code == 200, (r["name"], resp.status_code, resp.get_data()[:200])
+        assert json.loads(resp.get_data())["report"]["model"]["num_experts"] == 4

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from moe_trace.checks import output_dir
 from moe_trace.errors import ConfigError
 
 MODES = ("stats", "timing", "kineto")
@@ -54,11 +55,23 @@ class ProfileOptions:
             raise ConfigError("pass either selector= or router_middleware=, not both")
         if self.router_middleware is not None and not callable(self.router_middleware):
             raise ConfigError("router_middleware must be a callable (logits, weights, indices) -> (weights, indices)")
+        if self.observers is not None and (isinstance(self.observers, (str, bytes, dict))
+                                           or not hasattr(self.observers, "__iter__")):
+            raise ConfigError(f"observers must be a list of observer objects, got {type(self.observers).__name__} "
+                              "(wrap a single one: observers=[obs])")
         self.observers = list(self.observers or ())
+        for name in ("slim", "record_shapes", "with_stack", "cuda_events"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool) and v not in (0, 1):
+                raise ConfigError(f"{name} must be True or False, got {v!r}")
         if self.logdir is not None:
+            if not isinstance(self.logdir, (str, os.PathLike)) or str(self.logdir) == "":
+                raise ConfigError(f"logdir must be a directory path (str or os.PathLike), got {self.logdir!r}")
             self.logdir = Path(self.logdir)
         elif self.mode == "kineto":
             self.logdir = DEFAULT_LOGDIR
+        if self.mode == "kineto":
+            output_dir(self.logdir, "logdir")  # a file in the way fails here, not after the profiled work
         # CUDA-event (host-clock on CPU) timing: on in "timing" mode; kineto can add it to compare with the trace
         self.cuda_events = (self.mode == "timing") if self.cuda_events is None else bool(self.cuda_events)
 
