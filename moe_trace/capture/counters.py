@@ -91,7 +91,8 @@ class DeviceCounters:
             self.flush()
 
     def end_forward(self, capturing: bool = False) -> None:
-        """Close the current forward's queue; count now if capturing a CUDA graph or the queue is large."""
+        """Close the current forward's queue; count now if capturing a CUDA graph or the queue is large
+        (the session also asks for a count at once when grad is on, so no autograd graph is kept)."""
         if not self._forwards[-1]:
             return
         if capturing or self._pending_elems > DEFER_ELEMENTS or len(self._forwards) >= MAX_DEFERRED_FORWARDS:
@@ -100,6 +101,10 @@ class DeviceCounters:
             self._forwards.append([])
 
     def flush(self) -> None:
+        with torch.no_grad():  # counting is never part of the user's autograd graph
+            self._flush()
+
+    def _flush(self) -> None:
         flat_masks: dict[int, torch.Tensor] = {}  # one flattened mask per forward (the originals stay alive)
         forwards = [[self._with_mask(it if isinstance(it, Pending) else self._from_router_output(*it), flat_masks)
                      for it in fw] for fw in self._forwards if fw]

@@ -42,6 +42,12 @@ def _profiler_on() -> bool:
     return torch._C._autograd._profiler_enabled()
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward in this thread (activation checkpointing re-runs module
+    forwards there; they are not forwards of the model). Asked only outside a model forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _read_step(index: int, args: tuple, kwargs: dict) -> Step:
     """Phase, batch and positions of one model forward from its inputs (host metadata, no sync)."""
     x = kwargs.get("input_ids")
@@ -326,7 +332,8 @@ class ProfileRun:
         if self._current is not None:
             self.observers.forward_end(self._current, output)
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        self.counters.end_forward(capturing)
+        # with grad on, count now: queued router outputs would keep the forward's graph alive
+        self.counters.end_forward(capturing or torch.is_grad_enabled())
         self._scores.clear()
         self._router_routing.clear()
         if self._step_range is not None:
@@ -357,6 +364,8 @@ class ProfileRun:
 
     def _part_pre(self, layer: int, part: str, device: torch.device):
         def hook(module, args):
+            if not self._depth and _in_backward():
+                return  # activation-checkpointing recompute: not a forward of the model
             self._open(id(module), layer, part, device)
         return hook
 
@@ -373,6 +382,12 @@ class ProfileRun:
         def hook(module, args, output):
             if spans:
                 self._close(id(module))
+            if not self._depth and _in_backward():
+                # activation-checkpointing recompute inside backward: the forward was counted already;
+                # keep the scores a middleware needs to route the recompute the same way
+                if i in self._middleware:
+                    self._scores[i] = b.handler.logits_from_router(output)
+                return
             if fast and i in self._count_at_router:
                 dc.queue_router_output(local, output)  # the hot path: one append, all else at flush
                 return
@@ -401,9 +416,13 @@ class ProfileRun:
                     if mw is not None:
                         w, idx = mw(self._scores.get(i), w, idx)
                         result = b.handler.replace_experts_routing(args, kwargs, idx, w)
+                    if not self._depth and _in_backward():
+                        return result  # recompute in backward (activation checkpointing): counted already
                     self._record(b, idx, w)
                     if i in self._probing:
                         self._end_probe(i, idx, w, spans)
+            if not self._depth and _in_backward():
+                return result
             if spans:
                 self._open(id(module), i, "experts", dev)
             return result
