@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "moe_trace"
 ALLOWED = {
     "capture": {"analysis", "trace", "selectors", "errors", "checks", "capture", "routing.logger"},
     "selectors": {"errors", "selectors"},
-    "routing/logger.py": {"errors", "routing.logfile"},
+    "routing/logger.py": {"errors", "checks", "routing.logfile"},
     "routing/logfile.py": {"errors"},
 }
 

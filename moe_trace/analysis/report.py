@@ -72,8 +72,17 @@ class Report:
         if peak is not None and not (isinstance(peak, dict) and set(peak) <= {"tbps", "tflops"}):
             raise ConfigError(f"peak must be a dict with 'tbps' and/or 'tflops', got {peak!r}")
         self.peak = peak
-        self.notes: list[str] = []
+        self.notes: list[str] = self._capture_notes()
         self._dict: dict[str, Any] | None = None
+
+    def _capture_notes(self) -> list[str]:
+        """Notes the capture recorded in `settings["notes"]` (incomplete run, layers without routing)."""
+        notes: list[str] = []
+        for part in self.parts:
+            for note in (part.settings or {}).get("notes") or []:
+                if isinstance(note, str) and note not in notes:
+                    notes.append(note)
+        return notes
 
     # -- building ---------------------------------------------------------------------------
     @property
@@ -93,7 +102,7 @@ class Report:
             key = layout.get("batch_group")
             groups.setdefault(("group", key) if key is not None else ("part", n), []).append(part)
         kept = []
-        self.notes = []
+        self.notes = self._capture_notes()
         for (kind, key), members in groups.items():
             kept.append(members[0])
             if kind == "group" and len(members) > 1:

@@ -8,6 +8,8 @@ observers, together with every routing decision. The router-logit logger
 
 Every method is optional; the session calls, in this order:
 
+- ``check()`` — when the ``with`` block starts, before anything runs: raise `ConfigError` for a
+  setting that cannot work (an unwritable output path, ...);
 - ``on_step_start(step: Step)`` — first thing when a model forward starts (before moe-trace's own
   work for the step), on the host, no sync;
 - ``on_route(layer: LayerInfo, phase: str, step: int, logits, weights, indices)`` — inside the
@@ -47,7 +49,7 @@ class Observer(Protocol):
     def on_route(self, layer: Any, phase: str, step: int, logits: Any, weights: Any, indices: Any) -> None: ...
 
 
-_METHODS = ("on_step_start", "on_route", "on_forward_end", "on_step_end", "close")
+_METHODS = ("check", "on_step_start", "on_route", "on_forward_end", "on_step_end", "close")
 
 
 class ObserverSet:
@@ -71,6 +73,10 @@ class ObserverSet:
 
     def wants_routes(self) -> bool:
         return bool(self._bound["on_route"])
+
+    def check(self) -> None:
+        for fn in self._bound["check"]:
+            fn()
 
     def step_start(self, step: Step) -> None:
         for fn in self._bound["on_step_start"]:

@@ -24,6 +24,8 @@ from moe_trace.errors import ConfigError, ProfileStateError
 from moe_trace.selectors import Middleware, SelectorMiddleware, resolve_selector
 from moe_trace.trace.format import new_run_id, range_name, step_name
 
+from moe_trace.checks import output_dir
+
 from .counters import Pending
 from .detect import find_bindings
 from .environment import environment
@@ -114,6 +116,8 @@ class ProfileRun:
             raise ProfileStateError("this model is already being profiled: moe_trace.profile cannot be nested "
                                     "or run concurrently on one model; finish the first `with` block first")
         opts = self.options
+        if opts.kineto:  # fail before anything runs (docs/capture.md "Errors")
+            output_dir(opts.logdir, "logdir")
         self.bindings: list[MoEBinding] = find_bindings(self.model)
         self.layers = [b.info for b in self.bindings]
         self._middleware = self._build_middleware()
@@ -123,6 +127,8 @@ class ProfileRun:
             from moe_trace.routing.logger import RouterLogger
 
             self.observers.add(RouterLogger.from_arg(opts.log_router_logits, self.layers, model=self.model))
+        self.observers.check()
+        self._incomplete: str | None = None
         # recorders, chosen by the mode
         self.counters = CounterRecorder(self.layers, [b.handler.router_outputs_probs for b in self.bindings])
         self._timer = PartTimer() if opts.cuda_events else None
@@ -168,9 +174,11 @@ class ProfileRun:
         finally:
             self._remove_hooks()
         errors = self.observers.close()
+        if exc_type is not None:
+            self._incomplete = exc_type.__name__
         try:
             self._run_data = self._collect()
-            if self.kineto is not None and exc_type is None:
+            if self.kineto is not None:  # also when the body raised: what was recorded is written, marked
                 self.trace_files = self.kineto.export(self._run_data, self._run_id, self._started_at)
         finally:
             if self.kineto is not None:
@@ -468,6 +476,13 @@ class ProfileRun:
                     "router_middleware": _describe(self.router_middleware), "slim": self.options.slim,
                     "parallel": parallel_layout(self.model, [e for b in self.bindings for e in b.experts]),
                     **environment(self.model, list(self.counters.devices), self._first_prefill, self.forward_calls)}
+        notes = []
+        if self._incomplete is not None:
+            settings["incomplete"] = True
+            notes.append(f"incomplete run: the profiled block raised {self._incomplete}; the counts cover "
+                         f"the {sum(self.forward_calls.values())} model forward(s) before it")
+        if notes:
+            settings["notes"] = notes
         return RunData(model=model_info, layers=self.layers, counts=counts,
                        forward_calls=dict(self.forward_calls), forward_tokens=forward_tokens,
                        padding_tokens=padding, timing=timing, timing_source=source, peak_memory=self.counters.peak_memory(),

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from moe_trace.checks import output_dir, output_file
 from moe_trace.errors import ConfigError
 
 from .logfile import LayerRecord, SampleRecord, layer_meta, make_writer
@@ -410,17 +411,29 @@ class RouterLogger:
         """Drain every pending copy (blocking) and write the finished samples."""
         self._drain(block=True)
 
+    def check(self) -> None:
+        """Raise `ConfigError` now if the log cannot be written at `path` (the session calls this
+        when its `with` block starts, before anything runs)."""
+        if self.format == "json" and self.path.suffix == ".json":
+            output_file(self.path, "log_router_logits path")
+        else:
+            output_dir(self.path, "log_router_logits directory")
+
     def close(self) -> None:
+        """Write what is left and close the files; the hooks of `attach()` are removed even when
+        writing fails (the error is raised after)."""
         if self._closed:
             return
-        self._drain(block=True)
-        self._finish_batches(final=True)
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        if self._writer is not None:
-            self._writer.close()
         self._closed = True
+        try:
+            self._drain(block=True)
+            self._finish_batches(final=True)
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self._hooks.clear()
+            if self._writer is not None:
+                self._writer.close()
 
     def __enter__(self) -> "RouterLogger":
         return self
