@@ -24,8 +24,6 @@ from moe_trace.errors import ConfigError, ProfileStateError
 from moe_trace.selectors import Middleware, SelectorMiddleware, resolve_selector
 from moe_trace.trace.format import new_run_id, range_name, step_name
 
-from moe_trace.checks import output_dir
-
 from .counters import Pending
 from .detect import find_bindings
 from .environment import environment
@@ -116,8 +114,6 @@ class ProfileRun:
             raise ProfileStateError("this model is already being profiled: moe_trace.profile cannot be nested "
                                     "or run concurrently on one model; finish the first `with` block first")
         opts = self.options
-        if opts.kineto:  # fail before anything runs (docs/capture.md "Errors")
-            output_dir(opts.logdir, "logdir")
         self.bindings: list[MoEBinding] = find_bindings(self.model)
         self.layers = [b.info for b in self.bindings]
         self._middleware = self._build_middleware()
