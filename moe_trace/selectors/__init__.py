@@ -4,7 +4,7 @@ Sits below capture: imports only torch, numpy and `moe_trace.errors`. See docs/s
 """
 from .core import (SELECTORS, CallableSelector, CumSum, Entropy, GapRatio, Kneedle, Selector, TopK, cumsum,
                    cumsum_selector, entropy, entropy_selector, gap_ratio, gap_ratio_selector, kneedle,
-                   kneedle_selector, resolve_selector, topk)
+                   kneedle_selector, resolve_selector, topk, topk_selector, ModelTopK)
 from .middleware import WEIGHT_MODES, Middleware, SelectorMiddleware, apply_k, selector_middleware
 
 __all__ = [
@@ -12,5 +12,5 @@ __all__ = [
     "topk", "kneedle", "cumsum", "entropy", "gap_ratio",
     "SELECTORS", "resolve_selector", "apply_k", "selector_middleware", "SelectorMiddleware",
     "Middleware", "WEIGHT_MODES",
-    "kneedle_selector", "cumsum_selector", "entropy_selector", "gap_ratio_selector",
+    "kneedle_selector", "cumsum_selector", "entropy_selector", "gap_ratio_selector", "topk_selector", "ModelTopK",
 ]

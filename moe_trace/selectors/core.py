@@ -24,7 +24,7 @@ __all__ = [
     "Selector", "TopK", "Kneedle", "CumSum", "Entropy", "GapRatio", "CallableSelector",
     "topk", "kneedle", "cumsum", "entropy", "gap_ratio",
     "SELECTORS", "resolve_selector",
-    "kneedle_selector", "cumsum_selector", "entropy_selector", "gap_ratio_selector",
+    "kneedle_selector", "cumsum_selector", "entropy_selector", "gap_ratio_selector", "topk_selector", "ModelTopK",
 ]
 
 
@@ -339,7 +339,22 @@ SELECTORS: dict[str, tuple[Callable[..., Selector], tuple[str, ...]]] = {
 _ALIASES = {"top_k": "topk", "top-k": "topk", "gap-ratio": "gap_ratio", "gapratio": "gap_ratio",
             "knee": "kneedle", "cumulative": "cumsum"}
 
+class ModelTopK(Selector):
+    """The model's own top-k routing (the seed's `selectors.topk_selector`): `resolve_selector` turns
+    it into None, so profiling with it changes nothing."""
+
+    name = "model_topk"
+
+    def __init__(self):
+        self.max_k = None
+
+    def _select(self, probs: torch.Tensor, cap: int) -> torch.Tensor:
+        raise ConfigError("topk_selector is the model's own routing; it is not applied as a selector "
+                          "(pass it to profile(selector=...) or MOEProfiler, which leave routing unchanged)")
+
+
 # the earlier profiler's module-level selectors (`selectors.kneedle_selector`, ...)
+topk_selector = ModelTopK()
 kneedle_selector = kneedle()
 cumsum_selector = cumsum()
 entropy_selector = entropy()
@@ -371,7 +386,9 @@ def resolve_selector(spec: Any) -> Selector | None:
     ``"cumsum:0.8"``, ``"topk:4"``, ``"kneedle:max_k=8,S=2"``. ``None`` gives ``None`` (no selector).
     Unknown names or bad parameters raise `ConfigError` naming the valid choices.
     """
-    if spec is None or isinstance(spec, Selector):
+    if spec is None or isinstance(spec, ModelTopK):
+        return None
+    if isinstance(spec, Selector):
         return spec
     if isinstance(spec, str):
         name, _, rest = spec.strip().partition(":")
