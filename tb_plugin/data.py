@@ -228,6 +228,8 @@ class RunStore:
         """The runs of one directory: its own name when it holds one run, else `{name}@{run label}`
         for each (and `name` as an unlisted alias of the newest)."""
         entries = self._trace_files(dirpath)
+        if not entries:  # only links to elsewhere, FIFOs, dangling links: nothing to read here
+            return
         groups: dict[tuple, list] = {}
         for e in entries:
             key, label, started, _kind = self._head(e)

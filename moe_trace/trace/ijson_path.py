@@ -181,3 +181,28 @@ def _has_trace_events(path: Path, meta: dict) -> bool:
         src.close()
 
 
+
+
+def event_batches(src: Source, size: int = 16384):
+    """The events of `src` in lists of up to `size` (for streaming consumers such as merge)."""
+    ij = _ijson()
+    stream = _Stream(src)
+    lead = stream.peek().lstrip()[:1]
+    prefix = "item" if lead == b"[" else "traceEvents.item"
+    batch: list = []
+    n = 0
+    try:
+        for ev in ij.items(stream, prefix, use_float=True, buf_size=1 << 18):
+            n += 1
+            batch.append(ev)
+            if len(batch) >= size:
+                yield batch
+                batch = []
+    except ij.common.JSONError as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TraceError(f"{src.path} is not valid JSON ({msg}); leave it out or re-run the profiling") from None
+    if n == 0 and prefix == "traceEvents.item" and not _has_trace_events(src.path, {}):
+        raise TraceError(f"{src.path} is JSON but not a Chrome trace (no traceEvents array); pass a trace written "
+                         "by torch.profiler's export_chrome_trace or by moe-trace")
+    if batch:
+        yield batch

@@ -22,8 +22,9 @@ import orjson
 from moe_trace.checks import output_file
 from moe_trace.errors import TraceError
 
+from . import fastpath, ijson_path
+from .io import Source, no_gc, os_problem
 from .reader import read_metadata, trace_files
-from .io import no_gc
 
 from .format import GPU_CATS as _GPU_CATS, HOST_CATS as _HOST_CATS, MERGED_PREFIX, MERGED_SCHEMA, META_KEY
 
@@ -83,34 +84,37 @@ def merge_traces(inputs: str | os.PathLike | Iterable[str | os.PathLike], out_pa
     pid_names: dict[int, str] = {}
     files_summary = []
     parts = []
+    run_ids: set = set()
 
     def events_iter():
         for k, info in enumerate(infos):
             offset = (info["base"] - min_base) / 1000.0 if info["base"] is not None and min_base is not None else 0.0
-            events = _load_events(info["path"])
-            pmap, names = _pid_map(events, info["label"], next_pid)
+            pids = _PidMap(info["label"], next_pid)
+            for batch in _event_batches(info["path"]):
+                yield _remap_batch(batch, pids, offset, k, nfiles)
+            names = pids.names()
             pid_names.update(names)
             files_summary.append({"path": str(info["path"]), "label": info["label"], "dist_rank": info["rank"],
                                   "base_time_ns": info["base"], "offset_us": offset,
-                                  "pids": {str(o): n for o, n in pmap.items()}})
+                                  "pids": {str(o): n for o, n in pids.map.items()}})
             if isinstance(info["mt"].get("run"), dict):
                 parts.append({"file": str(info["path"]), "label": info["label"], "dist_rank": info["rank"],
                               "run": info["mt"]["run"], "steps": info["mt"].get("steps", []),
                               "process": info["mt"].get("process", {}), "slim": info["mt"].get("slim"),
-                              "pids": sorted(pmap.values())})
-            for pid, name in names.items():
-                yield {"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": name}}
-                yield {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}}
-            for ev in events:
-                out = _remap(ev, pmap, offset, k, nfiles)
-                if out is not None:
-                    yield out
-            del events
+                              "pids": sorted(pids.map.values())})
+                if isinstance(info["mt"].get("run_id"), str):
+                    run_ids.add(info["mt"]["run_id"])
+            # after the events: pids are numbered as they are first seen, names need all the events
+            yield [ev for pid, name in names.items() for ev in (
+                {"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": name}},
+                {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0,
+                 "args": {"sort_index": pids.sort_index[pid]}})]
 
     # the summary needs the pid maps pass 2 builds: events go to a scratch file first
     with no_gc():
         return _write_merged(out, events_iter, lambda: {
             "schema": MERGED_SCHEMA, "base_time_ns": min_base, "files": files_summary, "parts": parts,
+            **({"run_id": next(iter(run_ids))} if len(run_ids) == 1 else {}),
             "pid_names": {str(k): v for k, v in pid_names.items()}})
 
 
@@ -124,15 +128,11 @@ def _write_merged(out: Path, events_iter, summary_fn) -> Path:
     try:
         with open(scratch, "wb") as fh:
             first = True
-            batch: list[bytes] = []
-            for ev in events_iter():
-                batch.append(dumps(ev, option=opts))
-                if len(batch) >= 65536:
-                    fh.write((b"" if first else b",\n") + b",\n".join(batch))
-                    first = False
-                    batch.clear()
-            if batch:
-                fh.write((b"" if first else b",\n") + b",\n".join(batch))
+            for batch in events_iter():
+                if not batch:
+                    continue
+                fh.write((b"" if first else b",\n") + _dump_lines(batch))
+                first = False
         head = b'{\n"moe_trace": ' + dumps(summary_fn(), option=opts) + b',\n"traceEvents": [\n'
         with open(tmp, "wb") as fh:
             sink = gzip.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=3, mtime=0) \
@@ -157,104 +157,174 @@ def _write_merged(out: Path, events_iter, summary_fn) -> Path:
     return out
 
 
-def _load_events(path: Path) -> list:
+def _event_batches(path: Path):
+    """The events of one input, a few MB of JSON at a time (fast path; ijson for other layouts)."""
     try:
-        data = path.read_bytes()
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-        with no_gc():
-            obj = orjson.loads(data)
-    except EOFError:
-        raise TraceError(f"{path} is a truncated gzip file; re-run the profiling or leave it out of the merge") from None
-    except (OSError, orjson.JSONDecodeError) as exc:
-        raise TraceError(f"{path} cannot be read as a JSON trace ({exc}); leave it out of the merge") from None
-    events = obj.get("traceEvents") if isinstance(obj, dict) else obj if isinstance(obj, list) else None
-    if not isinstance(events, list):
-        raise TraceError(f"{path} is not a Chrome trace (no traceEvents array); leave it out of the merge")
-    return events
+        src = Source(path, False)
+        done = 0  # events already handed over when the fast path gives up: ijson skips them
+        try:
+            for item in fastpath.event_batches(src):
+                if isinstance(item, dict):  # the metadata before / after the events array
+                    continue
+                done += len(item)
+                yield item
+            return
+        except fastpath.Fallback:
+            pass
+        finally:
+            src.close()
+        src = Source(path, False)
+        try:
+            for batch in ijson_path.event_batches(src):
+                if done >= len(batch):
+                    done -= len(batch)
+                    continue
+                yield batch[done:]
+                done = 0
+        finally:
+            src.close()
+    except OSError as exc:
+        raise os_problem(path, exc) from None
 
 
-def _pid_map(events: list, label: str, next_pid: list[int]) -> tuple[dict, dict[int, str]]:
-    """Original pid -> new unique int, and the new pids' names."""
-    kinds: dict[Any, str] = {}
-    gpu_label: dict[Any, str] = {}
-    rank = {"other": 0, "host": 1, "gpu": 2}
+class _PidMap:
+    """Original pid -> new unique int (numbered as first seen), with the kind each pid shows."""
 
-    def mark(pid, kind: str) -> None:
-        if rank[kind] > rank[kinds.get(pid, "other")] or pid not in kinds:
-            kinds[pid] = kind
+    _RANK = {"other": 0, "host": 1, "gpu": 2}
+    _ORDER = {"host": 0, "gpu": 1, "other": 2}
 
-    for ev in events:
+    def __init__(self, label: str, next_pid: list[int]):
+        self.label, self._next = label, next_pid
+        self.map: dict = {}
+        self.kinds: dict = {}
+        self.gpu_label: dict = {}
+        self.sort_index: dict[int, int] = {}
+
+    def get(self, pid, default=None):
+        new = self.map.get(pid)
+        if new is None:
+            new = self.map[pid] = self._next[0]
+            self._next[0] += 1
+        return new
+
+    def _mark(self, pid, kind: str) -> None:
+        if pid not in self.kinds or self._RANK[kind] > self._RANK[self.kinds[pid]]:
+            self.kinds[pid] = kind
+
+    def see(self, ev) -> None:
         if not isinstance(ev, dict) or "pid" not in ev:
-            continue
+            return
         pid = ev["pid"]
         try:
             hash(pid)
         except TypeError:
-            continue
+            return
         cat = ev.get("cat")
         if cat in _GPU_CATS:
-            mark(pid, "gpu")
+            self._mark(pid, "gpu")
         elif cat in _HOST_CATS:
-            mark(pid, "host")
+            self._mark(pid, "host")
         elif ev.get("ph") == "M" and ev.get("name") == "process_labels":
-            labels = (ev.get("args") or {}).get("labels")
+            labels = (ev.get("args") or {}).get("labels") if isinstance(ev.get("args"), dict) else None
             if isinstance(labels, str) and labels.startswith("GPU"):
-                mark(pid, "gpu")
-                gpu_label[pid] = labels
+                self._mark(pid, "gpu")
+                self.gpu_label[pid] = labels
             elif labels == "CPU":
-                mark(pid, "host")
+                self._mark(pid, "host")
             else:
-                mark(pid, "other")
+                self._mark(pid, "other")
         else:
-            mark(pid, "other")
-    order = {"host": 0, "gpu": 1, "other": 2}
-    pmap: dict = {}
-    names: dict[int, str] = {}
-    for pid in sorted(kinds, key=lambda p: (order[kinds[p]], str(type(p)), p if isinstance(p, (int, float)) else str(p))):
-        new = next_pid[0]
-        next_pid[0] += 1
-        pmap[pid] = new
-        kind = kinds[pid]
-        if kind == "gpu":
-            names[new] = f"{label} {gpu_label.get(pid) or f'GPU {pid}'}"
-        elif kind == "host":
-            names[new] = f"{label} host"
-        else:
-            names[new] = f"{label} {pid if pid != '' else 'trace'}"
-    return pmap, names
+            self._mark(pid, "other")
+
+    def names(self) -> dict[int, str]:
+        out: dict[int, str] = {}
+        order = sorted(self.map, key=lambda p: (self._ORDER[self.kinds.get(p, "other")], str(type(p)),
+                                                p if isinstance(p, (int, float)) else str(p)))
+        base = min(self.map.values(), default=0)
+        for i, pid in enumerate(order):
+            new = self.map[pid]
+            self.sort_index[new] = base + i
+            kind = self.kinds.get(pid, "other")
+            if kind == "gpu":
+                out[new] = f"{self.label} {self.gpu_label.get(pid) or f'GPU {pid}'}"
+            elif kind == "host":
+                out[new] = f"{self.label} host"
+            else:
+                out[new] = f"{self.label} {pid if pid != '' else 'trace'}"
+        return out
 
 
-def _remap(ev: Any, pmap: dict, offset: float, k: int, nfiles: int) -> dict | None:
-    if not isinstance(ev, dict):
-        return None
-    ph = ev.get("ph")
-    if ph == "M" and ev.get("name") in ("process_name", "process_sort_index"):
-        return None  # replaced by ours
-    out = dict(ev)
-    if "pid" in out:
-        try:
-            out["pid"] = pmap.get(out["pid"], out["pid"])
-        except TypeError:
-            pass
-    ts = out.get("ts")
-    if ts is not None and not isinstance(ts, bool):
-        try:
-            out["ts"] = float(ts) + offset
-        except (TypeError, ValueError):
-            pass
-    if ph in ("s", "t", "f"):
-        for key in ("id", "bind_id"):
-            if key in out:
-                out[key] = _uniq_flow_id(out[key], k, nfiles)
-    elif ph in ("b", "e", "n"):
-        if "id" in out:
-            out["id"] = _uniq_id(out["id"], k, nfiles)
-        if isinstance(out.get("id2"), dict):
-            out["id2"] = {kk: _uniq_id(v, k, nfiles) for kk, v in out["id2"].items()}
-    elif "bind_id" in out:
-        out["bind_id"] = _uniq_flow_id(out["bind_id"], k, nfiles)
+def _dump_lines(batch: list) -> bytes:
+    """`batch` as JSON events separated by `,\\n` (the layout the streaming reader's fast path reads).
+    One orjson call for the batch; when `},{` occurs inside a value (not only between events) each
+    event is dumped on its own instead."""
+    blob = orjson.dumps(batch, option=orjson.OPT_SERIALIZE_NUMPY)
+    if blob.count(b"},{") == len(batch) - 1:
+        return blob[1:-1].replace(b"},{", b"},\n{")
+    return b",\n".join([orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY) for e in batch])
+
+
+_FLOW = frozenset(("s", "t", "f"))
+_ASYNC = frozenset(("b", "e", "n"))
+_OURS = frozenset(("process_name", "process_sort_index"))
+
+
+def _remap_batch(batch: list, pids: "_PidMap", offset: float, k: int, nfiles: int) -> list:
+    """Remap a batch of parsed events in place (pid, ts, flow and async ids); drops non-objects and the
+    inputs' process_name / process_sort_index events (replaced by ours)."""
+    out = []
+    append = out.append
+    kinds = pids.kinds
+    pmap = pids.map
+    see = pids.see
+    new_pid = pids.get
+    for ev in batch:
+        if type(ev) is not dict:
+            continue
+        ph = ev.get("ph")
+        if ph == "M" and ev.get("name") in _OURS:
+            see(ev)
+            continue
+        pid = ev.get("pid", _NO)
+        if pid is not _NO:
+            try:
+                kind = kinds.get(pid)
+                if kind != "gpu":  # a pid's kind only goes up (other < host < gpu): look only while it can
+                    cat = ev.get("cat")
+                    if cat in _GPU_CATS:
+                        kinds[pid] = "gpu"
+                    elif kind is None or kind == "other" or (ph == "M" and ev.get("name") == "process_labels"):
+                        see(ev)
+                new = pmap.get(pid)
+                ev["pid"] = new if new is not None else new_pid(pid)
+            except TypeError:  # an unhashable pid stays as it is
+                pass
+        ts = ev.get("ts")
+        if ts is not None:
+            t = type(ts)
+            if t is float or t is int:
+                ev["ts"] = ts + offset if offset else float(ts)
+            elif t is not bool:
+                try:
+                    ev["ts"] = float(ts) + offset
+                except (TypeError, ValueError):
+                    pass
+        if ph in _FLOW:
+            for key in ("id", "bind_id"):
+                if key in ev:
+                    ev[key] = _uniq_flow_id(ev[key], k, nfiles)
+        elif ph in _ASYNC:
+            if "id" in ev:
+                ev["id"] = _uniq_id(ev["id"], k, nfiles)
+            if isinstance(ev.get("id2"), dict):
+                ev["id2"] = {kk: _uniq_id(v, k, nfiles) for kk, v in ev["id2"].items()}
+        elif "bind_id" in ev:
+            ev["bind_id"] = _uniq_flow_id(ev["bind_id"], k, nfiles)
+        append(ev)
     return out
+
+
+_NO = object()
 
 
 def _uniq_flow_id(x: Any, k: int, n: int) -> Any:
