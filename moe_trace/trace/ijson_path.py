@@ -134,19 +134,7 @@ def parse(src: Source, agg: Aggregate) -> dict:
                 agg.add_event(ev)
             agg.events += 1
     except ij.common.JSONError as exc:
-        msg = short_reason(exc)  # yajl appends the offending bytes: never echo them
-        if "premature EOF" in msg or "Incomplete" in msg:
-            raise TraceError(f"{src.path} ends in the middle of the JSON (truncated, the writer was probably "
-                             "killed); re-run the profiling to get a complete trace") from None
-        where = stream.locate(exc.args[0]) if len(exc.args) == 1 else None
-        at = f" at line {where[0]}, column {where[1]} (byte {where[2]})" if where else ""
-        hint = ""
-        if where is not None:
-            bad = stream.tail[where[2] - stream._base:where[2] - stream._base + 9]
-            if bad.startswith((b"NaN", b"Infinity", b"-Infinity")):
-                hint = "; NaN and Infinity are not JSON (strict writers write null)"
-        raise TraceError(f"{src.path} is not valid JSON{at} ({msg}{hint}); pass a Chrome trace written by "
-                         "torch.profiler or moe-trace") from None
+        raise _json_error(src, stream, exc, "pass a Chrome trace written by torch.profiler or moe-trace") from None
     if prefix == "item":
         return {}
     meta = head_meta(bytes(stream.head))
@@ -159,6 +147,22 @@ def parse(src: Source, agg: Aggregate) -> dict:
     except Fallback:
         pass
     return meta
+
+
+def _json_error(src: Source, stream: "_Stream", exc: Exception, advice: str) -> TraceError:
+    """One sentence for a JSON syntax error: where (line, column, byte), why, never the file's bytes."""
+    msg = short_reason(exc)  # yajl appends the offending bytes: never echo them
+    if "premature EOF" in msg or "Incomplete" in msg:
+        return TraceError(f"{src.path} ends in the middle of the JSON (truncated, the writer was probably "
+                          "killed); re-run the profiling to get a complete trace")
+    where = stream.locate(exc.args[0]) if len(exc.args) == 1 else None
+    at = f" at line {where[0]}, column {where[1]} (byte {where[2]})" if where else ""
+    hint = ""
+    if where is not None:
+        bad = stream.tail[where[2] - stream._base:where[2] - stream._base + 9]
+        if bad.startswith((b"NaN", b"Infinity", b"-Infinity")):
+            hint = "; NaN and Infinity are not JSON (strict writers write null)"
+    return TraceError(f"{src.path} is not valid JSON{at} ({msg}{hint}); {advice}")
 
 
 def _has_trace_events(path: Path, meta: dict) -> bool:
@@ -199,8 +203,7 @@ def event_batches(src: Source, size: int = 16384):
                 yield batch
                 batch = []
     except ij.common.JSONError as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TraceError(f"{src.path} is not valid JSON ({msg}); leave it out or re-run the profiling") from None
+        raise _json_error(src, stream, exc, "leave it out or re-run the profiling") from None
     if n == 0 and prefix == "traceEvents.item" and not _has_trace_events(src.path, {}):
         raise TraceError(f"{src.path} is JSON but not a Chrome trace (no traceEvents array); pass a trace written "
                          "by torch.profiler's export_chrome_trace or by moe-trace")
