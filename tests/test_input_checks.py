@@ -56,10 +56,13 @@ def places(tmp_path_factory):
     (d / "adir").mkdir()
     (d / "prompts.txt").write_text("one\ntwo\n")
     trace = write_synthetic(d / "run" / "t.pt.trace.json", slim=True)
+    from moe_trace.models import save_tiny_checkpoint
+
+    save_tiny_checkpoint("olmoe", d / "ckpt")  # no tokenizer: every `run` case must fail before needing one
     logs = d / "rlogs"
     assert main(["routing-log", "--out", str(logs), "--max-samples", "4", "--max-length", "8", "--no-progress"]) == 0
     return {"file": str(d / "afile"), "dir": str(d / "adir"), "missing": str(d / "missing"), "trace": str(trace),
-            "tracedir": str(trace.parent), "rlog": str(logs), "prompts": str(d / "prompts.txt"), "root": d}
+            "tracedir": str(trace.parent), "rlog": str(logs), "ckpt": str(d / "ckpt"), "prompts": str(d / "prompts.txt"), "root": d}
 
 
 # (argv, a substring the one error line must contain). {file} is an existing plain file, {dir} an
@@ -118,6 +121,14 @@ CLI_CASES = [
     (["routing-log", "--out", "{dir}", "--max-samples", "1", "--format", "json"], None),  # a directory: fine
     (["routing-analyze", "{rlog}", "--out", "{file}/x"], "is a file, not a directory"),
     (["analyze", "{trace}", "--json", "{file}/r.json"], "is a file, not a directory"),
+    (["compare", "--config", "a=model", "--out", "{file}/x.csv"], "is a file, not a directory"),
+    (["run", "{ckpt}", "--logdir", "{file}"], "is a file, not a directory"),
+    (["run", "{ckpt}", "--logdir", "{file}/x", "--mode", "stats"], "is a file, not a directory"),
+    (["run", "{ckpt}", "--device-map", "bogus"], "--device-map 'bogus'"),
+    (["run", "{ckpt}", "--batch-size", "0"], "--batch-size"),
+    (["run", "{file}"], "not a checkpoint directory"),
+    (["compare", "--config", "a=model", "--device", "bogus"], "--device 'bogus'"),
+    (["sweep", "top-k", "--values", "1", "--device", "bogus"], "--device 'bogus'"),
     (["analyze", "{trace}", "--csv", "{file}/r.csv"], "is a file, not a directory"),
     (["analyze", "{trace}", "--json", "{dir}"], "is a directory"),
     (["analyze", "{trace}", "--csv", "{dir}"], "is a directory"),
@@ -159,6 +170,8 @@ REFUSED_FIRST = [
     ["analyze", "{trace}", "--json", "{file}/r.json"],
     ["analyze", "{trace}", "--per-device", "--csv", "{dir}"],
     ["merge", "{tracedir}", "-o", "{file}/m.json"],
+    ["compare", "--config", "a=model", "--out", "{file}/x.csv"],
+    ["run", "{ckpt}", "--logdir", "{file}/x", "--mode", "timing"],
 ]
 
 

@@ -100,9 +100,9 @@ def _load(args: argparse.Namespace):
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         raise ConfigError("--warmup must be >= 0")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available here")
+    from moe_trace.checks import device as check_device
+
+    device = str(check_device(args.device)) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     prompts = _read_prompts(args.prompts)
     tokenizer = None
@@ -196,6 +196,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     configs = dict(_parse_config(c) for c in args.config)
     if len(configs) != len(args.config):
         raise ConfigError("--config names must be unique")
+    if args.out:
+        from moe_trace.checks import output_file
+
+        output_file(args.out, "--out")  # before the runs, not after them
     model, tokenizer, prompts, label = _load(args)
     bench = SimpleBenchmark(model, tokenizer, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                             warmup=args.warmup, progress=not args.no_progress)

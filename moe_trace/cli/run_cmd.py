@@ -9,6 +9,7 @@ from pathlib import Path
 from moe_trace.errors import ConfigError, NoMoELayersError
 
 from moe_trace.checks import device as check_device
+from moe_trace.checks import output_dir
 
 from .options import HelpFormatter
 
@@ -109,6 +110,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size and --max-new-tokens must be >= 1")
     if args.device_map is None:
         check_device(args.device)
+    elif args.device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        try:
+            check_device(args.device_map, "--device-map")
+        except ConfigError:
+            raise ConfigError(f"--device-map {args.device_map!r}: use auto, balanced, balanced_low_0, sequential or "
+                              "one device (cpu, cuda:0, ...)") from None
+    output_dir(args.logdir, "--logdir")  # report.json goes there after the work: check it before
     prompts = collect_prompts(args)
     tok = load_tokenizer(args.tokenizer or args.checkpoint, args.chat)
 
