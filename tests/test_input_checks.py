@@ -291,6 +291,8 @@ API_CASES = [
     ("analyze('')", lambda p: moe_trace.analyze(""), "empty"),
     ("analyze ep_size=True before reading", lambda p: moe_trace.analyze(p["missing"], ep_size=True), "ep_size"),
     ("read_trace(None)", lambda p: _read_trace(None), "got NoneType"),
+    ("merge_traces(None)", lambda p: _merge(None, p["root"] / "m.json"), "got NoneType"),
+    ("RunData.from_dict('x')", lambda p: RunData.from_dict("x"), "got str"),
     ("merge_traces output under a file", lambda p: _merge(p["tracedir"], p["file"] + "/m.json"), "is a file"),
     ("Report([])", lambda p: Report([]), "at least one RunData"),
     ("Report(None)", lambda p: Report(None), "got NoneType"),

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from moe_trace.errors import ConfigError
+
 PHASES = ("prefill", "decode")
 PARTS = ("router", "experts", "shared")
 
@@ -177,6 +179,9 @@ class RunData:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunData":
+        if not isinstance(d, dict):
+            raise ConfigError(f"RunData.from_dict takes the dict RunData.to_dict() gives (a report's or trace's "
+                              f"'run'), got {type(d).__name__}")
         return cls(
             model=dict(d.get("model", {})),
             layers=[LayerInfo.from_dict(x) for x in d.get("layers", [])],

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import orjson
 
 from moe_trace.checks import output_file
-from moe_trace.errors import TraceError
+from moe_trace.errors import ConfigError, TraceError
 
 from . import fastpath, ijson_path
 from .io import Source, no_gc, os_problem
@@ -34,6 +34,8 @@ def merge_traces(inputs: str | os.PathLike | Iterable[str | os.PathLike], out_pa
     out = output_file(out_path, "merge output")  # checked before any input is read
     if isinstance(inputs, (str, os.PathLike)):
         files = trace_files(inputs)
+    elif isinstance(inputs, (bytes, dict)) or not hasattr(inputs, "__iter__"):
+        raise ConfigError(f"merge_traces takes a directory or a list of trace files, got {type(inputs).__name__}")
     else:
         files = [Path(p) for p in inputs]
         if not files:
