@@ -24,12 +24,15 @@ def __getattr__(name):
     raise AttributeError(f"module 'moe_trace' has no attribute {name!r}")
 
 
-def analyze(path, *, progress: bool | None = None, ep_size: int | None = None) -> Report:
+def analyze(path, *, progress: bool | None = None, ep_size: int | None = None, run: str | None = None,
+            all_runs: bool = False):
     """Rebuild the `Report` of a run from its trace file(s): a `.pt.trace.json[.gz]` or a directory.
-    `ep_size=N` adds the load per expert-parallel rank for N ranks (contiguous placement)."""
+    A directory with several runs gives the newest (a warning names the others); `run=ID` picks one,
+    `all_runs=True` returns `{run id: Report}`, newest first. `ep_size=N` adds the load per
+    expert-parallel rank for N ranks (contiguous placement)."""
     from .trace.reader import analyze as _analyze
 
-    return _analyze(path, progress=progress, ep_size=ep_size)
+    return _analyze(path, progress=progress, ep_size=ep_size, run=run, all_runs=all_runs)
 
 
 __all__ = ["profile", "detect", "analyze", "register_handler", "unregister_handler", "MoEHandler", "ProfileRun",

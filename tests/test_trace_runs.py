@@ -64,8 +64,12 @@ def test_two_runs_in_one_logdir_never_mix(olmoe, tmp_path, capsys):
         assert _counts(analyze(tmp_path, run=a.run_id[:8])) == _counts(a)  # a unique prefix
         both = analyze(tmp_path, all_runs=True)
     assert list(both) == [b.run_id, a.run_id] and _counts(both[a.run_id]) == _counts(a)
+    assert _counts(moe_trace.analyze(tmp_path, run=a.run_id)) == _counts(a)  # the top-level API too
+    assert list(moe_trace.analyze(tmp_path, all_runs=True)) == [b.run_id, a.run_id]
     with pytest.raises(TraceError, match="is not a run"):
         analyze(tmp_path, run="nope")
+    with pytest.raises(moe_trace.ConfigError, match="not both"):
+        moe_trace.analyze(tmp_path, run=a.run_id, all_runs=True)
     # the CLI: the warning on stderr, --run, --all-runs, one line for a bad id
     assert main(["analyze", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 0
     cap = capsys.readouterr()

@@ -137,6 +137,11 @@ def analyze(path: str | os.PathLike, *, progress: bool | None = None, ep_size: i
     one by id (or a unique prefix), `all_runs=True` returns `{run id: Report}` for every run, newest
     first. `ep_size`: also report the load per expert-parallel rank for that many ranks (see Report)."""
     check_ep_size(ep_size)  # before reading: a bad argument fails in a second
+    if run is not None and (all_runs or not isinstance(run, str) or not run):
+        from moe_trace.errors import ConfigError
+
+        raise ConfigError("pass either run='<run id>' (a non-empty string) or all_runs=True, not both"
+                          if all_runs else f"run must be a run id string, got {run!r}")
     datas = read_traces(path, progress=progress)
     if all_runs:
         return reports_of(datas, path, ep_size=ep_size)
