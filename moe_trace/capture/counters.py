@@ -203,12 +203,13 @@ class DeviceCounters:
             self.conf[it.phase, it.local, 0] += top1[0]
             self.conf[it.phase, it.local, 1] += ent[0]
 
-    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Device copies of the running counts, k histogram and padding (no sync); per-step deltas
-        come from differences."""
+    def snapshot(self) -> tuple:
+        """Device copies of the running counts, k histogram, padding and confidence sums (no sync),
+        plus a host copy of the call counts; per-step and per-window counts come from differences."""
         self.flush()
         snap = self._hist.clone()
-        return snap[: self._size], snap[self._size: 2 * self._size], snap[self._pad_base: self._trash]
+        return (snap[: self._size], snap[self._size: 2 * self._size], snap[self._pad_base: self._trash],
+                self.conf.clone(), self.calls.copy())
 
     def read(self):
         """Host copies: counts [P, L, E+2], k_hist [P, L, E+2], conf [P, L, 2], padding [P, L]. Syncs once."""

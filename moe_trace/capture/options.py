@@ -34,6 +34,10 @@ class ProfileOptions:
     slim: slim traces (kineto; docs/trace-format.md).
     record_shapes, with_stack: passed to torch.profiler (kineto).
     cuda_events: CUDA-event timing; default on in "timing" mode only.
+    profiler: your running `torch.profiler.profile`: moe-trace attaches to it (its ranges, per-step
+        counters and metadata go into the files your `on_trace_ready` writes) instead of starting
+        one; implies mode="kineto". A profiler already running when the block starts is attached to
+        in kineto mode without this argument too.
     """
 
     mode: str = "stats"
@@ -47,8 +51,18 @@ class ProfileOptions:
     record_shapes: bool = False
     with_stack: bool = False
     cuda_events: bool | None = None
+    profiler: Any = None
 
     def __post_init__(self) -> None:
+        if self.profiler is not None:
+            from torch.profiler import profile as _torch_profile
+
+            if not isinstance(self.profiler, _torch_profile):
+                raise ConfigError(f"profiler= must be a torch.profiler.profile, got {type(self.profiler).__name__}")
+            if self.mode == "timing" and self.cuda_events is None:
+                self.cuda_events = True
+            if self.mode in ("stats", "timing"):
+                self.mode = "kineto"
         if self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if self.selector is not None and self.router_middleware is not None:

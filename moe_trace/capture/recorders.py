@@ -12,16 +12,20 @@ The session (session.py) hooks the model and feeds the recorders; recorders neve
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import tempfile
+import threading
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from moe_trace.analysis.rundata import PHASES, LayerCounts, LayerInfo, RunData
+from moe_trace.errors import ProfileStateError
 
 from .counters import DeviceCounters
 
@@ -66,9 +70,14 @@ class CounterRecorder:
 
     def collect(self) -> dict[str, list[LayerCounts | None]]:
         """Read every device once and build {phase: [LayerCounts per layer]}."""
+        return self.counts_from({dev: (*dc.read(), dc.calls) for dev, dc in self.devices.items()})
+
+    def counts_from(self, host: dict[str, tuple]) -> dict[str, list[LayerCounts | None]]:
+        """{phase: [LayerCounts]} from host arrays per device: (counts [P,L,E+2], k_hist [P,L,E+2],
+        conf [P,L,2], padding [P,L], calls [P,L]) — a whole run, or the difference of two snapshots."""
         counts: dict[str, list[LayerCounts | None]] = {p: [None] * len(self.layers) for p in PHASES}
-        for dc in self.devices.values():
-            c, k, conf, pad = dc.read()
+        for dev, (c, k, conf, pad, calls) in host.items():
+            dc = self.devices[dev]
             for local in range(dc.L):
                 i = self.layer_index(dc, local)
                 E = self.layers[i].num_experts
@@ -78,7 +87,7 @@ class CounterRecorder:
                     # tokens from the device (one k-histogram entry per token), so they stay right
                     # under CUDA-graph replay, where host-side hooks ran only at capture
                     counts[phase][i] = LayerCounts(
-                        tokens=int(kh.sum()), calls=int(dc.calls[p, local]),
+                        tokens=int(kh.sum()), calls=int(calls[p, local]),
                         expert_counts=c[p, local, :E].astype(np.int64),
                         k_hist=kh[: max(last, self.layers[i].top_k) + 1].astype(np.int64),
                         excluded=int(c[p, local, E:dc.E + 1].sum()), dropped=int(c[p, local, dc.E + 1]),
@@ -91,18 +100,61 @@ class CounterRecorder:
                 for dev in self.devices if dev.startswith("cuda")}
 
 
+# One moe-trace Kineto session per process at a time (Kineto's state is global: a second
+# profiler started from another moe-trace session, in this thread or another, crashes it).
+_LOCK = threading.Lock()
+_RUNNING: "KinetoRecorder | None" = None
+# Sessions attached to a user's profiler whose counters may still go into one of its exports.
+_ATTACHED: list["KinetoRecorder"] = []
+MAX_ATTACHED = 8
+_ORIGINAL_EXPORT = None
+
+
+def _export_with_moe_trace(self, path, *args, **kwargs):
+    """`torch.profiler.profile.export_chrome_trace` while moe-trace sessions are attached: the
+    user's export, then the attached sessions' counters and metadata added to that very file."""
+    result = _ORIGINAL_EXPORT(self, path, *args, **kwargs)
+    for rec in list(_ATTACHED):
+        try:
+            rec.inject(path)
+        except Exception as exc:  # the user's file stays as torch wrote it
+            warnings.warn(f"moe-trace could not add its counters to {path}: {exc}", stacklevel=2)
+    return result
+
+
+def _install_export_hook() -> None:
+    global _ORIGINAL_EXPORT
+    from torch.profiler import profile
+
+    if _ORIGINAL_EXPORT is None:
+        _ORIGINAL_EXPORT = profile.export_chrome_trace
+        profile.export_chrome_trace = _export_with_moe_trace
+
+
 class KinetoRecorder:
     """The torch.profiler session of a "kineto" run and the trace files it becomes.
 
-    `start()` enters a profiler, `snapshot(...)` and `advance()` are called after every model
-    forward (counter snapshot, then ``prof.step()``), `stop()` leaves it and keeps the raw export in a private temp
-    dir, `export(run_data, run_id)` writes the moe-trace traces under `logdir` and removes the temp
-    dir. `close()` removes the temp dir in any case (idempotent).
+    Own profiler: `start()` enters a profiler, `snapshot(...)` and `advance()` are called after every
+    model forward (counter snapshot, then ``prof.step()``), `stop()` leaves it and keeps the raw
+    export in a private temp dir, `export(run_data, run_id)` writes the moe-trace traces under
+    `logdir` and removes the temp dir. `close()` removes the temp dir in any case (idempotent).
+
+    Attached (`attach=True`: the user's torch.profiler is running): no profiler is started and no
+    ``prof.step()`` is called (the user's schedule and steps rule); every `export_chrome_trace` of the
+    user's profiler — its `on_trace_ready`, `tensorboard_trace_handler` included — gets moe-trace's
+    counters and metadata for the steps that trace holds, added to the user's file in place
+    (`inject`), with every user event kept.
     """
 
     def __init__(self, logdir: Path, counters: CounterRecorder, *, schedule: Any = None, slim: bool = True,
-                 record_shapes: bool = False, with_stack: bool = False):
+                 record_shapes: bool = False, with_stack: bool = False, attach: bool = False,
+                 run_factory: Callable[..., RunData] | None = None, run_id: str | None = None):
         self.logdir = Path(logdir)
+        self.attach = attach
+        self.run_factory = run_factory  # (counts, forward_calls, forward_tokens, padding) -> RunData
+        self.run_id = run_id
+        self.windows: list[tuple[Path, RunData]] = []  # attached: (user's file, the counts it holds)
+        self._stopped = False
         self.counters = counters
         self.schedule = schedule
         self.slim = slim
@@ -121,7 +173,35 @@ class KinetoRecorder:
 
     # -- profiler lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        global _RUNNING
+        with _LOCK:
+            if _RUNNING is not None:
+                raise ProfileStateError(
+                    "another moe-trace kineto session is running (in this thread or another); torch.profiler "
+                    "allows one per process: finish the first `with` block first, or use mode='stats'")
+            _RUNNING = self
+        try:
+            self._start()
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        global _RUNNING
+        with _LOCK:
+            if _RUNNING is self:
+                _RUNNING = None
+
+    def _start(self) -> None:
         from torch.profiler import ProfilerActivity, profile, schedule
+
+        if self.attach:
+            with _LOCK:
+                _install_export_hook()
+                _ATTACHED.append(self)
+                del _ATTACHED[:-MAX_ATTACHED]
+            self._sched = None
+            return
 
         acts = [ProfilerActivity.CPU]
         if any(d.startswith("cuda") for d in self.counters.devices) and torch.cuda.is_available():
@@ -151,6 +231,7 @@ class KinetoRecorder:
         self._raw_traces.append(path)
 
     def stop(self) -> None:
+        self._stopped = True
         prof, self._prof = self._prof, None
         if prof is None:
             return
@@ -161,9 +242,70 @@ class KinetoRecorder:
             self._raw_traces.append(path)
 
     def close(self) -> None:
+        self._release()
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
+
+    # -- attached to the user's profiler -------------------------------------------------------------
+    def inject(self, path) -> None:
+        """Add this session's counters and metadata to the user's export `path` for the steps whose
+        `moe_trace/{phase}#{step}` ranges it holds (nothing when it holds none)."""
+        from moe_trace.trace.format import STEP_RE, USER_ANNOTATION
+        from moe_trace.trace.io import load_json
+        from moe_trace.trace.writer import write_trace
+
+        path = Path(path)
+        if not path.is_file() or not self._snapshots:
+            return
+        raw = load_json(path)
+        events = raw.get("traceEvents") if isinstance(raw, dict) else None
+        if not isinstance(events, list):
+            return
+        keys = set()
+        for e in events:
+            if isinstance(e, dict) and e.get("cat") == USER_ANNOTATION:
+                m = STEP_RE.match(str(e.get("name", "")))
+                if m:
+                    keys.add((m.group(1), int(m.group(2))))
+        mine = [n for n, s in enumerate(self._snapshots) if (PHASES[s[1]], s[0]) in keys]
+        if not mine:
+            return
+        first, last = mine[0], mine[-1]
+        run = self.window_run(first, last)
+        steps = self.step_deltas()[first:last + 1]
+        write_trace(raw, run, steps, path, slim=False,
+                    process=dict(process_info(), run_id=self.run_id, window=len(self.windows)))
+        self.windows.append((path, run))
+        self.trace_files.append(path)
+        if self._stopped and last == len(self._snapshots) - 1:
+            with _LOCK:  # every step of this session has gone into a user's file
+                if self in _ATTACHED:
+                    _ATTACHED.remove(self)
+
+    def window_run(self, first: int, last: int) -> RunData:
+        """RunData of the snapshots first..last (steps of one profiler window): counts are differences
+        of the device snapshots before and after the window."""
+        host = {}
+        for dev in self.counters.devices:
+            after = [t.cpu().numpy() if torch.is_tensor(t) else t for t in self._snapshots[last][3][dev]]
+            if first:
+                before = [t.cpu().numpy() if torch.is_tensor(t) else t for t in self._snapshots[first - 1][3][dev]]
+            else:
+                before = [np.zeros_like(a) for a in after]
+            dc = self.counters.devices[dev]
+            P = len(PHASES)
+            c, k, pad, conf, calls = (a - b for a, b in zip(after, before))
+            host[dev] = (c.reshape(P, dc.L, dc.bins), k.reshape(P, dc.L, dc.bins), conf, pad.reshape(P, dc.L),
+                         calls)
+        counts = self.counters.counts_from(host)
+        calls = {p: 0 for p in PHASES}
+        tokens = {p: 0 for p in PHASES}
+        for st in self.step_deltas()[first:last + 1]:
+            calls[st["phase"]] += 1
+            tokens[st["phase"]] += st["tokens"]
+        padding = {p: max((c.padding_tokens for c in counts[p] if c is not None), default=0) for p in PHASES}
+        return self.run_factory(counts, calls, tokens, padding)
 
     # -- export -----------------------------------------------------------------------------------
     def export(self, run_data: RunData, run_id: str, started_at: float | None = None) -> list[Path]:

@@ -128,8 +128,14 @@ class ProfileRun:
         # recorders, chosen by the mode
         self.counters = CounterRecorder(self.layers, [b.handler.router_outputs_probs for b in self.bindings])
         self._timer = PartTimer() if opts.cuda_events else None
+        # a torch.profiler already running (yours, or profiler=prof): attach to it, never start a second
+        self.attached = opts.kineto and (opts.profiler is not None or _profiler_on())
+        if opts.profiler is not None and not (_profiler_on() or getattr(opts.profiler, "step_rec_fn", None)):
+            raise ConfigError("profiler= must be a running torch.profiler.profile: call moe_trace.profile(model, "
+                              "profiler=prof) inside `with torch.profiler.profile(...) as prof:`")
         self.kineto = KinetoRecorder(opts.logdir, self.counters, schedule=opts.schedule, slim=opts.slim,
-                                     record_shapes=opts.record_shapes, with_stack=opts.with_stack) \
+                                     record_shapes=opts.record_shapes, with_stack=opts.with_stack,
+                                     attach=self.attached, run_factory=self._window_run_data) \
             if opts.kineto else None
         self.forward_calls = {p: 0 for p in PHASES}
         self.forward_tokens = {p: 0 for p in PHASES}
@@ -148,6 +154,10 @@ class ProfileRun:
         self._ranges: dict[int, list] = {}
         self._step_range = None
         self._run_id = new_run_id()  # shared by the ranks of a torchrun job (docs/trace-format.md)
+        if self.kineto is not None:
+            self.kineto.run_id = self._run_id
+            if self.attached:  # the user's files, as their exports get moe-trace's data (also after the block)
+                self.trace_files = self.kineto.trace_files
         self._started_at = time.time()
         setattr(self.model, _ACTIVE_ATTR, self)
         try:
@@ -174,7 +184,7 @@ class ProfileRun:
             self._incomplete = exc_type.__name__
         try:
             self._run_data = self._collect()
-            if self.kineto is not None:  # also when the body raised: what was recorded is written, marked
+            if self.kineto is not None and not self.attached:  # also when the body raised: written, marked
                 self.trace_files = self.kineto.export(self._run_data, self._run_id, self._started_at)
         finally:
             if self.kineto is not None:
@@ -197,7 +207,7 @@ class ProfileRun:
         In kineto mode without CUDA events the timing is the trace's GPU (or CPU) range times, exactly
         what `moe_trace.analyze(logdir)` reports. `peak`: see `Report`."""
         run = self.run_data
-        if run.timing is None and self.trace_files:
+        if run.timing is None and self.trace_files and not self.attached:
             run = self._with_trace_timing(run)
         return Report(run, peak=peak)
 
@@ -464,6 +474,17 @@ class ProfileRun:
         timing, source = (None, None)
         if self._timer is not None:
             timing, source = self._timer.resolve(len(self.layers))
+        notes = []
+        if self._incomplete is not None:
+            notes.append(f"incomplete run: the profiled block raised {self._incomplete}; the counts cover "
+                         f"the {sum(self.forward_calls.values())} model forward(s) before it")
+        return self._make_run(counts, dict(self.forward_calls), forward_tokens, padding, timing, source, notes)
+
+    def _window_run_data(self, counts, forward_calls, forward_tokens, padding) -> RunData:
+        """RunData of the steps of one window of the user's profiler (attached kineto)."""
+        return self._make_run(counts, forward_calls, forward_tokens, padding, None, None, [])
+
+    def _make_run(self, counts, forward_calls, forward_tokens, padding, timing, source, notes) -> RunData:
         cfg = getattr(self.model, "config", None)
         model_info = {"family": self.layers[0].family if self.layers else None,
                       "name": getattr(cfg, "_name_or_path", None) or type(self.model).__name__,
@@ -471,18 +492,17 @@ class ProfileRun:
         settings = {"mode": self.mode, "selector": _describe(self.selector),
                     "router_middleware": _describe(self.router_middleware), "slim": self.options.slim,
                     "parallel": parallel_layout(self.model, [e for b in self.bindings for e in b.experts]),
-                    **environment(self.model, list(self.counters.devices), self._first_prefill, self.forward_calls)}
-        notes = []
+                    **environment(self.model, list(self.counters.devices), self._first_prefill, forward_calls)}
+        if self.attached:
+            settings["attached_profiler"] = True
         if self._incomplete is not None:
             settings["incomplete"] = True
-            notes.append(f"incomplete run: the profiled block raised {self._incomplete}; the counts cover "
-                         f"the {sum(self.forward_calls.values())} model forward(s) before it")
         if notes:
             settings["notes"] = notes
         return RunData(model=model_info, layers=self.layers, counts=counts,
-                       forward_calls=dict(self.forward_calls), forward_tokens=forward_tokens,
-                       padding_tokens=padding, timing=timing, timing_source=source, peak_memory=self.counters.peak_memory(),
-                       settings=settings, run_id=self._run_id)
+                       forward_calls=forward_calls, forward_tokens=forward_tokens,
+                       padding_tokens=padding, timing=timing, timing_source=source,
+                       peak_memory=self.counters.peak_memory(), settings=settings, run_id=self._run_id)
 
 
 def _standard_router_routing(output: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -509,5 +529,5 @@ def profile(model: nn.Module, mode: str = "stats", **options: Any) -> ProfileRun
     "timing" (+ CUDA-event timing of router / experts / shared), "kineto" (+ torch.profiler traces
     with MoE counters under `logdir`). `options` are the fields of `ProfileOptions` (logdir, selector,
     router_middleware, observers, log_router_logits, schedule, slim, record_shapes, with_stack,
-    cuda_events); docs/capture.md describes each."""
+    cuda_events, profiler); docs/capture.md describes each."""
     return ProfileRun(model, mode, **options)

@@ -1,0 +1,159 @@
+"""moe-trace inside the user's own torch.profiler: attach, never a second profiler, never a crash."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, record_function, schedule, tensorboard_trace_handler
+
+import moe_trace
+from moe_trace.errors import ConfigError, ProfileStateError
+from moe_trace.models import build_tiny_model
+
+
+def _ids(b=2, s=5, seed=0):
+    return torch.randint(3, 200, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+def _gen(model, ids, n):
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                          min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+def _counts(d):
+    return [l["expert_counts"] for l in d["layers"]]
+
+
+def _user_events(path):
+    from moe_trace.trace.io import load_json
+
+    return load_json(path)["traceEvents"]
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+@pytest.mark.parametrize("gzip", [False, True])
+def test_attached_run_writes_into_the_users_tensorboard_files(tmp_path, explicit, gzip):
+    model = build_tiny_model("olmoe").eval()
+    ids = _ids()
+    with torch.no_grad():
+        plain = _gen(model, ids, 4)
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU],
+                                on_trace_ready=tensorboard_trace_handler(str(tmp_path), use_gzip=gzip)) as prof:
+        with record_function("user/before"):
+            torch.ones(3).sum()
+        kw = {"profiler": prof} if explicit else {"mode": "kineto"}
+        with torch.no_grad(), moe_trace.profile(model, **kw) as run:
+            out = _gen(model, ids, 4)
+        with record_function("user/after"):
+            torch.ones(3).sum()
+    assert torch.equal(out, plain)
+    files = list(tmp_path.glob("*.pt.trace.json*"))
+    assert len(files) == 1 and files[0].name.endswith(".gz") == gzip   # the user's file, nothing else
+    names = {e.get("name") for e in _user_events(files[0])}
+    assert {"user/before", "user/after"} <= names                       # the user's events kept
+    assert any(str(n).startswith("moe_trace/prefill/L000/") for n in names)  # moe-trace ranges in it
+    assert any(e.get("ph") == "C" and str(e.get("name")).startswith("moe_trace/L") for e in _user_events(files[0]))
+    live = run.report().to_dict()
+    back = moe_trace.analyze(tmp_path).to_dict()
+    assert _counts(back) == _counts(live)
+    assert back["phases"]["prefill"]["tokens"] == live["phases"]["prefill"]["tokens"] == 10
+    assert back["phases"]["decode"]["forward_calls"] == live["phases"]["decode"]["forward_calls"] == 3
+    assert run.trace_files == files
+
+
+def test_users_schedule_rules_and_analyze_equals_the_profiled_steps(tmp_path):
+    """The user's schedule (wait 1, warmup 1, active 3) and prof.step() after each forward: the trace
+    holds forwards 2..4; its counts equal a plain reference hook's counts of exactly those forwards."""
+    from tests.conftest import ReferenceRouting
+
+    model = build_tiny_model("olmoe").eval()
+    ids = _ids()
+    bindings = moe_trace.capture.find_bindings(model)
+    ref = ReferenceRouting(model, [b.experts[0] for b in bindings])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched = schedule(wait=1, warmup=1, active=3, repeat=1)
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU], schedule=sched,
+                                on_trace_ready=tensorboard_trace_handler(str(tmp_path))) as prof:
+        with torch.no_grad(), moe_trace.profile(model, profiler=prof) as run:
+            for n in range(6):  # one prefill-shaped forward, then decode-shaped ones
+                model(ids if n == 0 else _ids(2, 1, seed=n))
+                prof.step()
+    ref.remove()
+    back = moe_trace.analyze(tmp_path).to_dict()
+    assert back["phases"]["prefill"]["forward_calls"] == 0 and back["phases"]["decode"]["forward_calls"] == 3
+    for i, b in enumerate(bindings):
+        want = np.zeros(b.info.num_experts, dtype=np.int64)
+        for idx, _ in ref.calls[i][2:5]:
+            want += np.bincount(idx.reshape(-1).numpy(), minlength=b.info.num_experts)
+        assert back["layers"][i]["expert_counts"] == want.tolist()
+    # the live report of the profiled steps is the same, and the whole block's report is the run's
+    window = moe_trace.Report(run.kineto.windows[0][1]).to_dict()
+    assert _counts(window) == _counts(back)
+    assert run.report().to_dict()["phases"]["decode"]["forward_calls"] == 5
+
+
+def test_two_moe_trace_kineto_sessions_raise_never_crash(tmp_path):
+    a, b = build_tiny_model("olmoe").eval(), build_tiny_model("qwen2_moe").eval()
+    with torch.no_grad(), moe_trace.profile(a, "kineto", logdir=tmp_path / "a"):
+        with pytest.raises(ProfileStateError, match="another moe-trace kineto session"):
+            with moe_trace.profile(b, "kineto", logdir=tmp_path / "b"):
+                pass
+        errors = []
+
+        def other():
+            try:
+                with torch.no_grad(), moe_trace.profile(b, "kineto", logdir=tmp_path / "c"):
+                    b(_ids())
+            except ProfileStateError as e:
+                errors.append(e)
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert len(errors) == 1
+        a(_ids())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in b.modules())
+    with torch.no_grad(), moe_trace.profile(b, "kineto", logdir=tmp_path / "d") as run:  # free again
+        b(_ids())
+    assert run.trace_files
+
+
+def test_two_threads_never_crash_the_interpreter(tmp_path):
+    code = f"""
+import threading, torch, moe_trace
+from moe_trace.errors import ProfileStateError
+from moe_trace.models import build_tiny_model
+torch.set_num_threads(1)
+ms = [build_tiny_model("olmoe").eval() for _ in range(2)]
+res = []
+def go(i):
+    try:
+        with torch.no_grad(), moe_trace.profile(ms[i], "kineto", logdir=r"{tmp_path}/t%d" % i):
+            for _ in range(3):
+                ms[i](torch.randint(3, 200, (1, 4)))
+        res.append("ok")
+    except ProfileStateError:
+        res.append("busy")
+ts = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(sorted(res))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() in ("['busy', 'ok']", "['ok', 'ok']")
+
+
+def test_profiler_argument_must_be_a_running_profiler():
+    model = build_tiny_model("olmoe").eval()
+    with pytest.raises(ConfigError, match="torch.profiler.profile"):
+        moe_trace.profile(model, profiler="yes")
+    prof = torch.profiler.profile(activities=[ProfilerActivity.CPU])
+    with pytest.raises(ConfigError, match="running"):
+        with moe_trace.profile(model, profiler=prof):
+            pass
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
