@@ -9,7 +9,7 @@ Importing the package is cheap: torch and transformers load on first use of the 
 """
 from .analysis import LayerInfo, Report, RunData
 from .errors import (ConfigError, MoeTraceError, NoMoELayersError, ProfileStateError, TraceError,
-                     UnknownArchitectureError)
+                     UnknownArchitectureError, UnsupportedTransformersError)
 
 __version__ = "0.1.0"
 
@@ -37,4 +37,4 @@ def analyze(path, *, progress: bool | None = None, ep_size: int | None = None, r
 
 __all__ = ["profile", "detect", "analyze", "register_handler", "unregister_handler", "MoEHandler", "ProfileRun",
            "Report", "RunData", "LayerInfo", "MoeTraceError", "NoMoELayersError", "UnknownArchitectureError",
-           "ProfileStateError", "ConfigError", "TraceError", "__version__"]
+           "ProfileStateError", "ConfigError", "TraceError", "UnsupportedTransformersError", "__version__"]

@@ -35,3 +35,7 @@ def short_reason(exc: BaseException, limit: int = 160) -> str:
     line = text.splitlines()[0].strip() if text else type(exc).__name__
     line = "".join(c if c.isprintable() else "?" for c in line)
     return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+class UnsupportedTransformersError(MoeTraceError):
+    """The installed transformers is outside the supported range (or too old for one family)."""

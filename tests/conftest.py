@@ -150,17 +150,58 @@ class ExpertRowsReference:
         return np.asarray(self.rows[layer][phase][:num_experts], dtype=np.int64), None, None
 
 
+class TokensPerExpertReference:
+    """For experts called as `experts(tokens, tokens_per_expert)` (4.x Aria): the per-expert token
+    counts the experts themselves receive, summed per phase (first model forward = prefill)."""
+
+    def __init__(self, model, experts_modules):
+        self.forwards = 0
+        self.rows = {i: {"prefill": 0, "decode": 0} for i in range(len(experts_modules))}
+        self.handles = [model.register_forward_pre_hook(self._step)]
+        self.handles += [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(experts_modules)]
+
+    def _step(self, module, args):
+        self.forwards += 1
+
+    def _hook(self, i):
+        def hook(module, args):
+            phase = "prefill" if self.forwards <= 1 else "decode"
+            self.rows[i][phase] = self.rows[i][phase] + args[1].detach().clone().long()
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def counts(self, layer: int, num_experts: int, phase: str):
+        import numpy as np
+
+        got = self.rows[layer][phase]
+        return (np.zeros(num_experts, np.int64) if isinstance(got, int) else got.numpy()[:num_experts]), None, None
+
+
 def routing_reference(model, bindings):
     """The reference for `bindings`: the routing arguments the experts receive where their call has
     them (5.x, 4.x stacked experts), else the rows each expert module receives (one module per
     expert: 4.x `nn.ModuleList`, seq2seq `ModuleDict`)."""
     if _takes_routing(bindings[0].experts[0]):
         return ReferenceRouting(model, [b.experts[0] for b in bindings])
+    if _takes(bindings[0].experts[0], "tokens_per_expert"):
+        return TokensPerExpertReference(model, [b.experts[0] for b in bindings])
     layers = []
     for b in bindings:
         E = b.info.num_experts
         layers.append(b.experts[:E] if len(b.experts) >= E else list(b.experts[0].children())[:E])
     return ExpertRowsReference(model, layers)
+
+
+def _takes(module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _takes_routing(module) -> bool:

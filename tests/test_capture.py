@@ -10,7 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import moe_trace
 from moe_trace.capture import find_bindings
-from tests.conftest import ReferenceRouting, generate, prompt, tiny_olmoe, tiny_qwen2_moe
+from tests.conftest import ReferenceRouting, generate, prompt, routing_reference, set_experts_implementation, tiny_olmoe, tiny_qwen2_moe
+
+pytestmark = pytest.mark.tf4  # also run on transformers 4.57 (.ci/run)
 
 
 def hook_state(model):
@@ -38,8 +40,7 @@ def test_counts_match_reference_and_tokens_unchanged(mode):
     ids = prompt(batch=2, length=6)
     n = 5
     ref_tokens = generate(model, ids, n)
-    experts = [b.experts[0] for b in find_bindings(model)]
-    ref = ReferenceRouting(model, experts)
+    ref = routing_reference(model, find_bindings(model))
     with moe_trace.profile(model, mode=mode) as run:
         out = generate(model, ids, n)
     ref.remove()
@@ -54,8 +55,8 @@ def test_counts_match_reference_and_tokens_unchanged(mode):
             counts, khist, tokens = ref.counts(layer["index"], 8, phase)
             got = layer["phases"][phase]
             assert got["expert_counts"] == counts.tolist()
-            assert got["k_hist"] == khist
-            assert got["tokens"] == tokens
+            if khist is not None:  # 4.x: rows per expert module (no k)
+                assert got["k_hist"] == khist and got["tokens"] == tokens
         assert layer["tokens"] == B * P + B * (n - 1)
         assert layer["expert_counts"] == [a + b for a, b in zip(layer["phases"]["prefill"]["expert_counts"],
                                                                 layer["phases"]["decode"]["expert_counts"])]
@@ -106,7 +107,7 @@ def flop_counter_parts(model, bindings, ids, whole_block: bool = False, call_kwa
 @pytest.mark.parametrize("build", [tiny_olmoe, tiny_qwen2_moe], ids=["olmoe", "qwen2_moe"])
 def test_flops_equal_flop_counter_mode_on_eager_path(build):
     model = build()
-    model.set_experts_implementation("eager")
+    set_experts_implementation(model, "eager")
     ids = prompt(batch=2, length=7)
     bindings = find_bindings(model)
     expected = flop_counter_parts(model, bindings, ids)

@@ -45,12 +45,12 @@ def test_ci_runs_the_readme_commands_verbatim():
     for line in cmds + [l for l in ci_lines if "pip install" in l and not l.startswith("#")]:
         for part in line.split("&&"):
             if "pip install" in part and "torch==" not in part:
-                assert "-c .ci/constraints.txt" in part, f"unpinned install: {part.strip()!r}"
+                assert re.search(r"-c \.ci/constraints(-transformers4)?\.txt", part), f"unpinned install: {part.strip()!r}"
 
 
-def _constraints() -> dict[str, str]:
+def _constraints(path: str = ".ci/constraints.txt") -> dict[str, str]:
     pins = {}
-    for line in (ROOT / ".ci" / "constraints.txt").read_text().splitlines():
+    for line in (ROOT / path).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             name, _, version = line.partition("==")
@@ -73,6 +73,8 @@ def test_constraints_pin_every_dependency_within_pyproject_bounds():
         assert name in pins, f"{req.name} is not pinned in .ci/constraints.txt"
         assert req.specifier.contains(pins[name]), f"pin {name}=={pins[name]} is outside pyproject's {req}"
     assert pins["torch"] == "2.13.0" and pins["transformers"].startswith("5.")
+    tf4 = _constraints(".ci/constraints-transformers4.txt")  # the second CI virtualenv
+    assert tf4["torch"] == "2.13.0" and tf4["transformers"].startswith("4.57.")
 
 
 @pytest.mark.skipif(os.environ.get("CI") != "true", reason="CI=true: the installed packages are CI's pins")
@@ -109,3 +111,28 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().startswith("moe-trace: error:") and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def readme_family_count(version: str) -> int | None:
+    """The number README states for `version` ("all N MoE families of transformers X.Y" / "the N of transformers X.Y")."""
+    text = " ".join((ROOT / "README.md").read_text().split())
+    for m in re.finditer(r"(?:all|the) (\d+) (?:MoE families )?of transformers (\d+\.\d+)", text):
+        if m.group(2) == version:
+            return int(m.group(1))
+    return None
+
+
+def test_readme_states_the_computed_family_count():
+    """README's family count is the number of MoE families the pinned transformers ships (found in its
+    own source tree by moe_trace.models.families), not a number written by hand."""
+    import transformers
+
+    from moe_trace.models.families import transformers_moe_families
+
+    pinned = _constraints()["transformers"]
+    installed = ".".join(transformers.__version__.split(".")[:2])
+    stated = readme_family_count(".".join(pinned.split(".")[:2]))
+    assert stated is not None, f"README names no family count for the pinned transformers {pinned}"
+    if installed != ".".join(pinned.split(".")[:2]):
+        pytest.skip(f"transformers {transformers.__version__} is not the pinned {pinned}")
+    assert stated == len(transformers_moe_families())

@@ -12,6 +12,7 @@ from moe_trace.errors import NoMoELayersError, UnknownArchitectureError
 
 from . import sizes
 from .handlers.base import MoEBinding, registered_handlers, registry_version
+from .versions import check_transformers
 
 # model -> (key, bindings). Matching every module against every handler costs ~30 ms on a 16-layer
 # model; a `with profile(model)` inside a loop should not pay it each time.
@@ -25,6 +26,7 @@ def find_bindings(model: nn.Module) -> list[MoEBinding]:
     fresh `LayerInfo` copies with the device and experts implementation read anew."""
     if not isinstance(model, nn.Module):
         raise NoMoELayersError(f"expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    check_transformers()  # an unsupported version is one clear error here, not an AttributeError later
     registered_handlers()  # fills the registry before its version is read
     key = (registry_version(), tuple(id(m) for m in model.modules()))
     hit = _CACHE.get(model)

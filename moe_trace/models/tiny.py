@@ -55,6 +55,13 @@ def _entry(family: str) -> dict:
     return fams[family]
 
 
+@functools.lru_cache(maxsize=1)
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
 def _transformers_attr(name: str, family: str):
     import transformers
 
@@ -63,7 +70,8 @@ def _transformers_attr(name: str, family: str):
     except AttributeError as exc:  # older / newer transformers without this family
         raise ConfigError(
             f"family {family!r} needs transformers.{name}, which transformers "
-            f"{transformers.__version__} does not provide"
+            f"{transformers.__version__} does not provide (the tiny recipes are made for transformers 5.24; "
+            f"moe_trace.models.families.available_families() lists those this version can build)"
         ) from exc
 
 
@@ -117,6 +125,10 @@ def _resize_per_layer(values: list, n: int) -> list:
 def _text_kwargs(family: str, overrides: dict) -> dict:
     e = _entry(family)
     kw = copy.deepcopy(e["text_kwargs"])
+    if _transformers_major() < 5:  # 4.x spells rope settings `rope_scaling`; some need them explicitly
+        if "rope_parameters" in kw:
+            kw["rope_scaling"] = kw.pop("rope_parameters")
+        kw.update(copy.deepcopy(e.get("transformers4_text_kwargs", {})))
     aliases = e.get("aliases", {})
     explicit = set()
     for key, value in overrides.items():

@@ -1,4 +1,5 @@
 """Registers the built-in handlers, most specific first; the generic one goes last."""
+from .aria import GroupedGemmExpertsHandler
 from .base import register_handler
 from .dbrx import DbrxHandler
 from .doge import ProductKeyEmbeddingHandler
@@ -10,7 +11,7 @@ from .llama4 import DenseExpertsHandler
 from .named_routing import NamedRoutingHandler
 from .seq2seq import CapacityRoutedHandler
 
-BUILTIN = [CapacityRoutedHandler, ProductKeyEmbeddingHandler, DecoderLayerMoEHandler, DenseExpertsHandler, DbrxHandler, JetMoeHandler, LegacyModuleListHandler,
+BUILTIN = [CapacityRoutedHandler, GroupedGemmExpertsHandler, ProductKeyEmbeddingHandler, DecoderLayerMoEHandler, DenseExpertsHandler, DbrxHandler, JetMoeHandler, LegacyModuleListHandler,
            NamedRoutingHandler, GenericHandler]
 for _h in BUILTIN:
     register_handler(_h, first=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..versions import require
 from .generic import GenericHandler
 
 
@@ -19,6 +20,8 @@ class ProductKeyEmbeddingHandler(GenericHandler):
         gate = getattr(module, "router_gate", None)
         if not (isinstance(down, nn.Embedding) and isinstance(up, nn.Embedding) and isinstance(gate, nn.Linear)):
             return None
+        require("doge (DogeCDMoE)", "5.0", "transformers 4.x's Doge decoder layer passes the MoE block's "
+                "(hidden, router_logits) tuple to dropout, so the model cannot run")
         e, hidden = down.weight.shape
         shared = [(n, getattr(module, n)) for n in ("gate_proj", "up_proj", "down_proj")
                   if isinstance(getattr(module, n, None), nn.Linear)]
