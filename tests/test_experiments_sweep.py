@@ -32,10 +32,17 @@ def inputs(model):
 def test_describe_and_fit():
     d = describe([1.0, 2.0, 3.0, 4.0])
     assert d["mean"] == 2.5 and d["p50"] == 2.5
-    assert d["std"] == pytest.approx(np.std([1, 2, 3, 4]))
-    assert d["p90"] == pytest.approx(np.percentile([1, 2, 3, 4], 90))
-    assert d["p99"] == pytest.approx(3.97)
-    assert describe([]) == {s: 0.0 for s in STATS}
+    assert d["std"] == pytest.approx(np.std([1, 2, 3, 4], ddof=1))
+    # 95% interval of the mean: t(0.975, 3) * s / sqrt(4), checked against scipy
+    from scipy import stats
+
+    lo, hi = stats.t.interval(0.95, 3, loc=2.5, scale=np.std([1, 2, 3, 4], ddof=1) / 2)
+    assert d["ci95_low"] == pytest.approx(lo, rel=1e-3) and d["ci95_high"] == pytest.approx(hi, rel=1e-3)
+    assert d["p90"] is None and d["p99"] is None          # 4 samples do not resolve a tail
+    ten = describe(list(range(10)))
+    assert ten["p90"] == pytest.approx(np.percentile(range(10), 90)) and ten["p99"] is None
+    assert describe(list(range(100)))["p99"] == pytest.approx(np.percentile(range(100), 99))
+    assert describe([]) == {s: None for s in STATS}
     f = fit_line([1, 2, 3, 4], [3, 5, 7, 9])
     assert f["slope"] == pytest.approx(2) and f["intercept"] == pytest.approx(1) and f["r2"] == pytest.approx(1)
     assert fit_line([2, 2], [1, 3]) is None
@@ -167,7 +174,9 @@ def _check_structure(result: SweepResult, knob: str, values: list[int], n_per: i
     for row in data["summary"]:
         assert row["n"] == n_per
         for lat in LATENCIES:
-            assert row[f"{lat}_p50"] <= row[f"{lat}_p90"] <= row[f"{lat}_p99"] + 1e-9
+            assert row[f"{lat}_p90"] is None if n_per < 10 else row[f"{lat}_p50"] <= row[f"{lat}_p90"] + 1e-9
+            if n_per > 1:
+                assert row[f"{lat}_ci95_low"] <= row[f"{lat}_mean"] <= row[f"{lat}_ci95_high"]
     for s in data["all_samples"]:
         assert s["prefill_ms"] > 0 and s["total_ms"] >= s["prefill_ms"]
         assert {"value", "repeat", "input_id", "prompt_tokens", "new_tokens", "k_mean", "flops_total"} <= set(s)
@@ -210,7 +219,7 @@ def test_sweep_flops_scaling_with_plots(model, inputs, tmp_path):
     assert data["summary"][1]["flops_ratio"] > 1
     figs = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
     assert figs == ["flops_scaling_flops_scaling.png", "flops_scaling_latency_breakdown.png",
-                    "flops_scaling_latency_vs_knob.png"]
+                    "flops_scaling_latency_vs_knob.png", "flops_scaling_routing_vs_knob.png"]
     from PIL import Image
 
     with Image.open(tmp_path / "figures" / "flops_scaling_latency_breakdown.png") as im:
@@ -249,4 +258,4 @@ def test_cli_sweep_and_errors(tmp_path, capsys):
     assert "out of range" in capsys.readouterr().err
     assert main(["sweep", "top-k", "--values", "1", "--prompts", str(tmp_path / "missing.txt")]) == 2
     assert main(["sweep-plot", str(tmp_path / "o" / "sweep_top_k.json"), "--out", str(tmp_path / "f")]) == 0
-    assert len(list((tmp_path / "f").glob("*.png"))) == 2
+    assert len(list((tmp_path / "f").glob("*.png"))) == 3   # latency breakdown, latency vs knob, routing vs knob

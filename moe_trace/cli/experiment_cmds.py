@@ -39,6 +39,9 @@ def register(sub) -> None:
                     help="routing for the non-top-k knobs, e.g. kneedle, cumsum:0.8 (default: the model's own)")
     sw.add_argument("--out", default="results/sweep", metavar="DIR", help="output directory (default results/sweep)")
     sw.add_argument("--no-plots", action="store_true", help="skip the figures")
+    sw.add_argument("--block-order", default=None, metavar="I,J,...",
+                    help="active-layers: an importance order of block indices (most important first); value N "
+                         "keeps its first N blocks. Values may also be block sets written 0+2+5")
     sw.set_defaults(func=cmd_sweep)
 
     pl = sub.add_parser("sweep-plot", help="redraw the figures of a sweep JSON file")
@@ -55,6 +58,8 @@ def register(sub) -> None:
                      help="a configuration (repeat the option); e.g. base=model knee=kneedle top1=topk:1")
     _model_args(cmp)
     cmp.add_argument("--out", default=None, metavar="FILE", help="also write the table as CSV")
+    cmp.add_argument("--plot", default=None, metavar="PNG",
+                     help="also draw total latency, k and FLOPs per token of each config into this PNG")
     cmp.set_defaults(func=cmd_compare, repeats=1)
 
 
@@ -136,14 +141,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     resolve_selector(args.selector)
     values = _values(args.values)
     model, tokenizer, prompts, label = _load(args)
-    result = run_sweep(model, knob, values, prompts, tokenizer=tokenizer, repeats=args.repeats, warmup=args.warmup,
-                       max_new_tokens=args.max_new_tokens, selector=args.selector, out_dir=args.out,
-                       plots=not args.no_plots, progress=not args.no_progress, model_name=label)
+    import warnings
+
+    order = None
+    if args.block_order:
+        try:
+            order = [int(x) for x in args.block_order.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--block-order {args.block_order!r}: expected block indices, e.g. 3,0,2,1") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # printed below, once
+        result = run_sweep(model, knob, values, prompts, tokenizer=tokenizer, repeats=args.repeats,
+                           warmup=args.warmup, max_new_tokens=args.max_new_tokens, selector=args.selector,
+                           out_dir=args.out, plots=not args.no_plots, progress=not args.no_progress,
+                           model_name=label, block_order=order)
     df = result.to_dataframe()
-    cols = ["value", "n", "prefill_ms_mean", "prefill_ms_p90", "decode_ms_mean", "decode_ms_p90", "total_ms_mean",
-            "k_mean_mean", "new_tokens_mean", "prompt_tokens_mean"]
+    cols = ["value", "n", "prefill_ms_mean", "prefill_ms_std", "decode_ms_mean", "decode_ms_std", "total_ms_mean",
+            "total_ms_ci95_low", "total_ms_ci95_high", "k_mean_mean", "active_experts_mean_mean", "flops_per_token_mean"]
     print(f"sweep {knob} on {label} ({result['experiment']['device']}, timing {result['experiment']['timing']})")
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    for w in result["warnings"] if "warnings" in result else []:
+        print(f"moe-trace: warning: {w}")
     if result.fit:
         for phase in ("prefill", "decode"):
             f = result.fit.get(phase)
@@ -193,6 +211,11 @@ def _parse_config(text: str) -> tuple[str, object]:
 def cmd_compare(args: argparse.Namespace) -> int:
     from moe_trace.experiments.benchmark import SimpleBenchmark
 
+    from moe_trace.checks import output_file
+
+    for opt in ("out", "plot"):
+        if getattr(args, opt):
+            output_file(getattr(args, opt), f"--{opt}")
     configs = dict(_parse_config(c) for c in args.config)
     if len(configs) != len(args.config):
         raise ConfigError("--config names must be unique")
@@ -217,4 +240,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.out)
         print(f"wrote {args.out}")
+    if args.plot:
+        from moe_trace.experiments.plots import plot_compare
+
+        print(f"wrote {plot_compare(df, args.plot)}")
     return 0

@@ -25,6 +25,7 @@ import inspect
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -48,7 +49,12 @@ _KNOB_ALIASES = {
     "flops_scaling": "flops-scaling", "flops": "flops-scaling",
 }
 LATENCIES = ("prefill_ms", "decode_ms", "total_ms", "ms_per_output_token")
-STATS = ("mean", "std", "p50", "p90", "p99")
+STATS = ("mean", "std", "ci95_low", "ci95_high", "p50", "p90", "p99")
+# fewest samples for which a percentile is reported (below: None, the tail is not resolved)
+MIN_SAMPLES = {"p90": 10, "p99": 100}
+# two-sided 95% Student t quantiles by degrees of freedom (>30: normal)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
 _MEANS = ("prompt_tokens", "new_tokens", "decode_steps", "decode_forward_ms", "k_mean", "k_mean_prefill",
           "k_mean_decode", "active_experts_mean", "flops_total", "flops_prefill", "flops_decode", "flops_per_token")
 
@@ -113,6 +119,23 @@ def validate_values(knob: str, values: Iterable[Any], facts: ModelFacts, *, max_
                     prompt_tokens: int) -> list[int]:
     """Check every value against the model; one ConfigError naming all bad values and the range."""
     knob = normalize_knob(knob)
+    if knob == "active-layers":
+        if facts.num_blocks is None:
+            raise ConfigError("knob 'active-layers': cannot find the model's list of decoder blocks")
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            values = [values]
+        parsed = [parse_block_value(v) for v in values]
+        sets = [v for v in parsed if isinstance(v, tuple)]
+        for v in sets:
+            active_block_set(v, facts.num_blocks)
+        plain = [v for v in parsed if not isinstance(v, tuple)]
+        ints = _int_values(knob, plain) if plain else []
+        bad = [v for v in ints if not 1 <= v <= facts.num_blocks]
+        if bad:
+            raise ConfigError(f"knob 'active-layers': value(s) {', '.join(map(str, bad))} out of range "
+                              f"[1, {facts.num_blocks}] (at most the number of decoder blocks ({facts.num_blocks}))")
+        it = iter(ints)
+        return [v if isinstance(v, tuple) else next(it) for v in parsed]
     vals = _int_values(knob, values)
     if knob in ("top-k", "flops-scaling"):
         lo, hi, what = 1, facts.num_experts, f"the number of experts ({facts.num_experts})"
@@ -188,23 +211,26 @@ def _skip_forward(block: nn.Module):
 
 
 @contextlib.contextmanager
-def mask_blocks(model: nn.Module, n_active: int | None, layers: list | None = None):
-    """Run only the first `n_active` decoder blocks; the rest return their input unchanged.
+def mask_blocks(model: nn.Module, n_active: Any, layers: list | None = None, order: Sequence[int] | None = None):
+    """Run only some decoder blocks; the rest return their input unchanged.
 
-    The masked blocks stay in the model (same modules, parameters and hooks); their ``forward`` is
-    shadowed by an instance attribute for the duration of the block and restored on exit. (A
-    post-forward hook alone would still compute the block, so latency would not change.)
-    `n_active=None` masks nothing.
+    `n_active`: an int N keeps the first N blocks (of `order`, an importance order of block indices,
+    most important first; default: model order), or a set / list of block indices keeps exactly those
+    (seed 003's chosen block sets). The masked blocks stay in the model (same modules, parameters and
+    hooks); their ``forward`` is shadowed by an instance attribute for the duration of the block and
+    restored on exit. (A post-forward hook alone would still compute the block, so latency would not
+    change.) `n_active=None` masks nothing.
     """
     if n_active is None:
         yield
         return
     _, blocks = find_decoder_blocks(model, layers)
-    if not 1 <= int(n_active) <= len(blocks):
-        raise ConfigError(f"active layers must be in [1, {len(blocks)}], got {n_active}")
+    keep = active_block_set(n_active, len(blocks), order)
     saved = []
     try:
-        for blk in list(blocks)[int(n_active):]:
+        for i, blk in enumerate(blocks):
+            if i in keep:
+                continue
             saved.append((blk, blk.__dict__.get("forward", _MISSING)))
             blk.forward = _skip_forward(blk)
         yield
@@ -214,6 +240,44 @@ def mask_blocks(model: nn.Module, n_active: int | None, layers: list | None = No
                 blk.__dict__.pop("forward", None)
             else:
                 blk.forward = old
+
+
+def active_block_set(active: Any, num_blocks: int, order: Sequence[int] | None = None) -> set[int]:
+    """The block indices that run for an active-layers value (see `mask_blocks`); ConfigError if bad."""
+    if order is not None:
+        order = check_block_order(order, num_blocks)
+    if isinstance(active, (int, np.integer)) and not isinstance(active, bool):
+        if not 1 <= int(active) <= num_blocks:
+            raise ConfigError(f"active layers must be in [1, {num_blocks}], got {active}")
+        return set((order or list(range(num_blocks)))[: int(active)])
+    idx = list(active)
+    bad = [i for i in idx if not isinstance(i, (int, np.integer)) or not 0 <= int(i) < num_blocks]
+    if bad or not idx:
+        raise ConfigError(f"active block set {idx!r}: indices must be in [0, {num_blocks - 1}] and not empty")
+    return {int(i) for i in idx}
+
+
+def check_block_order(order: Sequence[int], num_blocks: int) -> list[int]:
+    """An importance order: distinct block indices in [0, num_blocks), most important first."""
+    try:
+        out = [int(i) for i in order]
+    except (TypeError, ValueError):
+        raise ConfigError(f"block order {order!r}: expected block indices, e.g. 3,0,2,1") from None
+    if len(set(out)) != len(out) or any(not 0 <= i < num_blocks for i in out):
+        raise ConfigError(f"block order {out}: give distinct block indices in [0, {num_blocks - 1}]")
+    return out
+
+
+def parse_block_value(v: Any) -> Any:
+    """An active-layers value: an int, or a block set written "0+2+5" (CLI) / a list or tuple."""
+    if isinstance(v, str) and "+" in v:
+        try:
+            return tuple(sorted({int(x) for x in v.split("+") if x.strip()}))
+        except ValueError:
+            raise ConfigError(f"active block set {v!r}: expected indices joined by '+', e.g. 0+2+5") from None
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return tuple(sorted(int(x) for x in v))
+    return v
 
 
 _MISSING = object()
@@ -417,7 +481,8 @@ def routing_metrics(report) -> dict[str, float]:
 def measure_generate(model: nn.Module, inputs: dict[str, torch.Tensor], *, max_new_tokens: int,
                      selector: Any = None, router_middleware: Any = None, active_layers: int | None = None,
                      layers: list | None = None, generate_kwargs: dict | None = None,
-                     profile_mode: str = "stats", keep_output: bool = False) -> dict[str, Any]:
+                     profile_mode: str = "stats", keep_output: bool = False,
+                     block_order: Sequence[int] | None = None) -> dict[str, Any]:
     """Run one `model.generate` under `moe_trace.profile` and time prefill / decode.
 
     Returns a flat record (latencies, token counts, routing metrics) plus ``"report"`` (the run's
@@ -432,7 +497,7 @@ def measure_generate(model: nn.Module, inputs: dict[str, torch.Tensor], *, max_n
         prof_kw["selector"] = selector
     if router_middleware is not None:
         prof_kw["router_middleware"] = router_middleware
-    with torch.inference_mode(), mask_blocks(model, active_layers, layers):
+    with torch.inference_mode(), mask_blocks(model, active_layers, layers, order=block_order):
         with profile(model, profile_mode, **prof_kw) as run:
             timer.synchronize()
             t0 = time.perf_counter()
@@ -461,13 +526,45 @@ def measure_generate(model: nn.Module, inputs: dict[str, torch.Tensor], *, max_n
 
 # ---------------------------------------------------------------------------------------------
 # statistics
-def describe(values: Sequence[float]) -> dict[str, float]:
-    """mean, std (population), p50, p90, p99 (numpy linear percentiles); zeros for no values."""
+def _t95(df: int) -> float:
+    if df > 30:
+        return 1.960
+    return _T95.get(df) or _T95[min(k for k in _T95 if k >= df)]
+
+
+def describe(values: Sequence[float]) -> dict[str, float | None]:
+    """mean, std (sample, ddof=1), the 95% confidence interval of the mean (Student t), p50, and p90 /
+    p99 only from 10 / 100 samples on (None below: a tail percentile of 4 samples is their maximum)."""
     a = np.asarray([v for v in values if v is not None], dtype=np.float64)
     if a.size == 0:
-        return {s: 0.0 for s in STATS}
-    p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {"mean": float(a.mean()), "std": float(a.std()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+        return {s: None for s in STATS}
+    mean = float(a.mean())
+    std = float(a.std(ddof=1)) if a.size > 1 else 0.0
+    half = _t95(a.size - 1) * std / np.sqrt(a.size) if a.size > 1 else None
+    out = {"mean": mean, "std": std, "ci95_low": mean - half if half is not None else None,
+           "ci95_high": mean + half if half is not None else None, "p50": float(np.percentile(a, 50))}
+    for name, q in (("p90", 90), ("p99", 99)):
+        out[name] = float(np.percentile(a, q)) if a.size >= MIN_SAMPLES[name] else None
+    return out
+
+
+def noise_warnings(rows: list[dict[str, Any]], knob: str) -> list[str]:
+    """A warning per latency whose spread between repetitions is larger than its change across the knob
+    (the differences may be noise: more --repeats, a quieter machine, or a larger model)."""
+    out = []
+    if len(rows) < 2:
+        return out
+    for lat in ("prefill_ms", "decode_ms", "total_ms"):
+        means = [r[f"{lat}_mean"] for r in rows if r.get(f"{lat}_mean") is not None]
+        stds = [r[f"{lat}_std"] for r in rows if r.get(f"{lat}_std") is not None]
+        if len(means) < 2 or not stds:
+            continue
+        effect = max(means) - min(means)
+        spread = max(stds)
+        if spread > effect:
+            out.append(f"{lat}: the spread between repetitions (std up to {spread:.3g} ms) exceeds the change "
+                       f"across {knob} (max - min of the means: {effect:.3g} ms); the differences may be noise")
+    return out
 
 
 def summarize_samples(samples: list[dict[str, Any]], knob: str, values: Sequence[int]) -> list[dict[str, Any]]:
@@ -588,8 +685,15 @@ def run_sweep(model: nn.Module, knob: str, values: Iterable[Any], inputs: Any = 
               repeats: int = 3, warmup: int = 1, max_new_tokens: int = 16, selector: Any = None,
               out_dir: str | Path | None = None, plots: bool = True, progress: bool = True,
               generate_kwargs: dict | None = None, profile_mode: str = "stats",
-              model_name: str | None = None) -> SweepResult:
+              model_name: str | None = None, block_order: Sequence[int] | None = None) -> SweepResult:
     """Sweep one knob over `values`; every (value, repeat, input) is one timed `generate`.
+
+    Every value runs `warmup` untimed generates first; then the repetitions are interleaved (each
+    repetition visits every value, in an order rotated by one per repetition), so warm-up and drift
+    do not land on one setting. `summary` has mean, std, a 95% interval of the mean and the
+    percentiles the sample count supports; `warnings` says where the spread exceeds the effect.
+    active-layers values: N (the first N blocks, of `block_order` when given: an importance order of
+    block indices) or block sets (tuples of indices; "0+2+5" on the command line).
 
     `inputs`: prompts (with `tokenizer`; without one, bytes are mapped to token ids), token tensors,
     dicts of generate() inputs, or None for two random 8-token prompts. `selector` is the routing of
@@ -608,6 +712,10 @@ def run_sweep(model: nn.Module, knob: str, values: Iterable[Any], inputs: Any = 
     prepared = prepare_inputs(model, inputs, tokenizer)
     longest = max(int(p["input_ids"].shape[1]) for p in prepared)
     vals = validate_values(knob, values, facts, max_new_tokens=max_new_tokens, prompt_tokens=longest)
+    if block_order is not None:
+        if knob != "active-layers":
+            raise ConfigError("block_order (--block-order) applies to the active-layers knob only")
+        block_order = check_block_order(block_order, facts.num_blocks or 0)
     if knob != "output-tokens" and facts.max_positions and knob != "prompt-length" \
             and longest + max_new_tokens > facts.max_positions:
         raise ConfigError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
@@ -632,26 +740,31 @@ def run_sweep(model: nn.Module, knob: str, values: Iterable[Any], inputs: Any = 
             inp = with_prompt_length(inp, s["prompt_length"])
         return measure_generate(model, inp, max_new_tokens=s["max_new_tokens"], selector=s["selector"],
                                 active_layers=s["active_layers"], layers=facts.layers,
-                                generate_kwargs=generate_kwargs, profile_mode=profile_mode)
+                                generate_kwargs=generate_kwargs, profile_mode=profile_mode,
+                                block_order=block_order)
 
-    for _ in range(warmup):
-        run_one(vals[0], prepared[0])
+    for v in vals:  # warm-up of every setting (kernels, allocator, caches), untimed
+        for _ in range(warmup):
+            run_one(v, prepared[0])
 
     from tqdm.auto import tqdm
 
     samples: list[dict[str, Any]] = []
     total = len(vals) * repeats * len(prepared)
     with tqdm(total=total, desc=f"sweep {knob}", unit="run", disable=not progress) as bar:
-        for v in vals:
-            s = setting(v)
-            for r in range(repeats):
+        for r in range(repeats):
+            order = vals[r % len(vals):] + vals[: r % len(vals)]  # interleaved, rotated per repetition
+            for v in order:
+                s = setting(v)
                 for i, inp in enumerate(prepared):
                     rec = run_one(v, inp)
                     rec.pop("report", None)
-                    sample = {"sample_id": len(samples), "knob": knob, "value": v, "repeat": r, "input_id": i,
+                    sample = {"sample_id": len(samples), "knob": knob, "value": list(v) if isinstance(v, tuple) else v,
+                              "repeat": r, "input_id": i,
                               "selector": s["selector"].spec if isinstance(s["selector"], Selector)
                               else (None if s["selector"] is None else repr(s["selector"])),
-                              "active_layers": s["active_layers"] or facts.num_blocks,
+                              "active_layers": (len(v) if isinstance(v, tuple) else v) if knob == "active-layers"
+                              else facts.num_blocks,
                               "max_new_tokens": s["max_new_tokens"], **rec}
                     samples.append(sample)
                     bar.update(1)
@@ -672,8 +785,15 @@ def run_sweep(model: nn.Module, knob: str, values: Iterable[Any], inputs: Any = 
         "timing": samples[0]["timing"] if samples else None,
         "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    experiment["interleaved"] = True
+    if block_order is not None:
+        experiment["block_order"] = block_order
+    summary = summarize_samples(samples, knob, [list(v) if isinstance(v, tuple) else v for v in vals])
+    notes = noise_warnings(summary, knob)
+    for n in notes:
+        warnings.warn(n, RuntimeWarning, stacklevel=2)
     data: dict[str, Any] = {"schema": SCHEMA, "experiment": experiment,
-                            "summary": summarize_samples(samples, knob, vals), "all_samples": samples}
+                            "summary": summary, "warnings": notes, "all_samples": samples}
     if knob == "flops-scaling":
         data["fit"] = flops_fit(samples)
     result = SweepResult(data)
