@@ -212,3 +212,45 @@ def test_unreadable_directories_and_files_are_named_in_a_warning(base, tmp_path,
         warnings.simplefilter("always")
         assert main(["merge", str(tmp_path), "-o", str(tmp_path / "m.json")]) == 0
     assert "skipped 2 unreadable" in capsys.readouterr().err
+
+
+def test_damaged_events_fuzz(base, tmp_path):
+    """Random damage to events (types of pid, ts, dur, name, args, cat, ph, id): a report or one TraceError."""
+    import random
+
+    trace, _run = base
+    vals = [[1, 2], {"a": 1}, "x", None, True, -1, 1e308, "NaN", [], {}]
+    fields = ["pid", "tid", "ts", "dur", "name", "args", "cat", "ph", "id"]
+    rng = random.Random(0)
+    path = tmp_path / "ev.pt.trace.json"
+    outcomes = {"report": 0, "error": 0}
+    for _ in range(120):
+        t = copy.deepcopy(trace)
+        for _ in range(3):
+            rng.choice(t["traceEvents"])[rng.choice(fields)] = rng.choice(vals)
+        meta = {k: v for k, v in t.items() if k != "traceEvents"}
+        lines = orjson.dumps(meta)[:-1] + b', "traceEvents": [\n' + \
+            b",\n".join(orjson.dumps(e) for e in t["traceEvents"]) + b"\n]}"
+        for data in (lines, orjson.dumps(t)):
+            path.write_bytes(data)
+            try:
+                read_trace(path).report().to_dict()
+                outcomes["report"] += 1
+            except TraceError as exc:
+                assert str(path) in str(exc) and "\n" not in str(exc)
+                outcomes["error"] += 1
+    assert outcomes["report"] and outcomes["error"]  # both happen: harmless damage reads, real damage is named
+
+
+def test_null_statistics_of_older_writers_read_as_nan(base, tmp_path):
+    trace, run = base
+    t = copy.deepcopy(trace)
+    t["moe_trace"]["run"]["counts"]["prefill"][1]["top1_prob_sum"] = None  # what versions before 0.x wrote for NaN
+    t["moe_trace"]["run"]["counts"]["decode"][0]["entropy_sum"] = "Infinity"
+    p = tmp_path / "old.pt.trace.json"
+    p.write_bytes(orjson.dumps(t))
+    td = read_trace(p)
+    assert math.isnan(td.runs[0].counts["prefill"][1].top1_prob_sum)
+    assert td.runs[0].counts["decode"][0].entropy_sum == math.inf
+    got = td.report().to_dict()
+    assert [l["expert_counts"] for l in got["layers"]] == [l["expert_counts"] for l in Report(run).to_dict()["layers"]]

@@ -19,6 +19,10 @@ def str_of(raw: bytes) -> str:
     return raw[1:-1].decode("utf-8", "replace")
 
 
+class BadEvent(ValueError):
+    """An event the reader cannot aggregate (the reader turns it into a TraceError naming the file)."""
+
+
 class Aggregate:
     """Running totals; memory bounded by the number of distinct ranges and GPU annotation instances."""
 
@@ -110,6 +114,11 @@ class Aggregate:
 
     def add_event(self, ev: dict) -> None:
         cat = ev.get("cat")
+        pid = ev.get("pid")
+        if not isinstance(cat, (str, type(None))) or not isinstance(pid, (int, float, str, type(None))):
+            raise BadEvent(f"an event has a {'cat' if not isinstance(cat, (str, type(None))) else 'pid'} that is "
+                           f"{type(cat if not isinstance(cat, (str, type(None))) else pid).__name__}, not a "
+                           f"{'string' if not isinstance(cat, (str, type(None))) else 'number or string'}")
         if cat not in _WANTED_CATS:
             if ev.get("ph") == "M" and ev.get("name") == "process_name":
                 args = ev.get("args")
@@ -130,7 +139,8 @@ class Aggregate:
                 gpu = cat == GPU_USER_ANNOTATION
                 args = ev.get("args") if isinstance(ev.get("args"), dict) else {}
                 ext = args.get("External id") if gpu else None
-                self.annotation(gpu, ev.get("name"), pidkey(ev.get("pid")), ts, dur,
+                name = ev.get("name")
+                self.annotation(gpu, name if isinstance(name, str) else None, pidkey(ev.get("pid")), ts, dur,
                                 ext if isinstance(ext, int) else None)
         elif ph == "C" and cat == COUNTER_CAT:
             try:

@@ -26,7 +26,7 @@ from moe_trace.analysis.report import check_ep_size
 from moe_trace.errors import ConfigError, TraceError
 
 from . import fastpath, ijson_path
-from .aggregate import Aggregate
+from .aggregate import Aggregate, BadEvent
 from .build import build
 from .format import TRACE_FILE_RE
 from .io import Source, head_meta, os_problem, peek_header
@@ -62,6 +62,8 @@ def read_trace(path: str | os.PathLike, *, progress: bool | None = None) -> Trac
             parser = "ijson"
     except OSError as exc:  # permissions, I/O errors, a vanished file
         raise os_problem(path, exc) from None
+    except BadEvent as exc:
+        raise TraceError(f"{path} is damaged: {exc}; pass a trace written by torch.profiler or moe-trace") from None
     except RecursionError:
         raise TraceError(f"{path} nests JSON too deeply to be a trace; pass a trace written by torch.profiler "
                          "or moe-trace") from None
