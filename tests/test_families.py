@@ -257,3 +257,31 @@ def test_seq2seq_family(family, tmp_path):
             assert got["assignments"] + got["dropped"] == layer["top_k"] * got["tokens"]
             if rows is not None:
                 assert got["expert_counts"] == rows.counts(i, layer["num_experts"], phase)[0].tolist(), (i, phase)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f in SEQ2SEQ])
+def test_seq2seq_routing_reader_does_not_sync(family, monkeypatch):
+    """The models' own expert loops sync; moe-trace's part (reading the dispatch, queueing it) must not."""
+    from moe_trace.capture.counters import DeviceCounters, Pending
+
+    model = build_tiny_model(family)
+    bindings = find_bindings(model)
+    outs = []
+    h = bindings[0].router.register_forward_hook(lambda m, a, o: outs.append(o))
+    ids = example_inputs(model)["input_ids"]
+    with torch.no_grad():
+        model(ids, decoder_input_ids=ids[:, :2])
+    h.remove()
+    dc = DeviceCounters(torch.device("cpu"), [bindings[0].info.num_experts])
+    with monkeypatch.context() as m:
+        def boom(*a, **k):
+            raise AssertionError("host sync in the routing reader")
+        for name in ["item", "tolist", "cpu", "numpy", "__bool__"]:
+            m.setattr(torch.Tensor, name, boom)
+        idx, w = bindings[0].handler.routing_from_router(bindings[0], outs[0])
+        dc.queue(Pending(0, 0, idx, w, None, False))
+        dc.end_forward()
+        dc.flush()
+    counts, k_hist, _, _ = dc.read()
+    E = bindings[0].info.num_experts
+    assert counts[0, 0, :E].sum() + counts[0, 0, E + 1] == bindings[0].info.top_k * ids.numel()
