@@ -437,6 +437,22 @@ class RunStore:
         return e
 
 
+def trace_download(store: "RunStore", name: Any, file: Any) -> tuple[str, str]:
+    """(path, file name) of one trace file of run `name` for download (Perfetto): `file` must be one of
+    the files the store lists for that run (names, never joined paths), a regular file inside the log
+    dir. RunNameError / UnknownRunError otherwise."""
+    run = store._get_run(name)
+    if not isinstance(file, str) or not file:
+        raise RunNameError("missing trace file name")
+    names = {e.name: e.path for e in store._trace_files(run.path, run.files)}
+    if file not in names:
+        raise UnknownRunError(file)
+    path = names[file]
+    if not store.logdir or not _inside(os.path.realpath(path), store.logdir):
+        raise RunNameError("trace file is outside the log dir")
+    return path, file
+
+
 def _describe(exc: BaseException) -> str:
     """The error text a client sees: moe-trace's own one-sentence messages (they name the file and the
     problem, never its bytes); anything else only by its type (details go to the server log)."""

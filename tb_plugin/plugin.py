@@ -6,6 +6,7 @@ Routes (under `/data/plugin/moe_trace`):
   /plotly.min.js          plotly.js from the installed `plotly` Python package (no CDN)
   /runs                   {"runs": [{"name", "files", "bytes", "mtime", "status", ...}]}
   /report?run=NAME        {"run", "report": Report.to_dict()} or {"run", "error"} (HTTP 422)
+  /trace?run=NAME&file=F  one of the run's trace files, as a download (open it in ui.perfetto.dev)
 
 A bad run name gives 400, an unknown one 404.
 """
@@ -19,7 +20,7 @@ from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from .data import RunNameError, RunStore, UnknownRunError, dumps
+from .data import RunNameError, RunStore, UnknownRunError, dumps, trace_download
 
 PLUGIN_NAME = "moe_trace"
 _STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -88,6 +89,7 @@ class MoeTracePlugin(base_plugin.TBPlugin):
         apps["/plotly.min.js"] = self._serve_plotly
         apps["/runs"] = self._serve_runs
         apps["/report"] = self._serve_report
+        apps["/trace"] = self._serve_trace
         return apps
 
     def is_active(self):
@@ -173,3 +175,25 @@ class MoeTracePlugin(base_plugin.TBPlugin):
                                      "application/json", code=404)
         code = 422 if entry.error else 200
         return self._respond_bytes(request, entry.body, entry.body_gz, "application/json", code=code)
+
+    @wrappers.Request.application
+    def _serve_trace(self, request):
+        """A run's trace file as an attachment (only files the run lists; see data.trace_download)."""
+        try:
+            path, fname = trace_download(self._store, request.args.get("run"), request.args.get("file"))
+        except RunNameError as exc:
+            return http_util.Respond(request, dumps({"error": f"bad request: {exc}"}), "application/json", code=400)
+        except UnknownRunError:
+            return http_util.Respond(request, dumps({"error": "no such run or trace file"}), "application/json",
+                                     code=404)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError:
+            return http_util.Respond(request, dumps({"error": "the trace file cannot be read"}), "application/json",
+                                     code=404)
+        resp = wrappers.Response(raw, mimetype="application/octet-stream")
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in fname)
+        resp.headers["Content-Disposition"] = f'attachment; filename="{safe}"'
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        return resp

@@ -116,7 +116,7 @@ def test_entry_point_declared_and_loadable():
 
 
 def test_routes(apps):
-    assert set(apps) == {"/index.js", "/style.css", "/plotly.min.js", "/runs", "/report"}
+    assert set(apps) == {"/index.js", "/style.css", "/plotly.min.js", "/runs", "/report", "/trace"}
 
 
 def test_plugin_entry_page_through_tensorboard(plugin):

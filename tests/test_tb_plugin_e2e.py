@@ -132,7 +132,8 @@ def test_compare_two_runs(browser, tb, tmp_path):
         assert int(_attr(page, "chart-cmp-heat", "data-rows-a")) == SYN_LAYERS
         assert int(_attr(page, "chart-cmp-heat", "data-rows-b")) == 3
         table = page.eval("document.getElementById('moe-compare-table').innerText")
-        assert "A: synthetic" in table and "B: tiny_olmoe" in table
+        head = page.eval("document.querySelector('#moe-compare-table thead').innerText")
+        assert "synthetic" in head and "tiny_olmoe" in head and "A:" not in head     # run names, not A/B
         page.screenshot(tmp_path / "compare.png")
     finally:
         page.close()
@@ -198,5 +199,39 @@ def test_inside_tensorboard_ui(browser, tb, tmp_path):
     try:
         assert ms > 0
         page.screenshot(tmp_path / "tensorboard.png", full_page=False)
+    finally:
+        page.close()
+
+
+def test_settings_card_roofline_and_trace_download(browser, tb, logdir):
+    """Issue 15: the settings card shows the run's workload and versions, k panels name the selector,
+    the roofline table holds the report's numbers, compare has a k row with one format per row, and
+    each trace can be downloaded (the bytes of the file on disk)."""
+    import torch
+
+    from moe_trace.trace import analyze
+
+    rep = analyze(logdir / "tiny_olmoe").to_dict()
+    page = _open(browser, tb, "tiny_olmoe", compare="synthetic")
+    try:
+        kv = page.eval("document.getElementById('moe-settings-kv').innerText")
+        w = rep["settings"]["workload"]
+        assert "BATCH" in kv.upper() and "kineto" in kv and torch.__version__ in kv and rep["settings"]["date"] in kv
+        batch = page.eval("document.querySelector('#moe-settings-kv [data-key=Batch] b').innerText")
+        assert batch == str(w["batch"])
+        assert "model's own top-k" in page.eval("document.querySelector('#moe-k h2 .sub').innerText")
+        dec = page.eval("document.querySelector('#moe-roofline-table tr[data-phase=decode]').innerText").split("\t")
+        r = rep["roofline"]["phases"]["decode"]
+        assert dec[2] == r["reads_source"] and dec[5] == f"{r['achieved_tbps']:.3f}"
+        assert int(_attr(page, "chart-roofline", "data-traces")) > 0
+        krow = page.eval("document.querySelector('#moe-compare-table tr[data-row=\"decode k\"]').innerText").split("\t")
+        assert krow[1] == "2.000" and len(krow[2].split(".")[1]) == 3        # k row, one format (3 decimals)
+        href = page.eval("document.querySelector('#moe-downloads a').getAttribute('href')")
+        status, body = tb.get("/data/plugin/moe_trace/" + href)
+        f = next((logdir / "tiny_olmoe").glob("*.pt.trace.json.gz"))
+        assert status == 200 and body == f.read_bytes()
+        bad, _ = tb.get("/data/plugin/moe_trace/trace?run=tiny_olmoe&file=..%2F..%2Fetc%2Fpasswd")
+        assert bad == 404
+        assert page.console_errors() == []
     finally:
         page.close()

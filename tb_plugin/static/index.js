@@ -128,12 +128,15 @@ function buildShell() {
     h("div", { id: "moe-error", class: "moe-error hidden", role: "alert" }),
     h("div", { id: "moe-main" },
       card("overview", "Run overview", h("div", { class: "kv", id: "moe-kv" }), h("div", { id: "moe-phase-table" })),
+      card("settings", "Settings", h("div", { class: "kv", id: "moe-settings-kv" }), h("div", { id: "moe-downloads" })),
       card("heatmap", "Expert load", chart("heatmap")),
       card("k", "Experts per token (k)", chart("k")),
       card("balance", "Load balance per layer", chart("balance")),
       card("latency", "Latency per device", h("div", { class: "moe-note hidden", id: "moe-latency-note" }),
         chart("latency")),
       card("flops", "FLOPs per layer and phase", chart("flops")),
+      card("roofline", "Roofline: weights read and FLOPs vs measured time", h("div", { id: "moe-roofline-table" }),
+        chart("roofline")),
       card("ep", "Load per expert-parallel rank", h("div", { class: "moe-ep-bar", id: "moe-ep-controls" }),
         chart("ep")),
       card("cmp", "Compare runs",
@@ -204,7 +207,7 @@ function getReport(name) {
     state.reports.set(name, getJson(`report?run=${encodeURIComponent(name)}`).then((b) => {
       if (b.error) return { error: b.error };
       if (!b.report || !Array.isArray(b.report.layers)) return { error: "the server sent no report for this run" };
-      return { report: b.report };
+      return { report: b.report, timeline: b.step_timeline || null };
     }).catch((e) => ({ error: String(e) })));
   }
   return state.reports.get(name);
@@ -304,6 +307,7 @@ async function draw() {
     LAYER_AXIS = layerAxis(Math.max((rep.layers || []).length, b && b.report ? (b.report.layers || []).length : 0));
     const jobs = [];
     drawOverview(rep);
+    drawSettings(rep, a.timeline);
     await drawHeatmap("heatmap", rep, state.phase, state.mode);
     // let the browser paint the first screen (overview + heatmap) before the charts below it
     await nextFrame();
@@ -312,6 +316,7 @@ async function draw() {
       document.body.setAttribute("data-first-paint-ms", performance.now().toFixed(1));
     }
     jobs.push(...drawK(rep), ...drawBalance(rep), ...drawLatency(rep), ...drawFlops(rep), ...drawExpertParallel(rep));
+    jobs.push(...drawRoofline(rep));
     jobs.push(...drawCompare(rep, b, cmp));
     await Promise.all(jobs);
     performance.mark("moe:drawn");
@@ -570,32 +575,55 @@ function drawExpertParallel(rep) {
 }
 
 // -- compare ------------------------------------------------------------------------------------
+// one formatter per row: the same number format in every column of a row
+const F = {
+  int: (v) => (typeof v === "number" ? fmtInt(v) : "–"),
+  si: (v) => (typeof v === "number" ? fmt(v, 3) : "–"),
+  ms: (v) => (typeof v === "number" ? v.toFixed(4) : "–"),
+  f3: (v) => (typeof v === "number" ? v.toFixed(3) : "–"),
+  f2: (v) => (typeof v === "number" ? v.toFixed(2) : "–"),
+  text: (v) => (v === null || v === undefined || v === "" ? "–" : String(v)),
+};
+
+function kMeanOf(r, phase) {  // token-weighted mean experts per token over the layers
+  const bs = (r.layers || []).map((l) => blk(l, phase));
+  const tok = sum(bs.map((b) => b.tokens)); const asg = sum(bs.map((b) => b.assignments));
+  return tok ? asg / tok : null;
+}
+
+function selectorLabel(r) {
+  const s = r.settings || {};
+  return s.selector || (s.router_middleware ? `middleware ${s.router_middleware}` : "model's own top-k");
+}
+
 function compareRows(ra, rb) {
   const ph = (r, p, k) => ((r.phases || {})[p] || {})[k];
   const rows = [
-    ["model", (r) => (r.model || {}).name || (r.model || {}).family, false],
-    ["MoE layers", (r) => (r.model || {}).num_moe_layers, true],
-    ["experts / layer", (r) => (r.model || {}).num_experts, true],
-    ["top-k", (r) => (r.model || {}).top_k, true],
-    ["tokens", (r) => (r.totals || {}).tokens, true],
-    ["FLOPs / token", (r) => (r.totals || {}).flops_per_token, true],
+    ["model", (r) => (r.model || {}).name || (r.model || {}).family, false, F.text],
+    ["selector / middleware", selectorLabel, false, F.text],
+    ["MoE layers", (r) => (r.model || {}).num_moe_layers, true, F.int],
+    ["experts / layer", (r) => (r.model || {}).num_experts, true, F.int],
+    ["top-k (config)", (r) => (r.model || {}).top_k, true, F.int],
+    [`k: mean experts / token (${phaseLabel()})`, (r) => kMeanOf(r, state.phase), true, F.f3],
+    ["tokens", (r) => (r.totals || {}).tokens, true, F.int],
+    ["FLOPs / token", (r) => (r.totals || {}).flops_per_token, true, F.si],
   ];
   for (const p of PHASES) {
-    rows.push([`${p} tokens`, (r) => ph(r, p, "tokens"), true]);
-    rows.push([`${p} FLOPs`, (r) => (ph(r, p, "flops") || {}).total, true]);
+    rows.push([`${p} tokens`, (r) => ph(r, p, "tokens"), true, F.int]);
+    rows.push([`${p} k`, (r) => kMeanOf(r, p), true, F.f3]);
+    rows.push([`${p} FLOPs`, (r) => (ph(r, p, "flops") || {}).total, true, F.si]);
     rows.push([`${p} MoE time / token (ms)`, (r) => { const t = timeTotal(ph(r, p, "time_ms")); const n = ph(r, p, "tokens");
-      return t !== null && n ? t / n : null; }, true]);
+      return t !== null && n ? t / n : null; }, true, F.ms]);
   }
   const mean = (r, k) => { const v = (r.layers || []).map((l) => blk(l, state.phase)[k]).filter((x) => x !== undefined);
     return v.length ? sum(v) / v.length : null; };
-  rows.push([`mean CV (${phaseLabel()})`, (r) => mean(r, "cv"), true]);
-  rows.push([`mean max/mean (${phaseLabel()})`, (r) => mean(r, "max_over_mean"), true]);
-  rows.push([`dead experts (${phaseLabel()})`, (r) => sum((r.layers || []).map((l) => blk(l, state.phase).dead_experts)), true]);
-  return rows.map(([name, f, numeric]) => {
+  rows.push([`mean CV (${phaseLabel()})`, (r) => mean(r, "cv"), true, F.f3]);
+  rows.push([`mean max/mean (${phaseLabel()})`, (r) => mean(r, "max_over_mean"), true, F.f3]);
+  rows.push([`dead experts (${phaseLabel()})`, (r) => sum((r.layers || []).map((l) => blk(l, state.phase).dead_experts)), true, F.int]);
+  return rows.map(([name, f, numeric, show]) => {
     const va = f(ra); const vb = f(rb);
     const ratio = numeric && typeof va === "number" && typeof vb === "number" && va !== 0 ? `×${(vb / va).toFixed(3)}` : "";
-    const show = (v) => (typeof v === "number" ? (Number.isInteger(v) && Math.abs(v) < 1e7 ? fmtInt(v) : fmt(v)) : v ?? "–");
-    return h("tr", {}, h("td", {}, name), h("td", {}, show(va)), h("td", {}, show(vb)), h("td", {}, ratio));
+    return h("tr", { "data-row": name }, h("td", {}, name), h("td", {}, show(va)), h("td", {}, show(vb)), h("td", {}, ratio));
   });
 }
 
@@ -605,7 +633,7 @@ function drawCompare(ra, b, cmp) {
   const ids = ["cmp-heat", "cmp-layers", "cmp-latency"];
   if (!cmp) { section.classList.add("hidden"); ids.forEach(hideChart); return []; }
   section.classList.remove("hidden");
-  document.querySelector("#moe-cmp h2 .sub").textContent = `A = ${state.run}   B = ${cmp}   (${phaseLabel()})`;
+  document.querySelector("#moe-cmp h2 .sub").textContent = `${state.run} vs ${cmp}   (${phaseLabel()})`;
   if (b.error) {
     errBox.textContent = `Run "${cmp}" could not be loaded:\n${b.error}`;
     errBox.classList.remove("hidden");
@@ -616,7 +644,7 @@ function drawCompare(ra, b, cmp) {
   errBox.classList.add("hidden");
   const rb = b.report;
   document.getElementById("moe-compare-table").replaceChildren(h("table", { class: "moe" },
-    h("thead", {}, h("tr", {}, h("th", {}, "metric"), h("th", {}, `A: ${state.run}`), h("th", {}, `B: ${cmp}`), h("th", {}, "B / A"))),
+    h("thead", {}, h("tr", {}, h("th", {}, "metric"), h("th", {}, state.run), h("th", {}, cmp), h("th", {}, `${cmp} / ${state.run}`))),
     h("tbody", {}, compareRows(ra, rb))));
 
   // the two heatmaps, side by side on one colour scale
@@ -675,4 +703,64 @@ function drawCompare(ra, b, cmp) {
     hideChart("cmp-latency");
   }
   return jobs;
+}
+
+// -- settings, downloads, roofline (issue 15) ---------------------------------------------------
+function drawSettings(rep, timeline) {
+  const s = rep.settings || {};
+  const w = s.workload || {};
+  const v = s.versions || {};
+  const par = s.parallel;
+  const devs = s.devices ? Object.entries(s.devices).map(([d, n]) => (n && n !== d ? `${d} (${n})` : d)).join(", ") : "–";
+  const items = [
+    ["Mode", s.mode || "?"], ["Selector / middleware", selectorLabel(rep)],
+    ["Batch", w.batch ?? "–"], ["Prompt length", w.prompt_len ?? "–"], ["New tokens", w.new_tokens ?? "–"],
+    ["generate() calls", w.generate_calls ?? "–"], ["dtype", s.dtype || "–"], ["Devices", devs],
+    ["Parallel layout", par ? Object.entries(par).filter(([, x]) => x !== null && x !== undefined).map(([k, x]) => `${k}=${x}`).join(" ") : "single process"],
+    ["moe-trace / torch / transformers", `${v.moe_trace || "?"} / ${v.torch || "?"} / ${v.transformers || "?"}`],
+    ["Date", s.date || "–"], ["Run id", rep.run_id || "–"],
+  ];
+  document.getElementById("moe-settings-kv").replaceChildren(
+    ...items.map(([k, x]) => h("div", { "data-key": k }, h("span", {}, k), h("b", {}, String(x)))));
+  const files = (timeline || []).map((t) => t.file).filter(Boolean);
+  const links = files.map((f) => h("a", { href: `trace?run=${encodeURIComponent(state.run)}&file=${encodeURIComponent(f)}`,
+    download: f, class: "moe-download" }, `download ${f}`));
+  document.getElementById("moe-downloads").replaceChildren(...(links.length
+    ? [h("span", {}, "Traces (open in ui.perfetto.dev): "), ...links] : []));
+  const k = document.querySelector("#moe-k h2 .sub");
+  if (k) k.textContent = `selector: ${selectorLabel(rep)}`;
+}
+
+function drawRoofline(rep) {
+  const rf = rep.roofline;
+  const section = document.getElementById("moe-roofline");
+  if (!rf) { section.classList.add("hidden"); hideChart("roofline"); return []; }
+  section.classList.remove("hidden");
+  const peak = rf.peak;
+  document.querySelector("#moe-roofline h2 .sub").textContent = peak && peak.tbps
+    ? `peak ${peak.tbps} TB/s, ${peak.tflops} TFLOP/s (${peak.source}${peak.name ? ": " + peak.name : ""})`
+    : "no known peak for this device (MOE_TRACE_PEAK=TBPS,TFLOPS sets one)";
+  const pct = (x) => (typeof x === "number" ? `${(100 * x).toFixed(1)} %` : "–");
+  const rows = PHASES.map((p) => {
+    const r = (rf.phases || {})[p] || {};
+    return h("tr", { "data-phase": p }, h("td", {}, p), h("td", {}, fmt(r.bytes)), h("td", {}, r.reads_source || "–"),
+      h("td", {}, fmt(r.flops)), h("td", {}, F.ms(r.time_ms)), h("td", {}, F.f3(r.achieved_tbps)), h("td", {}, pct(r.bandwidth_share)),
+      h("td", {}, F.f3(r.achieved_tflops)), h("td", {}, pct(r.compute_share)), h("td", {}, F.f2(r.intensity_flop_per_byte)));
+  });
+  document.getElementById("moe-roofline-table").replaceChildren(h("table", { class: "moe" },
+    h("thead", {}, h("tr", {}, ["phase", "bytes read", "expert reads", "FLOPs", "ms", "TB/s", "of peak", "TFLOP/s", "of peak",
+      "FLOP / byte"].map((c) => h("th", {}, c)))), h("tbody", {}, rows)));
+  const layers = rf.layers || [];
+  const phases = state.phase === "all" ? PHASES : [state.phase];
+  const traces = phases.map((p) => ({
+    type: "bar", name: p, x: layers.map((l) => l.index), marker: { color: PHASE_COLORS[p] },
+    y: layers.map((l) => ((l.phases || {})[p] || {}).achieved_tbps),
+    hovertemplate: `${p} L%{x:03d}: %{y:.3f} TB/s<extra></extra>`,
+  }));
+  if (!traces.some((t) => t.y.some((y) => typeof y === "number"))) { hideChart("roofline"); return []; }
+  const shapes = peak && peak.tbps ? [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: peak.tbps, y1: peak.tbps,
+    line: { dash: "dot", color: "#757575", width: 1 } }] : [];
+  return [plot("roofline", traces, baseLayout({ title: { text: "achieved weight bandwidth per layer", font: { size: 13 } },
+    barmode: "group", xaxis: LAYER_AXIS, yaxis: { title: { text: "TB/s" }, rangemode: "tozero" }, shapes }),
+  { rows: layers.length })];
 }
