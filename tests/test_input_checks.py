@@ -107,6 +107,7 @@ CLI_CASES = [
     (["merge", "{dir}", "-o", "{root}/m.json"], "no *.pt.trace.json"),
     (["sweep-plot", "{missing}"], "cannot read sweep results"),
     (["sweep-plot", "{dir}"], "cannot read sweep results"),
+    (["sweep-plot", "{trace}", "--out", "{file}/figs"], "is a file, not a directory"),
     (["sweep", "top-k", "--values", "1", "--prompts", "{missing}"], "cannot read prompts file"),
     (["sweep", "top-k", "--values", "1", "--model", "{file}"], "not a checkpoint directory"),
     (["routing-log", "--prompts", "{missing}"], "does not exist"),
@@ -181,6 +182,27 @@ def test_outputs_refused_before_the_work(argv, places, capsys):
     assert _cli([a.format(**places) for a in argv]) == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 1, (out, err)
+
+
+def test_outputs_never_overwrite_the_inputs(tmp_path, capsys):
+    """`merge -o` onto an input trace and `analyze --json` onto the trace it reads would destroy the
+    user's data: refused; re-merging over an earlier merged file still works."""
+    d = tmp_path / "runs"
+    a = write_synthetic(d / "a.pt.trace.json", slim=True)
+    write_synthetic(d / "b" / "b.pt.trace.json", slim=False)
+    before = a.read_bytes()
+    for argv in (["merge", str(d), "-o", str(a)], ["analyze", str(a), "--json", str(a)],
+                 ["analyze", str(d), "--csv", str(a)], ["analyze", str(a), "--json", str(tmp_path / "r"),
+                                                        "--csv", str(tmp_path / "r")]):
+        assert _cli(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.splitlines()) == 1 and ("overwritten" in err or "destroy" in err
+                                                              or "same file" in err), err
+        assert a.read_bytes() == before
+    merged = d / "all.pt.trace.json"
+    for _ in range(2):  # the second merge replaces the first one's output, which is not an input
+        assert _cli(["merge", str(d), "-o", str(merged)]) == 0
+    assert a.read_bytes() == before and "moe-trace/merged" in merged.read_text()[:2000]
 
 
 # -- item: honest labels (analyze --per-device on slim and full traces) --------------------------

@@ -176,8 +176,10 @@ def cmd_sweep_plot(args: argparse.Namespace) -> int:
     from moe_trace.experiments.plots import plot_sweep
     from moe_trace.experiments.sweep import SweepResult
 
+    from moe_trace.checks import output_dir
+
+    out = output_dir(args.out if args.out else Path(args.json_file).parent / "figures", "--out")
     result = SweepResult.load(args.json_file)
-    out = Path(args.out) if args.out else Path(args.json_file).parent / "figures"
     for p in plot_sweep(result, out):
         print(f"wrote {p}")
     return 0

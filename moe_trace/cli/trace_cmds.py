@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
+
+from moe_trace.errors import ConfigError
 
 
 
@@ -52,6 +55,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     for flag, dest in (("--json", args.json), ("--csv", args.csv)):
         if dest:
             output_file(dest, flag)  # before reading: a bad output place fails in a second, not after the work
+            _not_an_input(dest, args.path, flag)
+    if args.json and args.csv and Path(args.json).resolve() == Path(args.csv).resolve():
+        raise ConfigError(f"--json and --csv name the same file {args.json}; give each its own")
     progress = False if args.no_progress else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -80,6 +86,16 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                 report.to_json(out) if fmt == "json" else report.to_csv(out)
                 print(f"wrote {out}")
     return 0
+
+
+def _not_an_input(dest: str, path: str, flag: str) -> None:
+    """Refuse to write the report over a trace being analyzed (the user's data)."""
+    from moe_trace.trace.format import is_trace_name
+
+    d, src = Path(dest).resolve(), Path(path).resolve()
+    if d == src or (src.is_dir() and is_trace_name(d.name) and src in d.parents):
+        raise ConfigError(f"{flag} {dest} is a trace that analyze reads; writing the report there would destroy it: "
+                          "pass another name (e.g. report.json)")
 
 
 def _per_run_path(dest: str, rid: str | None) -> str:

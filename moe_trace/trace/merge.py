@@ -43,7 +43,12 @@ def merge_traces(inputs: str | os.PathLike | Iterable[str | os.PathLike], out_pa
         for p in files:
             if not p.is_file():
                 raise TraceError(f"trace file {p} does not exist; pass existing .pt.trace.json[.gz] files")
-    files = [p for p in files if p.resolve() != out.resolve()]
+    if out.exists() and any(p.resolve() == out.resolve() for p in files):
+        mt = read_metadata(out).get(META_KEY)
+        if not (isinstance(mt, dict) and str(mt.get("schema", "")).startswith(MERGED_PREFIX)):
+            raise ConfigError(f"merge output {out} is one of the input traces and would be overwritten; pass another "
+                              "name (an earlier merged file may be replaced)")
+    files = [p for p in files if p.resolve() != out.resolve()]  # an earlier merge output: not an input
     if not files:
         raise TraceError(f"nothing to merge: the only trace found is the output {out}")
 
