@@ -235,3 +235,28 @@ def test_settings_card_roofline_and_trace_download(browser, tb, logdir):
         assert page.console_errors() == []
     finally:
         page.close()
+
+
+def test_step_timeline_and_drift(browser, tb, logdir):
+    """The step timeline draws one column per recorded forward; the drift heatmap's values equal the
+    total variation distance computed here from the trace's per-step counters and the report."""
+    import numpy as np
+
+    from moe_trace.trace import analyze, read_trace
+
+    rep = analyze(logdir / "tiny_olmoe").to_dict()
+    f = next((logdir / "tiny_olmoe").glob("*.pt.trace.json.gz"))
+    steps = [s for s in read_trace(f).step_timeline() if s.get("recorded", True)]
+    page = _open(browser, tb, "tiny_olmoe")
+    try:
+        assert int(_attr(page, "chart-steps", "data-cols")) == len(steps) == 4       # prefill + 3 decode
+        assert int(_attr(page, "chart-drift", "data-rows")) == rep["model"]["num_moe_layers"]
+        z = json.loads(page.eval("JSON.stringify(document.getElementById('chart-drift').data[0].z)"))
+        for i, layer in enumerate(rep["layers"]):
+            ref = np.asarray(layer["expert_counts"], float) / sum(layer["expert_counts"])
+            for j, s in enumerate(steps):
+                c = np.asarray(s["layers"][layer["index"]]["expert_tokens"], float)
+                assert z[i][j] == pytest.approx(0.5 * np.abs(c / c.sum() - ref).sum())
+        assert page.console_errors() == []
+    finally:
+        page.close()

@@ -135,6 +135,7 @@ function buildShell() {
       card("latency", "Latency per device", h("div", { class: "moe-note hidden", id: "moe-latency-note" }),
         chart("latency")),
       card("flops", "FLOPs per layer and phase", chart("flops")),
+      card("steps", "Step timeline: tokens and expert-load drift per forward", chart("steps"), chart("drift")),
       card("roofline", "Roofline: weights read and FLOPs vs measured time", h("div", { id: "moe-roofline-table" }),
         chart("roofline")),
       card("ep", "Load per expert-parallel rank", h("div", { class: "moe-ep-bar", id: "moe-ep-controls" }),
@@ -317,6 +318,7 @@ async function draw() {
     }
     jobs.push(...drawK(rep), ...drawBalance(rep), ...drawLatency(rep), ...drawFlops(rep), ...drawExpertParallel(rep));
     jobs.push(...drawRoofline(rep));
+    jobs.push(...drawSteps(rep, a.timeline));
     jobs.push(...drawCompare(rep, b, cmp));
     await Promise.all(jobs);
     performance.mark("moe:drawn");
@@ -763,4 +765,49 @@ function drawRoofline(rep) {
   return [plot("roofline", traces, baseLayout({ title: { text: "achieved weight bandwidth per layer", font: { size: 13 } },
     barmode: "group", xaxis: LAYER_AXIS, yaxis: { title: { text: "TB/s" }, rangemode: "tozero" }, shapes }),
   { rows: layers.length })];
+}
+
+// step timeline: one point per recorded forward (the trace's per-step counters); drift = total
+// variation distance between a step's expert-load distribution and the layer's distribution over
+// the whole run (0: same mix of experts, 1: disjoint experts)
+function stepDrift(rep, steps) {
+  const layers = rep.layers || [];
+  const ref = layers.map((l) => { const c = l.expert_counts || []; const t = sum(c); return c.map((x) => (t ? x / t : 0)); });
+  const z = layers.map((l, i) => steps.map((s) => {
+    const rec = (s.layers || {})[l.index] || (s.layers || {})[String(l.index)];
+    const c = rec && rec.expert_tokens; const t = c ? sum(c) : 0;
+    if (!t) return null;
+    return 0.5 * sum(c.map((x, e) => Math.abs(x / t - (ref[i][e] || 0))));
+  }));
+  return z;
+}
+
+function drawSteps(rep, timeline) {
+  const section = document.getElementById("moe-steps");
+  const proc = (timeline || [])[0];
+  const steps = proc ? (proc.steps || []).filter((s) => s.recorded !== false) : [];
+  if (!steps.length) { section.classList.add("hidden"); hideChart("steps"); hideChart("drift"); return []; }
+  section.classList.remove("hidden");
+  document.querySelector("#moe-steps h2 .sub").textContent =
+    `${steps.length} forwards of ${proc.file}${(timeline || []).length > 1 ? ` (rank ${proc.rank}; ${timeline.length} processes)` : ""}`;
+  const x = steps.map((s) => s.step);
+  const color = steps.map((s) => PHASE_COLORS[s.phase] || PHASE_COLORS.all);
+  const traces = [
+    { type: "bar", name: "tokens", x, y: steps.map((s) => s.tokens), marker: { color },
+      customdata: steps.map((s) => s.phase), hovertemplate: "step %{x} (%{customdata}): %{y} tokens<extra></extra>" },
+    { type: "scatter", mode: "lines+markers", name: "host ms", x, y: steps.map((s) => s.host_ms), yaxis: "y2",
+      line: { color: "#424242", width: 1 }, marker: { size: 3 }, hovertemplate: "step %{x}: %{y:.3f} ms (host)<extra></extra>" },
+  ];
+  const jobs = [plot("steps", traces, baseLayout({ title: { text: "tokens (bars: blue prefill, red decode) and host time per forward", font: { size: 13 } },
+    xaxis: { title: { text: "step" }, tickformat: "d" }, yaxis: { title: { text: "tokens" }, rangemode: "tozero" },
+    yaxis2: { title: { text: "ms" }, overlaying: "y", side: "right", rangemode: "tozero", showgrid: false } }),
+  { cols: steps.length })];
+  const z = stepDrift(rep, steps);
+  jobs.push(plot("drift", [{ type: "heatmap", z, x, y: (rep.layers || []).map(layerX), colorscale: "Magma", reversescale: true,
+    zmin: 0, zmax: 1, hoverongaps: false, colorbar: { title: { text: "drift" }, thickness: 12 },
+    hovertemplate: "L%{y:03d} step %{x}: drift %{z:.3f}<extra></extra>" }],
+  baseLayout({ title: { text: "expert-load drift per layer and step (total variation vs the whole run)", font: { size: 13 } },
+    height: Math.min(900, Math.max(240, 100 + z.length * 14)), xaxis: { title: { text: "step" }, tickformat: "d" },
+    yaxis: { ...LAYER_AXIS, autorange: "reversed" } }), { rows: z.length, cols: steps.length }));
+  return jobs;
 }
