@@ -83,7 +83,7 @@ def test_merged_file_analyzes_like_the_directory(rank_dir):
         assert {k: v for k, v in a.items() if k not in ("time_ms", "phases")} == \
             {k: v for k, v in b.items() if k not in ("time_ms", "phases")}
         for k, v in b["time_ms"].items():
-            assert a["time_ms"][k] == pytest.approx(v, rel=1e-6)
+            assert a["time_ms"][k] == (None if v is None else pytest.approx(v, rel=1e-6))  # pytest 9.2: approx(None) raises
     assert [x["device"] for x in merged["devices"]] == [x["device"] for x in direct["devices"]]
     for a, b in zip(merged["devices"], direct["devices"]):
         assert a["tokens"] == b["tokens"] and a["flops"] == b["flops"]
