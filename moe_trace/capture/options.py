@@ -78,6 +78,7 @@ class ProfileOptions:
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool) and v not in (0, 1):
                 raise ConfigError(f"{name} must be True or False, got {v!r}")
+        self.schedule = _checked_schedule(self.schedule)
         if self.logdir is not None:
             if not isinstance(self.logdir, (str, os.PathLike)) or str(self.logdir) == "":
                 raise ConfigError(f"logdir must be a directory path (str or os.PathLike), got {self.logdir!r}")
@@ -102,3 +103,25 @@ class ProfileOptions:
     @property
     def kineto(self) -> bool:
         return self.mode == "kineto"
+
+
+_SCHEDULE_KEYS = ("wait", "warmup", "active", "repeat", "skip_first")
+
+
+def _checked_schedule(sched):
+    """None, a callable (a `torch.profiler.schedule`), or its keyword arguments as a dict, checked."""
+    if sched is None or callable(sched):
+        return sched
+    if not isinstance(sched, dict):
+        raise ConfigError(f"schedule must be a torch.profiler.schedule(...) or a dict of its arguments "
+                          f"(wait, warmup, active, repeat, skip_first), got {type(sched).__name__}")
+    unknown = sorted(set(sched) - set(_SCHEDULE_KEYS))
+    if unknown:
+        raise ConfigError(f"schedule has unknown key(s) {', '.join(map(str, unknown))}; "
+                          f"its keys: {', '.join(_SCHEDULE_KEYS)}")
+    for k, v in sched.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"schedule[{k!r}] must be an integer >= 0, got {v!r}")
+    if sched.get("active", 1) < 1:
+        raise ConfigError(f"schedule['active'] must be >= 1 (steps recorded per window), got {sched['active']}")
+    return {"wait": 0, "warmup": 0, "active": 1, **sched}  # torch requires wait, warmup and active
