@@ -68,8 +68,8 @@ def make_run_data(num_layers: int = 48, num_experts: int = 128, top_k: int = 8, 
         layers.append(LayerInfo(index=i, name=f"model.layers.{i}.mlp", family="synthetic", num_experts=num_experts,
                                 top_k=top_k, hidden_size=2048, expert_dim=768, shared_expert_dim=0 if i % 2 else 1024,
                                 device=dev))
-    tokens = {"prefill": prompt_tokens * batch, "decode": decode_steps * batch}
-    calls = {"prefill": 1, "decode": decode_steps}
+    tokens = {"prefill": prompt_tokens * batch, "decode": decode_steps * batch, "verify": 0}
+    calls = {"prefill": 1, "decode": decode_steps, "verify": 0}
     counts: dict[str, list[LayerCounts]] = {p: [] for p in PHASES}
     timing: dict[str, list[dict]] = {p: [] for p in PHASES}
     for i in range(num_layers):
@@ -92,7 +92,7 @@ def make_run_data(num_layers: int = 48, num_experts: int = 128, top_k: int = 8, 
                                          excluded=int(t * top_k - assignments),
                                          top1_prob_sum=float(t * 0.3), entropy_sum=float(t * 2.0)))
             # ms per forward: a fixed launch cost plus a per-token cost; experts slow down with imbalance
-            per_tok = t / calls[p]
+            per_tok = t / max(1, calls[p])
             imbalance = float(ec.max() / max(1.0, ec.mean()))
             timing[p].append({
                 "router_ms": round(calls[p] * (0.02 + 2e-5 * per_tok) * (1 + 0.1 * rng.random()), 4),

@@ -259,8 +259,10 @@ def test_counters_defer_decode_forwards_and_flush_when_capturing():
 
     g = torch.Generator().manual_seed(0)
     dc = DeviceCounters(torch.device("cpu"), [4, 6])
-    want = np.zeros((2, 2, dc.bins), dtype=np.int64)  # 6 experts, excluded bin 6, dropped bin 7
-    want_k = np.zeros((2, 2, dc.bins), dtype=np.int64)
+    from moe_trace.analysis.rundata import PHASES
+
+    want = np.zeros((len(PHASES), 2, dc.bins), dtype=np.int64)  # 6 experts, excluded bin 6, dropped bin 7
+    want_k = np.zeros((len(PHASES), 2, dc.bins), dtype=np.int64)
 
     def fwd(phase, tokens, layers=(0, 1), capturing=False):
         for local in layers:

@@ -135,7 +135,9 @@ class Report:
         phase_flops = {p: dict(ZERO_FLOPS) for p in PHASES}
         for i, layer in enumerate(layers):
             per_phase = {p: run.counts[p][i] for p in PHASES}
-            total = per_phase["prefill"] + per_phase["decode"]
+            total = per_phase[PHASES[0]]
+            for p in PHASES[1:]:
+                total = total + per_phase[p]
             entry = {"index": layer.index, "name": layer.name, "device": layer.device, "stack": layer.stack,
                      "family": layer.family, "num_experts": layer.num_experts, "top_k": layer.top_k,
                      **_counts_block(layer, total)}
@@ -160,7 +162,9 @@ class Report:
             if run.timing:
                 phases[p]["time_ms"] = {k: _sum_opt(t.get(k) for t in run.timing[p])
                                         for k in ("router_ms", "experts_ms", "shared_ms")}
-        total_flops = add_flops(phase_flops["prefill"], phase_flops["decode"])
+        total_flops = dict(ZERO_FLOPS)
+        for p in PHASES:
+            total_flops = add_flops(total_flops, phase_flops[p])
         rf = roofline(layers, run.counts, lambda i, p: out_layers[i]["phases"][p]["flops"]["total"],
                       lambda i, p: out_layers[i]["phases"][p]["k_mean"], run.timing,
                       (run.settings or {}).get("devices") or {}, self.peak)
@@ -256,13 +260,19 @@ class Report:
             Path(path).write_text(text)
         return text
 
+    def phases_shown(self) -> list[str]:
+        """The phases tables list: prefill and decode always, later phases (verify) when the run has them."""
+        d = self.to_dict()
+        return [p for i, p in enumerate(PHASES)
+                if i < 2 or d["phases"][p]["forward_calls"] or any(l["phases"][p]["tokens"] for l in d["layers"])]
+
     def to_dataframe(self):
         """One row per (layer, phase) with counts, balance, k and FLOPs; phase "all" sums both."""
         import pandas as pd
 
         rows = []
         for layer in self.to_dict()["layers"]:
-            blocks = [("all", layer)] + [(p, layer["phases"][p]) for p in PHASES]
+            blocks = [("all", layer)] + [(p, layer["phases"][p]) for p in self.phases_shown()]
             for phase, b in blocks:
                 row = {"layer": layer["index"], "name": layer["name"], "device": layer["device"], "phase": phase}
                 for k in ("tokens", "assignments", "excluded", "dropped", "k_mean", "k_std", "k_min", "k_max",
@@ -290,7 +300,7 @@ class Report:
             + (f", shared dim {m['shared_expert_dim']}" if m["shared_expert_dim"] else ""),
         ]
         timed = d["timing_source"] is not None
-        for p in PHASES:
+        for p in self.phases_shown():
             ph = d["phases"][p]
             line = (f"  {p:<8} forwards {ph['forward_calls']:>5}  tokens {ph['tokens']:>8}  "
                     f"FLOPs {_fmt(ph['flops']['total'])} ({_fmt(ph['flops_per_token'])}/token)")

@@ -13,7 +13,9 @@ import numpy as np
 
 from moe_trace.errors import ConfigError
 
-PHASES = ("prefill", "decode")
+# prefill: every forward before the first new token; decode: one new position per sequence; verify:
+# several candidate positions scored at once (assisted / speculative / prompt-lookup decoding)
+PHASES = ("prefill", "decode", "verify")
 PARTS = ("router", "experts", "shared")
 
 
@@ -185,10 +187,10 @@ class RunData:
         return cls(
             model=dict(d.get("model", {})),
             layers=[LayerInfo.from_dict(x) for x in d.get("layers", [])],
-            counts={p: [LayerCounts.from_dict(c) for c in cs] for p, cs in d.get("counts", {}).items()},
+            counts=_counts_with_every_phase(d),
             forward_calls={p: int(v) for p, v in d.get("forward_calls", {}).items()},
             forward_tokens={p: int(v) for p, v in d.get("forward_tokens", {}).items()},
-            timing=d.get("timing"),
+            timing=_timing_with_every_phase(d.get("timing"), len(d.get("layers", []) or [])),
             timing_source=d.get("timing_source"),
             peak_memory={k: int(v) for k, v in d.get("peak_memory", {}).items()},
             settings=dict(d.get("settings", {})),
@@ -232,3 +234,26 @@ def _add_opt(a: float | None, b: float | None) -> float | None:
     if a is None and b is None:
         return None
     return (a or 0.0) + (b or 0.0)
+
+
+def _counts_with_every_phase(d: dict[str, Any]) -> dict[str, list[LayerCounts]]:
+    """Counts per phase of a `to_dict()`; a phase it lacks (a report or trace from before the phase
+    existed, e.g. "verify") gets zero counts."""
+    raw = d.get("counts", {}) or {}
+    counts = {p: [LayerCounts.from_dict(c) for c in cs] for p, cs in raw.items()}
+    layers = d.get("layers", []) or []
+    for p in PHASES:
+        if p not in counts:
+            counts[p] = [LayerCounts.empty(int(l.get("num_experts", 0)), int(l.get("top_k", 0) or 0)) for l in layers]
+    return counts
+
+
+def _timing_with_every_phase(timing: Any, n_layers: int) -> Any:
+    if not isinstance(timing, dict):
+        return timing
+    out = dict(timing)
+    for p in PHASES:
+        if p not in out:
+            out[p] = [{f"{part}_ms": None for part in PARTS} for _ in range(n_layers)]
+    return out
+

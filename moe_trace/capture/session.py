@@ -12,7 +12,10 @@ export. Everything is removed on exit, also when the body raises.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -66,6 +69,45 @@ def _read_step(index: int, args: tuple, kwargs: dict) -> Step:
     mask = kwargs.get("attention_mask")
     mask = mask[:, -seq:] if torch.is_tensor(mask) and mask.dim() == 2 else None
     return Step(index, PHASES[0 if seq > 1 else 1], batch, seq, batch * seq, attention_mask=mask, labels=labels)
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """A model (or a module in it) compiled with torch.compile before `profile()`: its compiled code
+    was traced without moe-trace's hooks, and dynamo does not re-check hooks of submodules."""
+    for m in model.modules():
+        fwd = m.__dict__.get("forward")
+        if getattr(fwd, "_torchdynamo_orig_callable", None) is not None or getattr(m, "_compiled_call_impl", None):
+            return True
+        if type(m).__name__ == "OptimizedModule":
+            return True
+    return False
+
+
+def _reset_compiled() -> None:
+    """Drop dynamo's compiled code so compiled models retrace: with moe-trace's hooks at entry, without
+    them at exit (costs one recompile; results unchanged)."""
+    try:
+        torch.compiler.reset()
+    except Exception:  # noqa: BLE001 - an old torch without torch.compiler
+        torch._dynamo.reset()
+
+
+def _generation_phase(gen: dict, positions: int, kwargs: dict) -> str:
+    """The phase of a forward inside `generate`, by generation progress (host ints only, no sync):
+    every forward before the prompt's positions are all in the cache is `prefill` (chunked prefill
+    included; a 1-token prompt too), later one-position forwards are `decode` and later several-
+    position forwards score candidates (assisted / speculative / prompt-lookup decoding): `verify`.
+    Without a cache (`use_cache=False`) every forward after the first recomputes the whole sequence
+    to add one token: `decode`."""
+    gen["forwards"] += 1
+    if gen["done"] < gen["prompt"]:
+        gen["done"] += positions
+        return "prefill"
+    cached = kwargs.get("past_key_values", kwargs.get("cache")) is not None and kwargs.get("use_cache") is not False
+    if not cached:  # use_cache=False: the whole sequence again, to add one token
+        gen["recomputed"] = gen.get("recomputed", False) or positions > 1
+        return "decode"
+    return "decode" if positions == 1 else "verify"
 
 
 def _read_decoder_step(index: int, kwargs: dict) -> Step:
@@ -153,6 +195,8 @@ class ProfileRun:
         self._experts_handles: dict[int, Any] = {}
         self._ranges: dict[int, list] = {}
         self._step_range = None
+        self._gen: dict | None = None  # the running generate() call's progress (see _generation_phase)
+        self._recomputed = False
         self._run_id = new_run_id()  # shared by the ranks of a torchrun job (docs/trace-format.md)
         if self.kineto is not None:
             self.kineto.run_id = self._run_id
@@ -162,6 +206,10 @@ class ProfileRun:
         setattr(self.model, _ACTIVE_ATTR, self)
         try:
             self._install_hooks()
+            self._wrap_generate()
+            self._compiled = _is_compiled(self.model)
+            if self._compiled:
+                _reset_compiled()
             if self.kineto is not None:
                 self.kineto.start()
         except BaseException:
@@ -179,6 +227,8 @@ class ProfileRun:
                 self.kineto.stop()
         finally:
             self._remove_hooks()
+            if getattr(self, "_compiled", False) or _is_compiled(self.model):
+                _reset_compiled()  # compiled code that holds moe-trace's hooks must not outlive the block
         errors = self.observers.close()
         if exc_type is not None:
             self._incomplete = exc_type.__name__
@@ -292,7 +342,50 @@ class ProfileRun:
                 and h.routing_from_experts is MoEHandler.routing_from_experts
                 and h.routing_from_router is MoEHandler.routing_from_router)
 
+    def _wrap_generate(self) -> None:
+        """Phases by generation progress need the prompt length at `generate` entry: the model's
+        `generate` is wrapped on the instance (nothing it computes changes) and restored on exit."""
+        gen_fn = getattr(self.model, "generate", None)
+        if not callable(gen_fn) or getattr(self.model.config if hasattr(self.model, "config") else None,
+                                           "is_encoder_decoder", False):
+            self._generate_saved = None
+            return
+        had_own = "generate" in self.model.__dict__
+        self._generate_saved = (had_own, self.model.__dict__.get("generate"))
+        run = self
+
+        @functools.wraps(gen_fn)
+        def generate(*args, **kwargs):
+            x = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+            if x is None:
+                x = kwargs.get("inputs_embeds")
+            outer = run._gen
+            if torch.is_tensor(x) and x.dim() >= 2:
+                run._gen = {"prompt": int(x.shape[1]), "done": 0, "forwards": 0}
+            try:
+                return gen_fn(*args, **kwargs)
+            finally:
+                if run._gen is not None and run._gen.get("recomputed"):
+                    run._recomputed = True
+                run._gen = outer
+
+        generate._moe_trace_wrapper = True
+        self.model.generate = generate
+
+    def _unwrap_generate(self) -> None:
+        saved = getattr(self, "_generate_saved", None)
+        self._generate_saved = None
+        if saved is None:
+            return
+        had_own, own = saved
+        if getattr(self.model.__dict__.get("generate"), "_moe_trace_wrapper", False):
+            if had_own:
+                self.model.generate = own
+            else:
+                del self.model.generate
+
     def _remove_hooks(self) -> None:
+        self._unwrap_generate()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -322,6 +415,11 @@ class ProfileRun:
             step = _read_decoder_step(self._step, kwargs)  # seq2seq generate: a decoder step
         else:
             step = _read_step(self._step, args, kwargs)
+            gen = self._gen
+            if gen is not None and module is not self._encoder and step.batch is not None:
+                phase = _generation_phase(gen, step.positions, kwargs)
+                if phase != step.phase:
+                    step = dataclasses.replace(step, phase=phase)
         if module is self._encoder and step.phase != PHASES[0]:  # a one-token source is still prefill
             step = dataclasses.replace(step, phase=PHASES[0])
         self._current = step
@@ -475,10 +573,37 @@ class ProfileRun:
         if self._timer is not None:
             timing, source = self._timer.resolve(len(self.layers))
         notes = []
+        silent = self._silent_layers(counts)
+        if silent:
+            msg = (f"MoE layer(s) {', '.join(str(i) for i in silent)} saw {sum(self.forward_calls.values())} "
+                   "model forward(s) but recorded no routing: their router / experts hooks never ran (a model "
+                   "compiled in a way moe-trace cannot see into, or a block that bypasses its MoE module); "
+                   "their counts are missing, not zero")
+            notes.append(msg)
+            warnings.warn("moe-trace: " + msg, RuntimeWarning, stacklevel=3)
+            print("moe-trace: warning: " + msg, file=sys.stderr)
+        if self._recomputed:
+            notes.append("use_cache=False: every decode forward recomputed the whole sequence, so decode "
+                         "tokens count the recomputed positions (1 prefill + N-1 decode forwards for N new tokens)")
         if self._incomplete is not None:
             notes.append(f"incomplete run: the profiled block raised {self._incomplete}; the counts cover "
                          f"the {sum(self.forward_calls.values())} model forward(s) before it")
         return self._make_run(counts, dict(self.forward_calls), forward_tokens, padding, timing, source, notes)
+
+    def _silent_layers(self, counts) -> list[int]:
+        """Layers without any routing call in a run that had model forwards (skipped blocks exempt)."""
+        if not sum(self.forward_calls.values()):
+            return []
+        skipped = [name for name, m in self.model.named_modules()
+                   if getattr(m.__dict__.get("forward"), "_moe_trace_skipped", False)]
+        out = []
+        for i, layer in enumerate(self.layers):
+            if any(counts[p][i] is not None and (counts[p][i].calls or counts[p][i].tokens) for p in PHASES):
+                continue
+            if any(layer.name == n or layer.name.startswith(n + ".") for n in skipped):
+                continue
+            out.append(layer.index)
+        return out
 
     def _window_run_data(self, counts, forward_calls, forward_tokens, padding) -> RunData:
         """RunData of the steps of one window of the user's profiler (attached kineto)."""

@@ -206,6 +206,8 @@ def _skip_forward(block: nn.Module):
             hidden = next(v for v in kwargs.values() if torch.is_tensor(v))
         return (hidden,) if as_tuple else hidden
 
+    forward._moe_trace_skipped = True  # the session does not warn about these layers' missing routing
+
     forward._moe_trace_mask = True  # type: ignore[attr-defined]
     return forward
 

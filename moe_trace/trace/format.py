@@ -34,8 +34,8 @@ NAME_PREFIX = "moe_trace/"
 PROFILER_STEP_PREFIX = "ProfilerStep#"
 COUNTER_METRICS = ("expert_tokens", "k_mean", "active_experts")
 
-RANGE_RE = re.compile(r"^moe_trace/(prefill|decode)/L(\d+)/(router|experts|shared)$")
-STEP_RE = re.compile(r"^moe_trace/(prefill|decode)#(\d+)$")
+RANGE_RE = re.compile(r"^moe_trace/(prefill|decode|verify)/L(\d+)/(router|experts|shared)$")
+STEP_RE = re.compile(r"^moe_trace/(prefill|decode|verify)#(\d+)$")
 PROFILER_STEP_RE = re.compile(r"^ProfilerStep#(\d+)$")
 COUNTER_RE = re.compile(r"^moe_trace/L(\d+) (expert_tokens|k_mean|active_experts)$")
 

@@ -137,6 +137,9 @@ def _phase_ints(v: Any, where: str) -> dict:
     return {str(p): _int(n, f"{where}.{p}") for p, n in v.items()}
 
 
+OPTIONAL_PHASES = ("verify",)  # phases that traces of earlier versions do not have
+
+
 def check_run(d: Any, where: str = "run") -> dict:
     """A checked, normalised copy of a `RunData.to_dict()`; raises _Bad."""
     d = _dict(d, where)
@@ -148,7 +151,11 @@ def check_run(d: Any, where: str = "run") -> dict:
     counts_raw = _dict(d.get("counts"), f"{where}.counts")
     counts = {}
     for p in PHASES:
-        cs = _list(counts_raw.get(p), f"{where}.counts.{p}")
+        if p not in counts_raw and p not in OPTIONAL_PHASES:
+            raise _Bad(f"{where}.counts has no {p!r} entry")
+        # a phase added later (verify) is absent from older traces: no forwards there
+        cs = _list(counts_raw.get(p, [{"expert_counts": [0] * l["num_experts"]} for l in layers]),
+                   f"{where}.counts.{p}")
         if len(cs) != len(layers):
             raise _Bad(f"{where}.counts.{p} has {len(cs)} entries for {len(layers)} layers")
         counts[p] = [_counts(c, f"{where}.counts.{p}[{i}]", layers[i]["num_experts"]) for i, c in enumerate(cs)]
@@ -157,7 +164,8 @@ def check_run(d: Any, where: str = "run") -> dict:
         timing = _dict(timing, f"{where}.timing")
         out = {}
         for p in PHASES:
-            rows = _list(timing.get(p), f"{where}.timing.{p}")
+            rows = _list(timing.get(p, [{} for _ in layers] if p in OPTIONAL_PHASES else None),
+                         f"{where}.timing.{p}")
             if len(rows) != len(layers):
                 raise _Bad(f"{where}.timing.{p} has {len(rows)} entries for {len(layers)} layers")
             out[p] = []

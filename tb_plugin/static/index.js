@@ -9,7 +9,7 @@
 // "painted"; each chart <div> carries data-rows / data-cols / data-traces. The iframe URL may carry
 // ?run=NAME&compare=NAME&phase=all|prefill|decode&mode=tokens|share&ep=N.
 
-const PHASES = ["prefill", "decode"];
+const PHASES = ["prefill", "decode", "verify"];
 const PARTS = ["router", "experts", "shared"];
 const PART_COLORS = { router: "#5c6bc0", experts: "#f57c00", shared: "#26a69a" };
 const PHASE_COLORS = { prefill: "#1e88e5", decode: "#e53935", all: "#616161" };
