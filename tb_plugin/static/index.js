@@ -7,12 +7,12 @@
 // Test/benchmark hooks: when every chart of the current selection is drawn, <body> gets
 // data-painted="1" and data-paint-ms (ms since navigation start), and document.title ends in
 // "painted"; each chart <div> carries data-rows / data-cols / data-traces. The iframe URL may carry
-// ?run=NAME&compare=NAME&phase=all|prefill|decode&mode=tokens|share&ep=N.
+// ?run=NAME&compare=NAME&phase=all|prefill|decode|verify&mode=tokens|share&ep=N.
 
 const PHASES = ["prefill", "decode", "verify"];
 const PARTS = ["router", "experts", "shared"];
 const PART_COLORS = { router: "#5c6bc0", experts: "#f57c00", shared: "#26a69a" };
-const PHASE_COLORS = { prefill: "#1e88e5", decode: "#e53935", all: "#616161" };
+const PHASE_COLORS = { prefill: "#1e88e5", decode: "#e53935", verify: "#43a047", all: "#616161" };
 const RUN_COLORS = ["#1e88e5", "#f57c00"];
 const PLOT_CONFIG = { displaylogo: false, responsive: true, showLink: false, showSendToCloud: false,
   modeBarButtonsToRemove: ["lasso2d", "select2d"] };
@@ -116,7 +116,7 @@ function buildShell() {
     h("h1", {}, h("span", {}, "MoE"), " trace"),
     h("label", {}, "Run", runSel),
     h("label", {}, "Compare with", cmpSel),
-    h("label", {}, "Phase", seg("phase", [["all", "All"], ["prefill", "Prefill"], ["decode", "Decode"]], state.phase,
+    h("label", {}, "Phase", seg("phase", [["all", "All"], ...PHASES.map((p) => [p, p[0].toUpperCase() + p.slice(1)])], state.phase,
       (v) => { state.phase = v; draw(); })),
     h("label", {}, "Heatmap", seg("mode", [["tokens", "Tokens"], ["share", "Share %"]], state.mode,
       (v) => { state.mode = v; draw(); })),
