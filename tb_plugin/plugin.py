@@ -7,6 +7,7 @@ Routes (under `/data/plugin/moe_trace`):
   /runs                   {"runs": [{"name", "files", "bytes", "mtime", "status", ...}]}
   /report?run=NAME        {"run", "report": Report.to_dict()} or {"run", "error"} (HTTP 422)
   /trace?run=NAME&file=F  one of the run's trace files, as a download (open it in ui.perfetto.dev)
+  /timeline?run=NAME ...  the run's trace in catapult's trace viewer, offline (timeline.py)
 
 A bad run name gives 400, an unknown one 404.
 """
@@ -20,6 +21,7 @@ from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
+from . import timeline
 from .data import RunNameError, RunStore, UnknownRunError, dumps, trace_download
 
 PLUGIN_NAME = "moe_trace"
@@ -90,6 +92,7 @@ class MoeTracePlugin(base_plugin.TBPlugin):
         apps["/runs"] = self._serve_runs
         apps["/report"] = self._serve_report
         apps["/trace"] = self._serve_trace
+        apps.update(timeline.routes(self))  # the "Timeline" view (timeline.py)
         return apps
 
     def is_active(self):

@@ -110,12 +110,13 @@ def private_tmp(tmp_path, monkeypatch):
 def test_kineto_leaves_no_temp_dir(model, tmp_path, private_tmp):
     before = _temp_dirs()
     assert before == set()
-    with torch.no_grad(), moe_trace.profile(model, "kineto", logdir=tmp_path / "a"):
+    with torch.no_grad(), moe_trace.profile(model, "kineto", logdir=tmp_path / "a") as a:
         model(_ids())
     with torch.no_grad(), moe_trace.profile(model, "kineto", logdir=tmp_path / "b",
-                                            schedule={"wait": 0, "warmup": 0, "active": 1, "repeat": 1}):
+                                            schedule={"wait": 0, "warmup": 0, "active": 1, "repeat": 1}) as b:
         model(_ids())
         model(_ids())
+    assert a.trace_files and b.trace_files  # the writer thread removes its temp dir when it is done
     assert _temp_dirs() == before
 
 
@@ -127,8 +128,8 @@ def test_body_raising_still_writes_what_was_recorded_marked_incomplete(model, tm
             model(_ids())
             model(_ids()[:, -1:])
             raise KeyError("user bug")
+    assert len(run.trace_files) == 1  # waits for the writer thread, which removes its temp dir
     assert _temp_dirs() == before
-    assert len(run.trace_files) == 1
     rep = run.report().to_dict()
     assert rep["settings"]["incomplete"] is True
     assert any("incomplete run" in n and "KeyError" in n for n in rep["notes"])

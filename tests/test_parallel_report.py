@@ -22,7 +22,7 @@ def part(rank: int, counts: list[list[int]], batch_group: int | None, ep_size: i
     run.forward_tokens["decode"] = int(np.asarray(counts[0]).sum()) // 2
     run.forward_calls["decode"] = 1
     if batch_group is not None:
-        run.settings["parallel"] = {"tp_size": 2, "ep_size": ep_size, "fsdp_size": 1, "rank": rank,
+        run.settings["parallel"] = {"tp_size": 2, "ep_size": ep_size, "fsdp_size": 1, "dist_rank": rank,
                                     "world_size": 2, "batch_group": batch_group,
                                     "ep_rank": rank if ep_size > 1 else None,
                                     "experts_per_ep_rank": E // ep_size if ep_size > 1 else None}

@@ -191,7 +191,7 @@ def test_settings_parallel(runs, mode):
         par = d["settings"].get("parallel")
         assert par is not None, f"rank {r}: settings['parallel'] missing under {mode}"
         assert d["report"]["settings"].get("parallel") == par
-        want = {"tp_size": 2, "ep_size": 2 if mode == "ep" else 1, "fsdp_size": 1, "rank": r, "world_size": 2,
+        want = {"tp_size": 2, "ep_size": 2 if mode == "ep" else 1, "fsdp_size": 1, "dist_rank": r, "world_size": 2,
                 "batch_group": 0, "ep_rank": r if mode == "ep" else None,
                 "experts_per_ep_rank": 4 if mode == "ep" else None}
         assert {k: par.get(k) for k in want} == want

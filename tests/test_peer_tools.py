@@ -49,7 +49,8 @@ def traces(tmp_path_factory):
     import moe_trace
     from moe_trace.models import build_tiny_model, example_inputs
     from moe_trace.trace import write_trace
-    from tests.test_trace_fixtures import make_run, synthetic_gpu_raw
+    from tests.test_kineto_export import gpu_raw_with_ops
+    from tests.test_trace_fixtures import make_run
 
     root = tmp_path_factory.mktemp("peer_tools")
     model = build_tiny_model("olmoe")
@@ -61,9 +62,11 @@ def traces(tmp_path_factory):
             model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
         out[f"cpu_{'slim' if slim else 'full'}"] = run.trace_files[0]
     run_data, steps = make_run(device="cuda:0")
+    raw = root / "raw_gpu.json"  # Kineto-shaped: ops, launches, kernels, annotations, ProfilerSteps
+    raw.write_text(json.dumps(gpu_raw_with_ops(), indent=2))
     for slim in (False, True):
         p = root / f"syn_gpu_{'slim' if slim else 'full'}.pt.trace.json.gz"
-        write_trace(synthetic_gpu_raw(), run_data, steps, p, slim=slim)
+        write_trace(raw, run_data, steps, p, slim=slim)
         out[p.name.split(".")[0]] = p
     for p in GPU_TRACES:
         out[p.name.split(".")[0]] = p
@@ -82,28 +85,61 @@ def shown(tools, traces):
     return {n: res[str(traces[n])] for n in names}
 
 
+def _step_durations(path: Path) -> list[float]:
+    import gzip
+
+    obj = json.loads(gzip.decompress(path.read_bytes()))
+    steps = {int(e["name"].split("#")[1]): e["dur"] for e in obj["traceEvents"]
+             if e.get("cat") == "user_annotation" and e.get("name", "").startswith("ProfilerStep#")}
+    return [steps[n] for n in sorted(steps)]
+
+
 def _ok(entry: dict, tool: str) -> dict:
     got = entry[tool]
     assert "error" not in got, got.get("traceback") or got["error"]
     return got
 
 
-def test_full_cpu_trace(shown):
+def test_cpu_traces(shown, traces):
     tbp = _ok(shown["cpu_full"], "tbp")
     assert tbp["operator_rows"] > 0 and ({"aten::_grouped_mm", "aten::mm"} & set(tbp["operators"]))
-    assert tbp["steps"] and all(s["total_us"] > 0 for s in tbp["steps"])
-    hta = _ok(shown["cpu_full"], "hta")
-    assert hta["ranks"] == [0] and hta["rows"] > 100
-    assert "moe_trace/prefill#0" in hta["moe_annotations"]
-    assert any(n.endswith("/L000/experts") for n in hta["moe_annotations"])
+    slim = _ok(shown["cpu_slim"], "tbp")
+    for t in (tbp, slim):  # 4 new tokens = 4 forwards = 4 ProfilerStep#N, each a positive step time
+        assert [s["name"] for s in t["steps"]] == ["0", "1", "2", "3"]
+        assert all(s["total_us"] > 0 for s in t["steps"]) and t["avg_step_us"] > 0
+    # on a CPU run a step's time is its ProfilerStep#N range: torch-tb-profiler shows exactly those
+    for name, t in (("cpu_full", tbp), ("cpu_slim", slim)):
+        assert [s["total_us"] for s in t["steps"]] == pytest.approx(_step_durations(traces[name]), abs=1)
+    for name in ("cpu_full", "cpu_slim"):
+        hta = _ok(shown[name], "hta")
+        assert hta["ranks"] == [0] and hta["iterations"] == [0, 1, 2]  # HTA leaves the last step out
+        assert hta["profiler_steps"] == [f"ProfilerStep#{n}" for n in range(3)]
+        assert "moe_trace/prefill#0" in hta["moe_annotations"]
+        assert any(n.endswith("/L000/experts") for n in hta["moe_annotations"])
 
 
-def test_gpu_trace_full(shown):
-    hta = _ok(shown["syn_gpu_full"], "hta")
-    assert hta["kernel_rows"] > 0 and hta["kernels_with_launch"] == hta["kernel_rows"]
-    assert hta["kernel_breakdown"]["kernels"] > 0
-    tbp = _ok(shown["syn_gpu_full"], "tbp")
-    assert tbp["has_kernel"] and tbp["kernel_rows"] > 0
+@pytest.mark.parametrize("kind", ["full", "slim"])
+def test_gpu_trace(shown, kind):
+    """A Kineto-shaped GPU trace (ops, launches, kernels, annotations): what HTA's kernel, temporal
+    and user-annotation breakdowns and torch-tb-profiler's Overview, Operator and Kernel views show,
+    the same on the slim trace as on the full one for the MoE kernels."""
+    hta = _ok(shown[f"syn_gpu_{kind}"], "hta")
+    # HTA keeps the kernels launched in the steps it analyses (not the last), each found with its launch:
+    # 72 = 3 steps x 8 MoE ranges x 3 kernels, on the slim trace as on the full one
+    assert hta["kernel_rows"] == 72 and hta["kernels_with_launch"] == hta["kernel_rows"]
+    assert hta["iterations"] == [0, 1, 2]  # HTA leaves the last ProfilerStep out
+    kb = hta["kernel_breakdown"]
+    assert "error" not in kb and kb["kernels"] > 0 and {r["kernel_type"] for r in kb["by_type"]} == {"COMPUTATION"}
+    temporal = hta["temporal_breakdown"]
+    assert isinstance(temporal, list) and temporal[0]["kernel_time(us)"] > 0
+    ua = {r["name"] for r in hta["user_annotation_breakdown"]}
+    assert {"moe_trace/prefill/L000/router", "moe_trace/decode/L002/experts"} <= ua
+    tbp = _ok(shown[f"syn_gpu_{kind}"], "tbp")
+    assert [v[1] for v in tbp["views"]][:3] == ["overall", "operator", "kernel"]
+    assert len(tbp["steps"]) == 4 and all(s["total_us"] > 0 for s in tbp["steps"]) and tbp["avg_step_us"] > 0
+    full = _ok(shown["syn_gpu_full"], "tbp")
+    assert [s["total_us"] for s in tbp["steps"]] == [s["total_us"] for s in full["steps"]]
+    assert "aten::mm" in tbp["operators"] and tbp["has_kernel"] and tbp["kernel_rows"] >= 3
 
 
 @pytest.mark.skipif(not GPU_TRACES, reason="no GPU trace committed under tests/data/ yet "
@@ -112,7 +148,11 @@ def test_committed_gpu_traces(shown):
     for p in GPU_TRACES:
         entry = shown[p.name.split(".")[0]]
         hta = _ok(entry, "hta")
-        assert hta["kernel_rows"] > 0 and hta["kernels_with_launch"] > 0
-        assert any(n.startswith("moe_trace/") for n in hta["moe_annotations"])
+        assert hta["kernel_rows"] > 0 and hta["kernels_with_launch"] == hta["kernel_rows"]
+        assert len(hta["iterations"]) >= 2
+        assert "error" not in hta["kernel_breakdown"] and hta["kernel_breakdown"]["kernels"] > 0
+        assert isinstance(hta["temporal_breakdown"], list) and hta["temporal_breakdown"][0]["kernel_time(us)"] > 0
+        assert any(r["name"].startswith("moe_trace/") for r in hta["user_annotation_breakdown"])
         tbp = _ok(entry, "tbp")
-        assert tbp["has_kernel"] and tbp["kernel_rows"] > 0 and tbp["avg_step_us"] > 0
+        assert tbp["has_kernel"] and tbp["kernel_rows"] > 0 and tbp["operator_rows"] > 0
+        assert tbp["steps"] and all(s["total_us"] > 0 for s in tbp["steps"]) and tbp["avg_step_us"] > 0

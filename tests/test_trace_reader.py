@@ -255,6 +255,7 @@ def test_end_to_end_with_profile_kineto_mode():
     inp = torch.randint(2, 200, (2, 6))
     with moe_trace.profile(model, mode="kineto", logdir=d) as run:
         model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=4, do_sample=False)
+    assert run.trace_files  # the trace is written in the background; trace_files waits for it
     files = list(d.glob("*.pt.trace.json.gz"))
     assert files and all(validate(f) == [] for f in files)
     _same_counts(analyze(d), run.report())

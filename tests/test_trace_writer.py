@@ -93,10 +93,14 @@ def test_gpu_layers_counters_on_device_pid_and_hta_rank_line():
     found = re.findall(rb'"rank":\s+(\d+)', text)
     assert found == [b"1"]
     assert b'"rank":' not in text.replace(b'"rank": 1', b"")
-    # the kernels, GPU annotations and memcpy survive slim; the host runtime and flows do not
+    # the kernels, GPU annotations and memcpy survive slim, and so does every kept kernel's launch
+    # (its correlation; HTA keeps only kernels whose launch it finds); flows do not
     cats = {e.get("cat") for e in obj["traceEvents"]}
-    assert {"kernel", "gpu_user_annotation", "user_annotation"} <= cats
-    assert "cuda_runtime" not in cats and "ac2g" not in cats
+    assert {"kernel", "gpu_user_annotation", "user_annotation", "cuda_runtime"} <= cats and "ac2g" not in cats
+    ev = obj["traceEvents"]
+    kernels = {e["args"]["correlation"] for e in ev if e.get("cat") == "kernel"}
+    launches = [e["args"]["correlation"] for e in ev if e.get("cat") == "cuda_runtime"]
+    assert kernels and sorted(launches) == sorted(kernels)
 
 
 def test_steps_without_annotation_get_no_counters_and_string_ts_survive():

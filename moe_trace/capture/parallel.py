@@ -68,6 +68,6 @@ def parallel_layout(model: nn.Module, experts: list[nn.Module]) -> dict[str, Any
         per_rank = int(local) if isinstance(local, int) else None
         if ep <= 1 and mesh is not None:
             ep = mesh.size()
-    return {"tp_size": tp, "ep_size": ep, "fsdp_size": fsdp, "rank": rank, "world_size": world,
+    return {"tp_size": tp, "ep_size": ep, "fsdp_size": fsdp, "dist_rank": rank, "world_size": world,
             "batch_group": int(batch_group), "ep_rank": None if ep_rank is None else int(ep_rank),
             "experts_per_ep_rank": per_rank}

@@ -4,20 +4,25 @@
   device (`counters.DeviceCounters`), read once at the end into `LayerCounts`.
 - `timing.PartTimer` ("timing" mode or ``cuda_events=True``): CUDA events around router / experts /
   shared per layer and phase.
-- `KinetoRecorder` ("kineto" mode): owns the torch.profiler session — start, one profiler step per
-  model forward, stop, export — and the per-step counter snapshots that go into the trace.
+- `KinetoRecorder` ("kineto" mode): owns the torch.profiler session — start, one `ProfilerStep#N`
+  range and one profiler step per model forward, stop, export (in a background thread) — and the
+  per-step counter snapshots that go into the trace.
 
 The session (session.py) hooks the model and feeds the recorders; recorders never hook anything.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
+import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +31,8 @@ import torch
 
 from moe_trace.analysis.rundata import PHASES, LayerCounts, LayerInfo, RunData
 from moe_trace.errors import ProfileStateError
+from moe_trace.trace import pending
+from moe_trace.trace.format import PROFILER_STEP_PREFIX
 
 from .counters import DeviceCounters
 
@@ -134,10 +141,15 @@ def _install_export_hook() -> None:
 class KinetoRecorder:
     """The torch.profiler session of a "kineto" run and the trace files it becomes.
 
-    Own profiler: `start()` enters a profiler, `snapshot(...)` and `advance()` are called after every
-    model forward (counter snapshot, then ``prof.step()``), `stop()` leaves it and keeps the raw
-    export in a private temp dir, `export(run_data, run_id)` writes the moe-trace traces under
-    `logdir` and removes the temp dir. `close()` removes the temp dir in any case (idempotent).
+    Own profiler: `start()` enters a profiler, `begin_step(n)` / `end_step()` wrap every model
+    forward in a `ProfilerStep#n` range (torch's own step ranges are turned off: they run from one
+    `prof.step()` to the next, so a run of N forwards would get N+1 of them), `snapshot(...)` and
+    `advance()` are called after every model forward (counter snapshot, then ``prof.step()``),
+    `stop()` leaves the profiler. `export_async(run_data, run_id)` then saves the last window's raw
+    trace and writes the moe-trace files under `logdir` in a background thread; `wait()` joins it and
+    returns the files or raises its error (also at interpreter exit, for a writer nobody waited for).
+    Windows of a schedule are saved by `on_trace_ready` while the run goes. `close()` removes the
+    temp dir (the writer does, when it is still going).
 
     Attached (`attach=True`: the user's torch.profiler is running): no profiler is started and no
     ``prof.step()`` is called (the user's schedule and steps rule); every `export_chrome_trace` of the
@@ -166,6 +178,12 @@ class KinetoRecorder:
         self._steps: tuple[int, list] | None = None
         self._prof = None
         self._tmpdir: Path | None = None
+        self._step_rf = None
+        self._stopped_prof = None  # the last window's profiler, saved by the writer thread
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        #: perf_counter marks of the export ("profiler_stopped", "saved", "written"), for benchmarks
+        self.timings: dict[str, float] = {}
 
     @property
     def active(self) -> bool:
@@ -214,7 +232,22 @@ class KinetoRecorder:
         self._prof = profile(activities=acts, schedule=sched, record_shapes=self.record_shapes,
                              with_stack=self.with_stack,
                              on_trace_ready=self._on_trace_ready if sched is not None else None)
+        self._prof.record_steps = False  # begin_step/end_step write one ProfilerStep#N per forward
         self._prof.__enter__()
+
+    def begin_step(self, step: int) -> None:
+        """Before a model forward: open its `ProfilerStep#{step}` range (HTA and torch-tb-profiler
+        find iterations by these names)."""
+        self.end_step()
+        if self._prof is not None:
+            rf = torch.autograd.profiler.record_function(f"{PROFILER_STEP_PREFIX}{step}")
+            rf.__enter__()
+            self._step_rf = rf
+
+    def end_step(self) -> None:
+        rf, self._step_rf = self._step_rf, None
+        if rf is not None:
+            rf.__exit__(None, None, None)
 
     def snapshot(self, step: int, phase: int, tokens_cum: int) -> None:
         """After a model forward: device copies of the counters (no sync), for per-step counts."""
@@ -232,17 +265,20 @@ class KinetoRecorder:
 
     def stop(self) -> None:
         self._stopped = True
+        self.end_step()
         prof, self._prof = self._prof, None
         if prof is None:
             return
         prof.__exit__(None, None, None)
+        self.timings["profiler_stopped"] = time.perf_counter()
         if self._sched is None:
-            path = self._tmpdir / "raw0.json"
-            prof.export_chrome_trace(str(path))
-            self._raw_traces.append(path)
+            self._stopped_prof = prof  # saved by the writer thread (export_async)
 
     def close(self) -> None:
         self._release()
+        if self._thread is not None and self._thread.is_alive():
+            return  # the writer removes the temp dir when it is done
+        self._stopped_prof = None
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
@@ -309,15 +345,71 @@ class KinetoRecorder:
 
     # -- export -----------------------------------------------------------------------------------
     def export(self, run_data: RunData, run_id: str, started_at: float | None = None) -> list[Path]:
-        """Write the moe-trace traces of the raw exports under `logdir` (names: trace/writer.py)."""
-        from moe_trace.trace.writer import write_run_traces
+        """Save the raw trace(s) and write the moe-trace traces under `logdir`, in this thread."""
+        self.export_async(run_data, run_id, started_at, background=False)
+        return self.wait()
 
-        self.trace_files += write_run_traces(self._raw_traces, run_data, self.step_deltas(), self.logdir,
-                                             slim=self.slim, process=dict(process_info(), run_id=run_id),
-                                             started_at=started_at)
-        for raw in self._raw_traces:
-            raw.unlink(missing_ok=True)
+    def export_async(self, run_data: RunData, run_id: str, started_at: float | None = None, *,
+                     background: bool = True) -> None:
+        """Start writing the traces (names: trace/writer.py) in a writer thread; `wait()` for them.
+
+        Reads the counter snapshots here (one device copy), so the thread touches no device memory.
+        The raw save (`export_chrome_trace`, C++) holds the GIL while it runs: the thread lets the
+        caller's `with` block return first, then other Python threads pause for that part."""
+        steps = self.step_deltas()
+        process = dict(process_info(), run_id=run_id)
+        go = threading.Event()
+
+        def work():
+            go.wait()
+            try:
+                from moe_trace.trace.writer import write_run_traces
+
+                if self._stopped_prof is not None:
+                    path = self._tmpdir / f"raw{len(self._raw_traces)}.json"
+                    self._stopped_prof.export_chrome_trace(str(path))
+                    self._stopped_prof = None
+                    self._raw_traces.append(path)
+                self.timings["saved"] = time.perf_counter()
+                self.trace_files += write_run_traces(self._raw_traces, run_data, steps, self.logdir, slim=self.slim,
+                                                     process=process, started_at=started_at)
+                self.timings["written"] = time.perf_counter()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
+                self._error = exc
+            finally:
+                for raw in self._raw_traces:
+                    raw.unlink(missing_ok=True)
+                self._stopped_prof = None
+                if self._tmpdir is not None:
+                    shutil.rmtree(self._tmpdir, ignore_errors=True)
+                    self._tmpdir = None
+
+        if not background:
+            go.set()
+            work()
+            return
+        self._thread = threading.Thread(target=work, name="moe-trace-writer", daemon=False)
+        self._thread.start()
+        _PENDING.add(self)
+        self._token = pending.register(self.logdir, self.wait)
+        go.set()
+
+    def wait(self) -> list[Path]:
+        """The trace files, once written; raises the writer's error (every time it is asked)."""
+        t = self._thread
+        if t is not None:
+            t.join()
+        _PENDING.discard(self)
+        if getattr(self, "_token", None) is not None:
+            pending.done(self._token)
+            self._token = None
+        if self._error is not None:
+            raise self._error
         return self.trace_files
+
+    @property
+    def writing(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def step_deltas(self) -> list[dict[str, Any]]:
         """Per-step counts (differences of successive device snapshots), read in one copy per device
@@ -357,6 +449,22 @@ class KinetoRecorder:
                           "layers": layers})
             prev_tokens[phase] = tokens_cum
         return steps
+
+
+_PENDING: "weakref.WeakSet[KinetoRecorder]" = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_writers() -> None:
+    """At interpreter exit: wait for trace writers nobody waited for, and report their errors."""
+    for rec in list(_PENDING):
+        try:
+            files = rec.wait()
+        except BaseException as exc:  # noqa: BLE001 - nothing above us to raise to any more
+            print(f"moe-trace: error: writing the kineto trace failed: {exc}", file=sys.stderr)
+        else:
+            if files and os.environ.get("MOE_TRACE_VERBOSE"):
+                print(f"moe-trace: wrote {', '.join(map(str, files))}", file=sys.stderr)
 
 
 def process_info() -> dict[str, Any]:

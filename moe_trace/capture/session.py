@@ -144,7 +144,7 @@ class ProfileRun:
         self.logdir = self.options.logdir
         self.selector = resolve_selector(self.options.selector)
         self.router_middleware = self.options.router_middleware
-        self.trace_files: list = []
+        self.kineto = None
         self._run_data: RunData | None = None
         self._handles: list[Any] = []
         self._encoder: nn.Module | None = None
@@ -200,8 +200,6 @@ class ProfileRun:
         self._run_id = new_run_id()  # shared by the ranks of a torchrun job (docs/trace-format.md)
         if self.kineto is not None:
             self.kineto.run_id = self._run_id
-            if self.attached:  # the user's files, as their exports get moe-trace's data (also after the block)
-                self.trace_files = self.kineto.trace_files
         self._started_at = time.time()
         setattr(self.model, _ACTIVE_ATTR, self)
         try:
@@ -235,7 +233,8 @@ class ProfileRun:
         try:
             self._run_data = self._collect()
             if self.kineto is not None and not self.attached:  # also when the body raised: written, marked
-                self.trace_files = self.kineto.export(self._run_data, self._run_id, self._started_at)
+                # the writer thread saves and writes the trace; trace_files / report() wait for it
+                self.kineto.export_async(self._run_data, self._run_id, self._started_at)
         finally:
             if self.kineto is not None:
                 self.kineto.close()
@@ -252,12 +251,32 @@ class ProfileRun:
             raise ProfileStateError("nothing recorded yet: use `with moe_trace.profile(model) as run:` first")
         return self._run_data
 
+    @property
+    def trace_files(self) -> list:
+        """The kineto trace files of this run (waits for the background writer; raises its error).
+        Attached to the user's profiler: the user's files, as their exports get moe-trace's data (also
+        inside and after the block)."""
+        if self.kineto is None:
+            return []
+        if self.attached:
+            return self.kineto.trace_files
+        if self._inside:
+            return []
+        return self.kineto.wait()
+
+    @property
+    def export_timings(self) -> dict[str, float]:
+        """perf_counter marks of the kineto export ("profiler_stopped", "saved", "written")."""
+        return dict(self.kineto.timings) if self.kineto is not None else {}
+
     def report(self, peak: dict[str, float] | None = None) -> Report:
         """Metrics of the run (counts, k, load balance, FLOPs, timing per layer, phase and device).
         In kineto mode without CUDA events the timing is the trace's GPU (or CPU) range times, exactly
-        what `moe_trace.analyze(logdir)` reports. `peak`: see `Report`."""
+        what `moe_trace.analyze(logdir)` reports; kineto mode waits for the trace writer, so a writer
+        error is raised here. `peak`: see `Report`."""
         run = self.run_data
-        if run.timing is None and self.trace_files and not self.attached:
+        files = self.trace_files
+        if run.timing is None and files and not self.attached:
             run = self._with_trace_timing(run)
         return Report(run, peak=peak)
 
@@ -431,6 +450,8 @@ class ProfileRun:
         self.forward_calls[phase] += 1
         self.forward_tokens[phase] += step.tokens
         self.counters.set_step(self._phase, step.attention_mask)
+        if self.kineto is not None:
+            self.kineto.begin_step(self._step)
         if _profiler_on():
             self._step_range = torch.autograd.profiler.record_function(step_name(phase, self._step))
             self._step_range.__enter__()
@@ -453,6 +474,7 @@ class ProfileRun:
             self._step_range = None
         kineto = self.kineto
         if kineto is not None:
+            kineto.end_step()
             kineto.snapshot(self._step, self._phase, self.forward_tokens[phase])
         self.observers.step_end(self._step, phase)
         if kineto is not None:

@@ -27,6 +27,7 @@ from moe_trace.errors import ConfigError, TraceError
 
 from . import fastpath, ijson_path
 from .aggregate import Aggregate, BadEvent
+from .pending import wait_for
 from .build import build
 from .format import TRACE_FILE_RE
 from .io import Source, head_meta, os_problem, peek_header
@@ -92,8 +93,10 @@ def read_traces(path: str | os.PathLike, *, progress: bool | None = None) -> lis
 
 def trace_files(path: str | os.PathLike, *, warn: bool = True) -> list[Path]:
     """`path` itself, or the trace files under the directory `path` (recursively, not following links to
-    directories). Subdirectories that cannot be listed are named in a warning."""
+    directories). Subdirectories that cannot be listed are named in a warning. Waits first for the
+    traces this process is still writing there (kineto mode writes in the background)."""
     path = _as_path(path)
+    wait_for(path)
     if not path.exists():
         raise TraceError(f"{path} does not exist; pass a .pt.trace.json[.gz] file or the logdir that "
                          "moe_trace.profile(mode='kineto') wrote")

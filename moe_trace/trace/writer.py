@@ -16,7 +16,7 @@ import re
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import orjson
@@ -27,6 +27,8 @@ from moe_trace.errors import TraceError
 from .format import (COUNTER_CAT, GPU_USER_ANNOTATION, GPU_WORK_CATS, META_KEY, NAME_PREFIX, PROFILER_STEP_PREFIX,
                      SCHEMA, SLIM_CATS, STEP_RE, USER_ANNOTATION, counter_name, expert_key, trace_file_name,
                      worker_name)
+from .export import FULL_READ_CATS, SLIM_READ_CATS, all_events, dumps_events, host_link_kept, host_links, is_raw_path, joined, read_selected, slim_select
+from .fastpath import Fallback
 from .io import atomic_write, load_json, no_gc
 from .metadata import encode_nonfinite
 
@@ -58,31 +60,51 @@ def write_trace(raw: dict | str | os.PathLike, run: RunData, steps: list[dict], 
 
 
 def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel, overwrite) -> Path:
-    trace = _load_raw(raw)
-    events = trace.get("traceEvents")
-    if not isinstance(events, list):
-        raise TraceError("the raw trace has no traceEvents list; pass the dict or file that "
-                         "torch.profiler's export_chrome_trace wrote")
+    path = None
+    if is_raw_path(raw):
+        path = Path(raw)
+        if not path.is_file():
+            raise TraceError(f"raw trace {path} does not exist; pass the file export_chrome_trace wrote or its dict")
+        try:  # the byte path (export.py): only metadata, annotations and GPU events are parsed
+            head, selected, tail = read_selected(path, slim)
+            trace = {**head, **tail}
+        except Fallback:
+            path = None
+    if path is None:  # a dict, or a layout the byte path does not know: load it whole
+        trace = _load_raw(raw)
+        events = trace.get("traceEvents")
+        if not isinstance(events, list):
+            raise TraceError("the raw trace has no traceEvents list; pass the dict or file that "
+                             "torch.profiler's export_chrome_trace wrote")
+        selected = [e for e in events if isinstance(e, dict) and _selected(e, slim)]
 
-    step_ts, host_pid = _scan(events)
+    step_ts, host_pid = _scan(selected)
     if host_pid is None:
         host_pid = (process or {}).get("pid") or os.getpid()
     counters, gpu_pids = _counter_events(run, steps, step_ts, host_pid)
 
     if slim:
-        kept = [_slim_args(e) for e in events if _keep_slim(e)]
-        kept = _kernels_under_moe_ranges(kept)
+        kept, corr, ext = slim_select(selected)
         live = {e.get("pid") for e in kept if e.get("ph") != "M"} | {c["pid"] for c in counters}
+        if corr or ext:
+            live.add(host_pid)
         kept = [e for e in kept if e.get("ph") != "M" or e.get("pid") in live]
+        if path is not None:
+            body = [dumps_events(kept, _ORJSON_OPTS), b"".join(joined(host_links(path, corr, ext)))]
+        else:
+            body = [dumps_events(kept, _ORJSON_OPTS),
+                    dumps_events([e for e in events if isinstance(e, dict) and host_link_kept(e, corr, ext)],
+                                 _ORJSON_OPTS)]
+        meta_events = kept
     else:
-        kept = list(events)
-    named = {e.get("pid") for e in kept if e.get("ph") == "M" and e.get("name") == "process_name"}
+        body = all_events(path) if path is not None else [dumps_events(events, _ORJSON_OPTS)]
+        meta_events = selected
+    named = {e.get("pid") for e in meta_events if e.get("ph") == "M" and e.get("name") == "process_name"}
     extra_meta = []
     for pid in sorted(gpu_pids - named):
         extra_meta.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": f"GPU {pid}"}})
     if host_pid not in named and any(c["pid"] == host_pid for c in counters):
         extra_meta.append({"ph": "M", "name": "process_name", "pid": host_pid, "tid": 0, "args": {"name": "host"}})
-    out_events = extra_meta + kept + counters
 
     meta = {k: v for k, v in trace.items() if k != "traceEvents"}
     meta.pop(META_KEY, None)
@@ -91,12 +113,45 @@ def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel, ove
     meta[META_KEY] = {
         "schema": SCHEMA,
         **({"run_id": run_id, "started_at": proc.pop("started_at", None) or time.time()} if run_id else {}),
-        "run": encode_nonfinite(run.to_dict()),
+        "run": _no_rank_keys(encode_nonfinite(run.to_dict())),
         "steps": [{"step": int(s["step"]), "phase": s["phase"], "tokens": int(s.get("tokens", 0))} for s in steps],
         "process": proc,
         "slim": bool(slim),
     }
-    return write_chrome_trace(meta, out_events, out_path, compresslevel=compresslevel, overwrite=overwrite)
+    parts = [dumps_events(extra_meta, _ORJSON_OPTS)]
+    parts.extend(body)
+    parts.append(dumps_events(counters, _ORJSON_OPTS))
+    try:
+        return atomic_write(out_path, _document(meta, joined(parts)), compresslevel=compresslevel, overwrite=overwrite)
+    except Fallback:
+        raise TraceError(f"raw trace {raw} changed while it was being written; re-export it") from None
+
+
+def _selected(e: dict, slim: bool) -> bool:
+    """The events the writer reads (export.read_selected finds the same ones in bytes)."""
+    return e.get("ph") == "M" or e.get("cat") in (SLIM_READ_CATS if slim else FULL_READ_CATS)
+
+
+def _no_rank_keys(obj: Any) -> Any:
+    """No key named "rank" in the moe_trace header (HTA takes the first `"rank": N` of the file as the
+    file's rank): a nested `rank` becomes `dist_rank`."""
+    if isinstance(obj, dict):
+        return {("dist_rank" if k == "rank" else k): _no_rank_keys(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_no_rank_keys(v) for v in obj]
+    return obj
+
+
+def _document(meta: dict, events: Iterable[bytes]) -> Iterator[bytes]:
+    """`{**meta, "traceEvents": [events]}` in moe-trace's layout, as a stream of byte parts."""
+    yield b"{\n"
+    for k, v in meta.items():
+        if k == "traceEvents":
+            continue
+        yield json.dumps(k).encode() + b": " + _dump_meta(v) + b",\n"
+    yield b'"traceEvents": [\n'
+    yield from events
+    yield b"\n]\n}\n"
 
 
 def write_run_traces(raws: list, run: RunData, steps: list[dict], logdir: str | os.PathLike, *, slim: bool = True,
@@ -234,21 +289,6 @@ def _counter_events(run: RunData, steps: list[dict], step_ts: dict, host_pid: in
             out.append({"ph": "C", "cat": COUNTER_CAT, "name": counter_name(li, "active_experts"), "pid": pid,
                         "ts": ts, "args": {"active_experts": int((counts > 0).sum())}})
     return out, gpu_pids
-
-
-def _keep_slim(e: dict) -> bool:
-    ph = e.get("ph")
-    if ph == "M":
-        return True
-    if ph != "X":
-        return False
-    cat = e.get("cat")
-    if cat in SLIM_CATS:
-        return True
-    if cat == USER_ANNOTATION:
-        name = e.get("name")
-        return isinstance(name, str) and (name.startswith(NAME_PREFIX) or name.startswith(PROFILER_STEP_PREFIX))
-    return False
 
 
 def _kernels_under_moe_ranges(events: list[dict]) -> list[dict]:

@@ -30,6 +30,7 @@ export async function render() {
   state.ep = Number(params.get("ep")) || 0;
   addStyle();
   buildShell();
+  import("./timeline_link.js").then((m) => m.addTimelineLink()).catch(() => {});  // the "Timeline" view
   const plotly = loadPlotly();
   try {
     await loadRuns(params.get("run") || safeStorage("get", "moe_trace.run"));

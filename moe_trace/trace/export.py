@@ -1,0 +1,201 @@
+"""The byte path of `write_trace`: a raw Kineto file becomes a moe-trace file without parsing it whole.
+
+torch.profiler's `export_chrome_trace` writes events separated by `},\\n{` (reader's fastpath).
+Two streaming passes over the raw file (chunks of a few MB, never the whole file in memory):
+
+1. regular expressions find the few events the writer must read: metadata (`M`), user annotations
+   and GPU activity (kernels, memcpy, memset, GPU annotations); only these are parsed (orjson, one
+   batch per chunk). This gives the step ranges the counters are anchored to, the host pid, the
+   process names and, for a slim trace, the kernels it keeps and their `correlation` / `External id`.
+2. the output is written while the file is read again: a full trace copies every event's bytes
+   as they are; a slim trace copies the kept metadata, annotations and GPU events plus, for every
+   kept kernel, its runtime launch event (`cuda_runtime`/`cuda_driver` with the kernel's
+   correlation) and the `cpu_op` that launched it (the kernel's External id). Host events are found
+   by a regular expression over the chunk and their two ids read from their bytes; a dropped
+   `cpu_op`, `cuda_runtime` or `python_function` event is never parsed into Python objects.
+
+A layout this path does not recognise raises `fastpath.Fallback`; `write_trace` then loads the
+file with orjson and runs the same selection on dicts (`slim_select`), so both paths write the same
+events (tests/test_kineto_export.py compares them).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import orjson
+
+from .fastpath import Fallback, _SEP, regions_of
+from .format import GPU_USER_ANNOTATION, GPU_WORK_CATS, NAME_PREFIX, PROFILER_STEP_PREFIX, SLIM_CATS, USER_ANNOTATION
+from .io import Source
+
+#: host events a slim trace keeps for its kernels: the launch (by correlation) and the op (by External id)
+RUNTIME_CATS = frozenset({"cuda_runtime", "cuda_driver"})
+HOST_LINK_CATS = RUNTIME_CATS | {"cpu_op"}
+
+
+
+def _hit_re(cats) -> re.Pattern:
+    return re.compile(rb'"cat"\s*:\s*"(' + b"|".join(c.encode() for c in sorted(cats)) + rb')"|"ph"\s*:\s*"(M)"')
+
+
+#: what pass 1 parses: M events, user annotations and (slim) GPU activity
+SLIM_READ_CATS = SLIM_CATS | {USER_ANNOTATION}
+FULL_READ_CATS = frozenset({USER_ANNOTATION})
+_HIT_SLIM = _hit_re(SLIM_READ_CATS)
+_HIT_FULL = _hit_re(FULL_READ_CATS)
+_HOST = re.compile(rb'"cat"\s*:\s*"(' + b"|".join(c.encode() for c in sorted(HOST_LINK_CATS)) + rb')"')
+_EXT = re.compile(rb'"External id"\s*:\s*(-?[0-9]+)')
+_CORR = re.compile(rb'"correlation"\s*:\s*(-?[0-9]+)')
+
+
+def _bounds(piece: bytes, p: int) -> tuple[int, int]:
+    """[start, end) of the event holding position `p` of a region of whole events."""
+    k = p
+    s = 0
+    while True:
+        k = piece.rfind(b"},", 0, k)
+        if k < 0:
+            break
+        m = _SEP.match(piece, k)
+        if m:
+            s = m.end() - 1
+            break
+    m = _SEP.search(piece, p)
+    return s, (m.start() + 1 if m else len(piece))
+
+
+def _hits(piece: bytes, rx: re.Pattern) -> Iterator[tuple[bytes, int, int]]:
+    """(group, start, end) of every event of `piece` that `rx` matches (each event once)."""
+    last_end = -1
+    for m in rx.finditer(piece):
+        p = m.start()
+        if p < last_end:
+            continue
+        s, e = _bounds(piece, p)
+        last_end = e
+        yield (m.group(1) or m.group(2)), s, e
+
+
+def read_selected(path: Path, slim: bool = True) -> tuple[dict, list[dict], dict]:
+    """Pass 1: (metadata before traceEvents, the parsed M / annotation (/ GPU, for slim) events, keys
+    after the array)."""
+    rx = _HIT_SLIM if slim else _HIT_FULL
+    src = Source(path)
+    regions = regions_of(src)
+    head = next(regions)
+    tail: dict = {}
+    events: list[dict] = []
+    for region in regions:
+        if isinstance(region, dict):
+            tail = region
+            continue
+        slices = [region[s:e] for _, s, e in _hits(region, rx)]
+        if not slices:
+            continue
+        try:
+            got = orjson.loads(b"[" + b",".join(slices) + b"]")
+        except orjson.JSONDecodeError:
+            raise Fallback from None
+        events.extend(got)
+    return head, events, tail
+
+
+def _keep_annotation(e: dict) -> bool:
+    name = e.get("name")
+    return isinstance(name, str) and (name.startswith(NAME_PREFIX) or name.startswith(PROFILER_STEP_PREFIX))
+
+
+def slim_select(selected: Iterable[dict]) -> tuple[list[dict], set, set]:
+    """Of the M / annotation / GPU events: what a slim trace keeps (M events of live pids are
+    filtered by the caller), and the correlations and External ids of its GPU work (to keep each
+    kernel's launch and launching op)."""
+    from .writer import _kernels_under_moe_ranges, _slim_args
+
+    kept = []
+    for e in selected:
+        ph = e.get("ph")
+        if ph == "M":
+            kept.append(e)
+        elif ph == "X":
+            cat = e.get("cat")
+            if cat in SLIM_CATS:
+                kept.append(_slim_args(e))
+            elif cat == USER_ANNOTATION and _keep_annotation(e):
+                kept.append(e)
+    kept = _kernels_under_moe_ranges(kept)
+    corr, ext = set(), set()
+    for e in kept:
+        if e.get("cat") in GPU_WORK_CATS:
+            args = e.get("args") or {}
+            c, x = args.get("correlation"), args.get("External id")
+            if isinstance(c, int) and c > 0:
+                corr.add(c)
+            if isinstance(x, int) and x > 0:
+                ext.add(x)
+    return kept, corr, ext
+
+
+def host_link_kept(e: dict, corr: set, ext: set) -> bool:
+    """A host event a slim trace keeps: the launch of a kept kernel, or the op that launched one."""
+    cat = e.get("cat")
+    if cat not in HOST_LINK_CATS or e.get("ph") != "X":
+        return False
+    args = e.get("args") or {}
+    if cat == "cpu_op":
+        return args.get("External id") in ext
+    return args.get("correlation") in corr
+
+
+def host_links(path: Path, corr: set, ext: set) -> Iterator[bytes]:
+    """Pass 2 of a slim trace: the bytes of the host events `host_link_kept` would keep."""
+    if not corr and not ext:
+        return
+    corr_b = {str(c).encode() for c in corr}
+    ext_b = {str(x).encode() for x in ext}
+    src = Source(path)
+    regions = regions_of(src)
+    next(regions)
+    for region in regions:
+        if isinstance(region, dict):
+            continue
+        for cat, s, e in _hits(region, _HOST):
+            if cat == b"cpu_op":
+                m = _EXT.search(region, s, e)
+                if m and m.group(1) in ext_b:
+                    yield region[s:e]
+            else:
+                m = _CORR.search(region, s, e)
+                if m and m.group(1) in corr_b:
+                    yield region[s:e]
+
+
+def all_events(path: Path) -> Iterator[bytes]:
+    """Pass 2 of a full trace: every event region of the raw file, bytes as they are."""
+    src = Source(path)
+    regions = regions_of(src)
+    next(regions)
+    for region in regions:
+        if not isinstance(region, dict) and region.strip():
+            yield region
+
+
+def dumps_events(events: Iterable[dict], option: int) -> bytes:
+    return b",\n".join([orjson.dumps(e, option=option) for e in events])
+
+
+def joined(parts: Iterable[bytes]) -> Iterator[bytes]:
+    """`parts` separated by `,\\n` (each part is one or more whole events)."""
+    first = True
+    for p in parts:
+        if not p:
+            continue
+        if not first:
+            yield b",\n"
+        first = False
+        yield p
+
+
+def is_raw_path(raw: Any) -> bool:
+    return not isinstance(raw, (dict, list))

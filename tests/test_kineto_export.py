@@ -1,0 +1,238 @@
+"""Kineto export: the byte path equals the object path, slim keeps each kept kernel's launch and op,
+one ProfilerStep#N per forward, the background writer (waits, errors, interpreter exit), no stray
+"rank" keys in the header."""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import orjson
+import pytest
+
+from moe_trace.trace import validate_trace, write_trace
+from moe_trace.trace import writer as writer_mod
+from tests.test_trace_fixtures import make_run, raw_cpu_trace_path, synthetic_gpu_raw, tmpdir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def gpu_raw_with_ops(seed: int = 0) -> dict:
+    """synthetic_gpu_raw plus what real Kineto GPU traces have around each launch: the aten op that
+    launched the kernel (a cpu_op enclosing the cudaLaunchKernel, with the kernel's External id), one
+    kernel outside every MoE range (with its launch and op), and ops that launch nothing."""
+    raw = synthetic_gpu_raw(seed=seed)
+    ev = raw["traceEvents"]
+    out = []
+    for e in ev:
+        if e.get("cat") == "cuda_runtime":
+            op_ext = 100_000 + e["args"]["correlation"]
+            e["args"]["External id"] = op_ext
+            out.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "pid": e["pid"], "tid": e["tid"],
+                        "ts": round(e["ts"] - 0.5, 3), "dur": 5.0,
+                        "args": {"External id": op_ext, "Record function id": 0, "Sequence number": 1}})
+            out.append({"ph": "X", "cat": "cpu_op", "name": "aten::empty", "pid": e["pid"], "tid": e["tid"],
+                        "ts": round(e["ts"] - 0.4, 3), "dur": 0.1, "args": {"External id": op_ext + 500_000}})
+        elif e.get("cat") == "kernel":
+            e["args"]["External id"] = 100_000 + e["args"]["correlation"]
+        out.append(e)
+    host = ev[0]["pid"]
+    last = max(e["ts"] + e.get("dur", 0) for e in ev if e.get("ph") == "X")
+    # attention-like work outside any MoE range: a slim trace drops all three
+    out += [{"ph": "X", "cat": "cpu_op", "name": "aten::bmm", "pid": host, "tid": host, "ts": last + 10, "dur": 6.0,
+             "args": {"External id": 999_001}},
+            {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "pid": host, "tid": host, "ts": last + 11,
+             "dur": 4.0, "args": {"External id": 999_001, "cbid": 211, "correlation": 999_002}},
+            {"ph": "X", "cat": "kernel", "name": "void attn<float>()", "pid": 0, "tid": 7, "ts": last + 20,
+             "dur": 9.0, "args": {"External id": 999_001, "device": 0, "stream": 7, "correlation": 999_002}}]
+    raw["traceEvents"] = out
+    return raw
+
+
+def _read(path: Path) -> dict:
+    data = path.read_bytes()
+    return orjson.loads(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+
+
+def _canon(events) -> list[bytes]:
+    return sorted(orjson.dumps(e, option=orjson.OPT_SORT_KEYS) for e in events)
+
+
+PROCESS = {"pid": 4242, "hostname": "h", "dist_rank": None, "started_at": 1.0e9}
+
+
+@pytest.mark.parametrize("slim", [True, False])
+@pytest.mark.parametrize("which", ["cpu", "gpu"])
+def test_byte_path_writes_what_the_object_path_writes(which, slim, monkeypatch):
+    d = tmpdir(f"kexport_{which}_{slim}")
+    if which == "cpu":
+        raw_path = raw_cpu_trace_path()
+        run, steps = make_run()
+    else:
+        raw_path = d / "raw.json"  # a layout with one key per line, like Kineto's own export
+        raw_path.write_text(json.dumps(gpu_raw_with_ops(), indent=2))
+        run, steps = make_run(device="cuda:0")
+    raw_obj = json.loads(raw_path.read_text())
+    by_obj = write_trace(raw_obj, run, steps, d / "obj.pt.trace.json", slim=slim, process=dict(PROCESS))
+
+    def no_load(*a, **k):  # the byte path must not load the raw file whole
+        raise AssertionError("write_trace loaded the raw trace whole")
+
+    monkeypatch.setattr(writer_mod, "_load_raw", no_load)
+    by_bytes = write_trace(raw_path, run, steps, d / "bytes.pt.trace.json.gz", slim=slim, process=dict(PROCESS))
+    a, b = _read(by_obj), _read(by_bytes)
+    assert {k: v for k, v in a.items() if k != "traceEvents"} == {k: v for k, v in b.items() if k != "traceEvents"}
+    assert _canon(a["traceEvents"]) == _canon(b["traceEvents"])
+    assert validate_trace(b) == []
+    if not slim:  # a full trace holds every raw event, unchanged, plus moe-trace's counters
+        assert _canon(e for e in b["traceEvents"] if e.get("cat") != "moe_trace"
+                      and not (e.get("ph") == "M" and e.get("args", {}).get("name") in ("host", "GPU 0"))) == \
+            _canon(raw_obj["traceEvents"])
+
+
+def test_slim_keeps_the_launch_and_the_op_of_every_kept_kernel():
+    d = tmpdir("kexport_links")
+    raw = gpu_raw_with_ops()
+    raw_path = d / "raw.json"
+    raw_path.write_text(json.dumps(raw, indent=2))
+    run, steps = make_run(device="cuda:0")
+    ev = _read(write_trace(raw_path, run, steps, d / "s.pt.trace.json.gz"))["traceEvents"]
+    kernels = [e for e in ev if e.get("cat") == "kernel"]
+    launches = {e["args"]["correlation"]: e for e in ev if e.get("cat") == "cuda_runtime"}
+    ops = {e["args"]["External id"]: e for e in ev if e.get("cat") == "cpu_op"}
+    moe_kernels = [e for e in raw["traceEvents"] if e.get("cat") == "kernel" and e["name"].startswith("void kern_")]
+    assert len(kernels) == len(moe_kernels) > 0  # the kernels inside MoE ranges, not the attention one
+    assert sorted(launches) == sorted(k["args"]["correlation"] for k in kernels)
+    assert sorted(ops) == sorted(k["args"]["External id"] for k in kernels)
+    assert all(o["name"] == "aten::mm" for o in ops.values())  # the launching op, not its neighbours
+    for k in kernels:  # the launch sits inside its op on the host thread
+        op, la = ops[k["args"]["External id"]], launches[k["args"]["correlation"]]
+        assert op["ts"] <= la["ts"] and la["ts"] + la["dur"] <= op["ts"] + op["dur"]
+    steps_kept = sorted(e["name"] for e in ev if e.get("name", "").startswith("ProfilerStep#"))
+    assert steps_kept == sorted(f"ProfilerStep#{n}" for n in range(len(steps)))
+    assert validate_trace(ev) == []
+
+
+def test_no_rank_key_but_distributed_info_in_the_header():
+    """HTA takes the first `"rank": N` of a file as its rank: only distributedInfo may have one (a
+    TP/EP run's settings.parallel says dist_rank)."""
+    d = tmpdir("kexport_rank")
+    raw = synthetic_gpu_raw(rank=1)
+    run, steps = make_run(device="cuda:0")
+    run.settings["parallel"] = {"tp_size": 2, "ep_size": 2, "fsdp_size": 1, "rank": 0, "world_size": 2,
+                                "batch_group": 0, "ep_rank": 0, "experts_per_ep_rank": 4}
+    for src in (raw, _dump(d / "raw.json", raw)):
+        text = gzip.decompress(write_trace(src, run, steps, d / "r.pt.trace.json.gz").read_bytes())
+        assert re.findall(rb'"rank":\s*(\d+)', text) == [b"1"]
+        head = text[:text.index(b'"traceEvents"')]
+        assert b'"dist_rank": 0' in head  # the parallel layout's own rank, renamed
+    # (a real TP/EP run's settings.parallel: tests/test_parallel_transformers.py::test_settings_parallel)
+
+
+def _dump(path: Path, obj: dict) -> Path:
+    path.write_text(json.dumps(obj, indent=2))
+    return path
+
+
+def _generate(model, n=4):
+    from moe_trace.models import example_inputs
+
+    inputs = example_inputs(model)
+    model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from moe_trace.models import build_tiny_model
+
+    return build_tiny_model("olmoe").eval()
+
+
+@pytest.mark.parametrize("schedule", [None, {"wait": 1, "warmup": 1, "active": 2, "repeat": 1}])
+@pytest.mark.parametrize("slim", [True, False])
+def test_one_profiler_step_per_forward(tiny, tmp_path, schedule, slim):
+    import torch
+
+    import moe_trace
+
+    with torch.no_grad(), moe_trace.profile(tiny, mode="kineto", logdir=tmp_path, slim=slim, schedule=schedule) as run:
+        _generate(tiny, 4)  # 5 forwards
+    (f,) = run.trace_files
+    ev = _read(f)["traceEvents"]
+    names = [e["name"] for e in ev if e.get("cat") == "user_annotation"]
+    ps = sorted(int(n.split("#")[1]) for n in names if n.startswith("ProfilerStep#"))
+    ours = sorted(int(n.split("#")[1]) for n in names if re.match(r"^moe_trace/(prefill|decode)#\d+$", n))
+    assert ps == ours == ([0, 1, 2, 3] if schedule is None else [2, 3]), names
+    for n in ours:  # each ProfilerStep holds its forward's moe_trace step range
+        p = next(e for e in ev if e.get("name") == f"ProfilerStep#{n}")
+        s = next(e for e in ev if re.match(rf"^moe_trace/(prefill|decode)#{n}$", e.get("name", "")))
+        assert p["ts"] <= s["ts"] and s["ts"] + s["dur"] <= p["ts"] + p["dur"] + 1e-3
+    assert validate_trace(ev) == []
+
+
+def test_writer_runs_in_the_background_and_readers_wait(tiny, tmp_path):
+    import torch
+
+    import moe_trace
+
+    with torch.no_grad(), moe_trace.profile(tiny, mode="kineto", logdir=tmp_path) as run:
+        _generate(tiny, 3)
+    stopped = run.export_timings["profiler_stopped"]
+    assert stopped > 0
+    rep = moe_trace.analyze(tmp_path)  # no trace_files call first: the reader waits for the writer
+    assert rep.to_dict()["layers"][0]["expert_counts"] == run.report().to_dict()["layers"][0]["expert_counts"]
+    t = run.export_timings
+    assert stopped <= t["saved"] <= t["written"]
+    assert [p.name for p in run.trace_files] == [p.name for p in tmp_path.glob("*.pt.trace.json.gz")]
+
+
+def test_writer_error_is_raised_by_trace_files_and_report(tiny, tmp_path, monkeypatch):
+    import torch
+
+    import moe_trace
+    from moe_trace.errors import TraceError
+
+    def broken(*a, **k):
+        raise TraceError("disk full (test)")
+
+    monkeypatch.setattr(writer_mod, "write_run_traces", broken)
+    with torch.no_grad(), moe_trace.profile(tiny, mode="kineto", logdir=tmp_path) as run:
+        _generate(tiny, 2)
+    for _ in range(2):  # raised every time it is asked, never lost
+        with pytest.raises(TraceError, match="disk full"):
+            run.trace_files
+        with pytest.raises(TraceError, match="disk full"):
+            run.report()
+    assert not list(tmp_path.iterdir())
+
+
+def test_interpreter_exit_waits_and_reports(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        import moe_trace
+        from moe_trace.models import build_tiny_model, example_inputs
+        from moe_trace.errors import TraceError
+        from moe_trace.trace import writer
+        m = build_tiny_model("olmoe").eval()
+        inputs = example_inputs(m)
+        with torch.no_grad(), moe_trace.profile(m, mode="kineto", logdir={str(tmp_path / 'ok')!r}):
+            m.generate(**inputs, max_new_tokens=2, do_sample=False)
+        real = writer.write_run_traces
+        def broken(raws, run, steps, logdir, **k):
+            if str(logdir).endswith("bad"):
+                raise TraceError("disk full (test)")
+            return real(raws, run, steps, logdir, **k)
+        writer.write_run_traces = broken  # the first run's writer may still be going
+        with torch.no_grad(), moe_trace.profile(m, mode="kineto", logdir={str(tmp_path / 'bad')!r}):
+            m.generate(**inputs, max_new_tokens=2, do_sample=False)
+        # exit without asking for trace_files or report()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "ok").glob("*.pt.trace.json.gz"))) == 1
+    assert "moe-trace: error: writing the kineto trace failed: disk full (test)" in proc.stderr
