@@ -35,8 +35,9 @@ def logdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tb_logdir")
     model = build_tiny_model("olmoe")
     inputs = example_inputs(model)
-    with moe_trace.profile(model, mode="kineto", logdir=str(root / "tiny_olmoe")):
+    with moe_trace.profile(model, mode="kineto", logdir=str(root / "tiny_olmoe")) as run:
         model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert run.trace_files  # written in the background: wait before TensorBoard scans the logdir
     bench.write_run(root / "synthetic", bench.make_run_data(SYN_LAYERS, SYN_EXPERTS, 4, name="synthetic"))
     bench.write_run(root / "untimed", bench.make_run_data(4, 8, 2, prompt_tokens=16, decode_steps=2, timed=False))
     bad = root / "broken"

@@ -11,8 +11,9 @@ def test_trace_download_serves_listed_files_only(tmp_path):
     from moe_trace.models import build_tiny_model, example_inputs
 
     model = build_tiny_model("olmoe")
-    with moe_trace.profile(model, mode="kineto", logdir=tmp_path / "run"):
+    with moe_trace.profile(model, mode="kineto", logdir=tmp_path / "run") as run:
         model.generate(**example_inputs(model), max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert run.trace_files  # written in the background: this waits for it
     (tmp_path / "run" / "secret.txt").write_text("no")
     store = RunStore(str(tmp_path))
     (f,) = (tmp_path / "run").glob("*.pt.trace.json.gz")

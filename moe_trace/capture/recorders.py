@@ -359,6 +359,10 @@ class KinetoRecorder:
         steps = self.step_deltas()
         process = dict(process_info(), run_id=run_id)
         go = threading.Event()
+        try:  # the logdir exists when the block returns (the files appear when the writer is done)
+            self.logdir.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # the writer reports it
 
         def work():
             go.wait()
