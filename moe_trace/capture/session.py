@@ -604,6 +604,19 @@ class ProfileRun:
             notes.append(msg)
             warnings.warn("moe-trace: " + msg, RuntimeWarning, stacklevel=3)
             print("moe-trace: warning: " + msg, file=sys.stderr)
+        sel = self.selector
+        n_bad, example = sel.non_finite() if callable(getattr(sel, "non_finite", None)) else (0, None)
+        if n_bad:
+            msg = (f"selector {getattr(sel, 'spec', sel)!s} returned {n_bad} non-finite k value(s) (e.g. {example}); "
+                   "those tokens used k=1: return finite numbers of experts")
+            notes.append(msg)
+            warnings.warn("moe-trace: " + msg, RuntimeWarning, stacklevel=3)
+        kin = self.kineto
+        if kin is not None and not self.attached and kin.schedule is not None and not kin._raw_traces:
+            msg = (f"the schedule's active window was never reached in {sum(self.forward_calls.values())} model "
+                   "forward(s): no trace was written; lower wait/warmup or run more steps")
+            notes.append(msg)
+            warnings.warn("moe-trace: " + msg, RuntimeWarning, stacklevel=3)
         if self._recomputed:
             notes.append("use_cache=False: every decode forward recomputed the whole sequence, so decode "
                          "tokens count the recomputed positions (1 prefill + N-1 decode forwards for N new tokens)")

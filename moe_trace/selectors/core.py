@@ -292,7 +292,20 @@ class CallableSelector(Selector):
         k = k.to(device=probs.device)
         if k.shape != probs.shape[:-1]:
             k = k.expand(probs.shape[:-1]) if k.dim() == 0 else k.reshape(probs.shape[:-1])
-        return k.round().to(torch.int64) if k.is_floating_point() else k.to(torch.int64)
+        if not k.is_floating_point():
+            return k.to(torch.int64)
+        bad = ~torch.isfinite(k)  # counted on the device (no sync); read once by `non_finite()`
+        n = bad.sum()
+        self._non_finite = n if getattr(self, "_non_finite", None) is None else self._non_finite + n
+        self._example = k.reshape(-1)[bad.reshape(-1).to(torch.int8).argmax()]  # device index: no sync
+        return torch.where(bad, torch.ones_like(k), k).round().to(torch.int64)
+
+    def non_finite(self) -> tuple[int, float | None]:
+        """(count, one example) of non-finite k values returned so far (they were used as k=1). Syncs."""
+        n = getattr(self, "_non_finite", None)
+        if n is None:
+            return 0, None
+        return int(n), float(self._example)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CallableSelector) and other.fn is self.fn and other.max_k == self.max_k

@@ -15,6 +15,7 @@ Weights of the kept experts (``weights=``; docs/selectors.md "Router middleware"
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -26,6 +27,7 @@ from .core import CallableSelector, Selector, _pos_int, resolve_selector
 
 Middleware = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 WEIGHT_MODES = ("mass", "renormalize", "probs")
+_WARNED: set[tuple[int, int]] = set()  # (k asked, experts): warned once per process
 
 __all__ = ["Middleware", "WEIGHT_MODES", "SelectorMiddleware", "selector_middleware", "apply_k"]
 
@@ -116,6 +118,11 @@ class SelectorMiddleware:
             return lambda scores, weights, indices: (weights, indices)
         E = int(num_experts)
         cap = self.cap(E)
+        asked = getattr(self.selector, "fixed_k", None) or getattr(self.selector, "max_k", None)
+        if isinstance(asked, int) and asked > E and (asked, E) not in _WARNED:
+            _WARNED.add((asked, E))
+            warnings.warn(f"selector {getattr(self.selector, 'spec', self.selector)}: k={asked} is more than the "
+                          f"{E} experts of {label}; using k={min(asked, E)}", UserWarning, stacklevel=3)
 
         def apply(scores: torch.Tensor | None, weights: torch.Tensor | None, indices: torch.Tensor | None):
             if scores is None:
