@@ -161,28 +161,29 @@ def _nested(kind: str, n: int) -> bytes:
 def test_deep_nesting_is_rejected_in_linear_time(kind, tmp_path, capsys):
     from tb_plugin.data import RunStore
 
+    # CPU seconds of this process (all threads): the bound is on the work done, not on how loaded the box is
     times = []
     for size in (1 << 17, 1 << 20):  # 128 KB and 1 MB
         d = tmp_path / f"s{size}"
         d.mkdir()
         p = d / "deep.pt.trace.json"
         p.write_bytes(_nested(kind, size // 6 if kind == "objects in an event" else size // 2))
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         try:
             td = read_trace(p)
         except TraceError as err:
             assert str(p) in str(err) and "\n" not in str(err)
         else:  # valid JSON whose nesting sits where the fast path never parses: read, and nothing in it
             assert kind == "objects in an event" and not td.is_moe and not td.summary.devices
-        times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        times.append(time.process_time() - t0)
+        t0 = time.process_time()
         assert main(["analyze", str(p)]) == 2
-        assert time.perf_counter() - t0 < 1.0
+        assert time.process_time() - t0 < 1.0
         err = capsys.readouterr().err
         assert err.startswith("moe-trace: error:") and err.count("\n") == 1
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         entry = RunStore(str(d)).get(".")
-        assert entry.error and time.perf_counter() - t0 < 1.0
+        assert entry.error and time.process_time() - t0 < 1.0
         assert b"[[[" not in entry.body and b"{\\\"a" not in entry.body
     assert times[1] < 1.0, times
 
