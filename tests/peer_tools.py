@@ -23,6 +23,22 @@ import traceback
 import warnings
 
 
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCH = ("cuda_runtime", "cuda_driver")
+
+
+def _linked(df, cat_of) -> dict:
+    if "index_correlation" not in df.columns:
+        return {"kernels_with_launch": 0, "gpu_rows_with_launch": 0}
+    cat_at = dict(zip(df["index"].tolist(), cat_of))
+    k = g = 0
+    for c, ic in zip(cat_of, df["index_correlation"].tolist()):
+        if c in GPU_WORK and ic > 0 and cat_at.get(ic) in LAUNCH:
+            g += 1
+            k += c == "kernel"
+    return {"kernels_with_launch": k, "gpu_rows_with_launch": g}
+
+
 def _hta(path: str) -> dict:
     from hta.trace_analysis import TraceAnalysis
 
@@ -39,8 +55,10 @@ def _hta(path: str) -> dict:
         out = {"ranks": ta.t.get_ranks(), "iterations": [int(i) for i in ta.t.get_iterations(0)],
                "rows": len(df),
                "kernel_rows": sum(c == "kernel" for c in cat_of),
-               "kernels_with_launch": int(((df["stream"] > 0) & (df["index_correlation"] > 0)).sum())
-               if "index_correlation" in df.columns else 0,
+               "gpu_rows": sum(c in GPU_WORK for c in cat_of),
+               # HTA's own link (transform_correlation_to_index): a GPU row's index_correlation is the
+               # index of the host row with its correlation; count the rows whose linked row is a launch
+               **_linked(df, cat_of),
                "moe_annotations": sorted({n for c, n in zip(cat_of, name_of)
                                           if c in ("user_annotation", "gpu_user_annotation")
                                           and n.startswith("moe_trace/")})[:50],

@@ -94,6 +94,11 @@ def _step_durations(path: Path) -> list[float]:
     return [steps[n] for n in sorted(steps)]
 
 
+def _write_json(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
+
+
 def _ok(entry: dict, tool: str) -> dict:
     got = entry[tool]
     assert "error" not in got, got.get("traceback") or got["error"]
@@ -142,17 +147,101 @@ def test_gpu_trace(shown, kind):
     assert "aten::mm" in tbp["operators"] and tbp["has_kernel"] and tbp["kernel_rows"] >= 3
 
 
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCH = ("cuda_runtime", "cuda_driver")
+
+
+def file_facts(path: Path) -> dict:
+    """What the trace file itself holds, read with plain json (independent of both tools): GPU work
+    events with and without their launch (a runtime event with the same correlation) and the launch's
+    op (a cpu_op with its External id), flow events without their other end, slim's extra host events,
+    and what HTA must show: the GPU rows whose launch starts before the last ProfilerStep#N (HTA 0.5.0
+    `Trace._filter_irrelevant_gpu_kernels` keeps exactly those; `transform_correlation_to_index`
+    links each to its launch)."""
+    import gzip
+
+    data = path.read_bytes()
+    obj = json.loads(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+    ev = [e for e in obj["traceEvents"] if isinstance(e, dict)]
+    gpu = [e for e in ev if e.get("ph") == "X" and e.get("cat") in GPU_WORK]
+    launch = {e["args"]["correlation"]: e for e in ev if e.get("cat") in LAUNCH and "correlation" in e.get("args", {})}
+    ops = {e["args"]["External id"] for e in ev if e.get("cat") == "cpu_op" and "External id" in e.get("args", {})}
+    steps = [e["ts"] for e in ev if e.get("cat") == "user_annotation" and e.get("name", "").startswith("ProfilerStep#")]
+    last = max(steps) if steps else float("inf")
+    launched = [g for g in gpu if g["args"].get("correlation") in launch]
+    in_steps = [g for g in launched if launch[g["args"]["correlation"]]["ts"] < last]
+    flows: dict = {}
+    for e in ev:
+        if e.get("ph") in ("s", "t", "f"):
+            flows.setdefault((e.get("cat"), e.get("name"), e.get("id")), set()).add("s" if e["ph"] == "s" else "f")
+    gpu_corr = {g["args"].get("correlation") for g in gpu}
+    gpu_ext = {g["args"].get("External id") for g in gpu}
+    return {
+        "slim": bool(obj.get("moe_trace", {}).get("slim")),
+        "gpu": len(gpu), "kernels": sum(g["cat"] == "kernel" for g in gpu),
+        "gpu_without_launch": len(gpu) - len(launched),
+        "launch_without_op": sum(1 for g in launched if launch[g["args"]["correlation"]]["args"].get("External id")
+                                 not in ops),
+        "hta_gpu_rows": len(in_steps), "hta_kernel_rows": sum(g["cat"] == "kernel" for g in in_steps),
+        "flows": len(flows), "flows_one_ended": sum(1 for v in flows.values() if v != {"s", "f"}),
+        # a slim trace's host events beyond the ranges: only the launches and ops of its GPU work
+        "host_not_linked": sum(1 for e in ev if (e.get("cat") in LAUNCH and e.get("args", {}).get("correlation")
+                                                 not in gpu_corr)
+                               or (e.get("cat") == "cpu_op" and e.get("args", {}).get("External id") not in gpu_ext)),
+        "profiler_steps": len(steps),
+    }
+
+
+def check_gpu_trace(path: Path, entry: dict) -> dict:
+    """The assertions every real GPU trace must pass (full or slim): exact, from the file."""
+    from moe_trace.trace import validate_trace
+
+    facts = file_facts(path)
+    assert facts["gpu"] > 0 and facts["profiler_steps"] >= 3, facts
+    assert facts["gpu_without_launch"] == 0 and facts["launch_without_op"] == 0, facts
+    assert facts["flows_one_ended"] == 0, facts  # catapult warns on each, Perfetto counts them
+    if facts["slim"]:
+        assert facts["host_not_linked"] == 0 and facts["flows"] == 0, facts
+    assert validate_trace(path) == []
+    hta = _ok(entry, "hta")
+    # HTA shows exactly the GPU rows launched before the last ProfilerStep#N, each linked to its launch:
+    # one dropped launch and the kernel is gone from HTA (and from these counts)
+    assert hta["kernel_rows"] == facts["hta_kernel_rows"] > 0, (hta["kernel_rows"], facts)
+    assert hta["gpu_rows"] == facts["hta_gpu_rows"], (hta["gpu_rows"], facts)
+    assert hta["kernels_with_launch"] == hta["kernel_rows"] and hta["gpu_rows_with_launch"] == hta["gpu_rows"]
+    assert hta["iterations"] == list(range(facts["profiler_steps"] - 1))  # HTA leaves the last step out
+    kb = hta["kernel_breakdown"]
+    assert "error" not in kb and kb["kernels"] > 0
+    assert sum(r["sum"] for r in kb["by_type"]) > 0
+    assert isinstance(hta["temporal_breakdown"], list) and hta["temporal_breakdown"][0]["kernel_time(us)"] > 0
+    assert any(r["name"].startswith("moe_trace/") and r["name"].endswith("/experts")
+               for r in hta["user_annotation_breakdown"])
+    tbp = _ok(entry, "tbp")
+    assert tbp["has_kernel"] and tbp["kernel_rows"] > 0 and tbp["operator_rows"] > 0
+    # one step per ProfilerStep#N; on a GPU trace torch-tb-profiler ends a step at its last kernel when
+    # that runs past the host range, so a step is never shorter than its ProfilerStep#N
+    durs = _step_durations(path)
+    assert len(tbp["steps"]) == len(durs) and all(s["total_us"] >= d - 1 for s, d in zip(tbp["steps"], durs))
+    assert all(s["total_us"] > 0 for s in tbp["steps"]) and tbp["avg_step_us"] > 0
+    return facts
+
+
 @pytest.mark.skipif(not GPU_TRACES, reason="no GPU trace committed under tests/data/ yet "
                                            "(benchmarks/record_gpu_trace.py records one on a GPU)")
 def test_committed_gpu_traces(shown):
     for p in GPU_TRACES:
-        entry = shown[p.name.split(".")[0]]
-        hta = _ok(entry, "hta")
-        assert hta["kernel_rows"] > 0 and hta["kernels_with_launch"] == hta["kernel_rows"]
-        assert len(hta["iterations"]) >= 2
-        assert "error" not in hta["kernel_breakdown"] and hta["kernel_breakdown"]["kernels"] > 0
-        assert isinstance(hta["temporal_breakdown"], list) and hta["temporal_breakdown"][0]["kernel_time(us)"] > 0
-        assert any(r["name"].startswith("moe_trace/") for r in hta["user_annotation_breakdown"])
-        tbp = _ok(entry, "tbp")
-        assert tbp["has_kernel"] and tbp["kernel_rows"] > 0 and tbp["operator_rows"] > 0
-        assert tbp["steps"] and all(s["total_us"] > 0 for s in tbp["steps"]) and tbp["avg_step_us"] > 0
+        check_gpu_trace(p, shown[p.name.split(".")[0]])
+
+
+def test_the_gpu_trace_check_fails_on_a_slim_trace_without_its_launches(shown, traces, tmp_path):
+    """The check above is not vacuous: the synthetic GPU slim trace passes it, and the same trace with
+    its launches removed (what slim traces did before) fails it."""
+    import gzip
+
+    check_gpu_trace(traces["syn_gpu_full"], shown["syn_gpu_full"])
+    src = traces["syn_gpu_slim"]
+    check_gpu_trace(src, shown["syn_gpu_slim"])
+    obj = json.loads(gzip.decompress(src.read_bytes()))
+    obj["traceEvents"] = [e for e in obj["traceEvents"] if e.get("cat") not in LAUNCH]
+    facts = file_facts(_write_json(tmp_path / "no_launch.json", obj))
+    assert facts["gpu_without_launch"] == facts["gpu"] > 0 and facts["hta_kernel_rows"] == 0

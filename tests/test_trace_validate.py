@@ -21,6 +21,7 @@ def _ok_events():
         {"ph": "i", "s": "g", "name": "mark", "pid": "Traces", "tid": "x", "ts": 2},
         {"ph": "s", "id": 7, "pid": 1, "tid": 1, "ts": 1.0, "cat": "ac2g", "name": "ac2g"},
         {"ph": "f", "id": 7, "pid": 0, "tid": 7, "ts": 2.0, "cat": "ac2g", "name": "ac2g", "bp": "e"},
+        _x("kernel", 2.0, 1.0, pid=0, tid=7),  # a flow end binds to the slice enclosing its ts
         {"ph": "b", "id": "0x1", "pid": 1, "ts": 1.0, "cat": "a", "name": "async"},
         {"ph": "e", "id2": {"local": "0x1"}, "pid": 1, "ts": 2.0, "cat": "a", "name": "async"},
         {"ph": "B", "pid": 1, "tid": 3, "ts": 1.0, "name": "b"}, {"ph": "E", "pid": 1, "tid": 3, "ts": 2.0},
@@ -35,6 +36,7 @@ def _ok_events():
         _x("array fields are fine", 40.0, 1.0, stack=["a"]),
         _x("float pid", 41.0, 1.0, pid=2.0, tid=2 ** 32 - 1, tts="12", tdur=0.5),
         {},  # an empty object is skipped silently
+        _x("flow host", 49.0, 5.0),
         {"ph": "s", "id": "0xFF", "pid": 1, "tid": 1, "ts": 50.0, "cat": "c", "name": "hexflow"},
         {"ph": "f", "id": "ff", "pid": 1, "tid": 1, "ts": 51.0, "cat": "c", "name": "hexflow", "bp": "e"},
         _x("v2 flow", 60.0, 1.0, bind_id="0x10", flow_out=True),
@@ -48,6 +50,22 @@ def test_valid_trace_and_bare_array():
     assert validate_trace(_ok_events()) == []
     assert validate_trace(synthetic_gpu_raw(devices=(0, 1))) == []
     assert validate_trace(raw_cpu_trace_path()) == []
+
+
+def test_flow_ends_pair_with_an_earlier_start_inside_slices():
+    host = [_x("launch", 10.0, 5.0), _x("kernel", 20.0, 5.0, pid=0, tid=7)]
+    s = {"ph": "s", "id": 5, "pid": 1, "tid": 1, "ts": 11.0, "cat": "ac2g", "name": "ac2g"}
+    f = {"ph": "f", "id": 5, "pid": 0, "tid": 7, "ts": 21.0, "cat": "ac2g", "name": "ac2g", "bp": "e"}
+    assert validate_trace(host + [s, f]) == []
+    assert validate_trace(host + [f, s]) == []  # file order does not matter, time does
+    probs = validate_trace(host + [f])  # Kineto's flow end on a runtime call that launched nothing
+    assert len(probs) == 1 and "without an earlier 's'" in probs[0] and "flow_end_without_start" in probs[0]
+    early = [_x("early kernel", 8.0, 2.0, pid=0, tid=7), s, dict(f, ts=9.0)]  # ends before it starts
+    assert ["without an earlier 's'" in p for p in validate_trace(host + early)] == [True]
+    assert "without an earlier 's'" in validate_trace(host + [s, dict(f, name="other")])[0]  # keyed by name too
+    assert "not inside an X slice" in validate_trace(host + [dict(s, ts=30.0), dict(f, ts=31.0)])[0]
+    assert validate_trace(host + [s, dict(f, ts=40.0, bp=None)]) == []  # no bp: binds to the next slice
+    assert validate_trace(host + [s]) == []  # a start alone is no problem for either importer
 
 
 @pytest.mark.parametrize("bad, expect", [

@@ -14,6 +14,14 @@ Two streaming passes over the raw file (chunks of a few MB, never the whole file
    by a regular expression over the chunk and their two ids read from their bytes; a dropped
    `cpu_op`, `cuda_runtime` or `python_function` event is never parsed into Python objects.
 
+A full trace copies every raw event except two kinds that no viewer can place (`full_drops`):
+flow events (`s`/`t`/`f`) whose other end is not in the file — Kineto writes a flow end `f` on
+host runtime calls that launch nothing (`cudaOccupancy*`, `cudaDeviceGetAttribute`, ...) and a
+flow start on launches whose kernel fell outside the window; catapult warns "Found flow phase f ...
+but no flow start found" for each, Perfetto counts `flow_end_without_start` — and Kineto's
+`overhead` events with a pid outside 0..2^32-1 (`Activity Buffer Request`, pid -1), which
+Perfetto's `CoerceToUint32` puts on pid 0, the GPU 0 process. A slim trace keeps no flows.
+
 A layout this path does not recognise raises `fastpath.Fallback`; `write_trace` then loads the
 file with orjson and runs the same selection on dicts (`slim_select`), so both paths write the same
 events (tests/test_kineto_export.py compares them).
@@ -34,6 +42,18 @@ from .io import Source
 RUNTIME_CATS = frozenset({"cuda_runtime", "cuda_driver"})
 HOST_LINK_CATS = RUNTIME_CATS | {"cpu_op"}
 
+
+
+#: flow events (phases s, t, f) without nested objects, as Kineto writes them: one match per event
+_FLOW_EV = re.compile(rb'\{[^{}]*?"ph"\s*:\s*"([stf])"[^{}]*\}')
+_FLOW_PH = re.compile(rb'"ph"\s*:\s*"[stf]"')
+_STRV = rb'"((?:[^"\\]|\\.)*)"'
+_FLOW_ID = re.compile(rb'"id"\s*:\s*(-?[0-9]+|"(?:[^"\\]|\\.)*")')
+_FLOW_CAT = re.compile(rb'"cat"\s*:\s*' + _STRV)
+_FLOW_NAME = re.compile(rb'"name"\s*:\s*' + _STRV)
+_OVERHEAD = re.compile(rb'"cat"\s*:\s*"(overhead)"')
+_AFTER_EVENT = re.compile(rb"[ \t\r\n]*,[ \t\r\n]*")
+UINT32_MAX = 2 ** 32 - 1
 
 
 def _hit_re(cats) -> re.Pattern:
@@ -78,20 +98,23 @@ def _hits(piece: bytes, rx: re.Pattern) -> Iterator[tuple[bytes, int, int]]:
         yield (m.group(1) or m.group(2)), s, e
 
 
-def read_selected(path: Path, slim: bool = True) -> tuple[dict, list[dict], dict]:
+def read_selected(path: Path, slim: bool = True) -> tuple[dict, list[dict], dict, "FullDrops | None"]:
     """Pass 1: (metadata before traceEvents, the parsed M / annotation (/ GPU, for slim) events, keys
-    after the array)."""
+    after the array, and for a full trace what it drops: `FullDrops`)."""
     rx = _HIT_SLIM if slim else _HIT_FULL
     src = Source(path)
     regions = regions_of(src)
     head = next(regions)
     tail: dict = {}
     events: list[dict] = []
+    drops = None if slim else FullDrops()
     for region in regions:
         if isinstance(region, dict):
             tail = region
             continue
         slices = [region[s:e] for _, s, e in _hits(region, rx)]
+        if drops is not None:
+            drops.scan(region)
         if not slices:
             continue
         try:
@@ -99,7 +122,100 @@ def read_selected(path: Path, slim: bool = True) -> tuple[dict, list[dict], dict
         except orjson.JSONDecodeError:
             raise Fallback from None
         events.extend(got)
-    return head, events, tail
+    if drops is not None:
+        drops.settle()
+    return head, events, tail, drops
+
+
+def _flow_key_bytes(ev: bytes) -> tuple:
+    i, c, n = _FLOW_ID.search(ev), _FLOW_CAT.search(ev), _FLOW_NAME.search(ev)
+    return (c.group(1) if c else None, n.group(1) if n else None, i.group(1) if i else None)
+
+
+def flow_key(e: dict) -> tuple:
+    """(cat, name, id) of a flow event, as catapult and Perfetto pair them (the byte path reads the same
+    key from the event's bytes)."""
+    def raw(v, quoted):
+        if v is None:
+            return None
+        b = orjson.dumps(v)
+        return b[1:-1] if quoted and isinstance(v, str) else b
+    return (raw(e.get("cat"), True), raw(e.get("name"), True), raw(e.get("id"), False))
+
+
+def _bad_pid(pid) -> bool:
+    return isinstance(pid, bool) or (isinstance(pid, (int, float)) and not 0 <= pid <= UINT32_MAX)
+
+
+class FullDrops:
+    """What a full trace leaves out of the raw events (see the module docstring): flow events whose
+    (cat, name, id) has no start or no end in the file, and `overhead` events with a pid Perfetto maps
+    to 0. `scan` each region in pass 1, `settle`, then `keep(region)` in pass 2."""
+
+    def __init__(self):
+        self.starts: set = set()
+        self.ends: set = set()
+        self.orphans: set = set()
+        self.overhead: set = set()
+
+    def scan(self, region: bytes) -> None:
+        n = 0
+        for m in _FLOW_EV.finditer(region):
+            n += 1
+            (self.starts if m.group(1) == b"s" else self.ends).add(_flow_key_bytes(m.group(0)))
+        if n != len(_FLOW_PH.findall(region)):
+            raise Fallback  # a flow event with nested objects: the object path reads it
+        for _, s, e in _hits(region, _OVERHEAD):
+            ev = orjson.loads(region[s:e])
+            if isinstance(ev, dict) and _bad_pid(ev.get("pid")):
+                self.overhead.add(region[s:e])
+
+    def settle(self) -> None:
+        self.orphans = self.starts ^ self.ends
+        self.starts = self.ends = set()
+
+    def dropped(self, e: dict) -> bool:
+        """The object path's test for one event (the same events `keep` cuts from the bytes)."""
+        if e.get("ph") in ("s", "t", "f"):
+            return flow_key(e) in self.orphans
+        return e.get("cat") == "overhead" and e.get("ph") == "X" and _bad_pid(e.get("pid"))
+
+    @classmethod
+    def of_events(cls, events: list) -> "FullDrops":
+        d = cls()
+        for e in events:
+            if isinstance(e, dict) and e.get("ph") in ("s", "t", "f"):
+                (d.starts if e["ph"] == "s" else d.ends).add(flow_key(e))
+        d.settle()
+        return d
+
+    def keep(self, region: bytes) -> bytes:
+        """`region` without the dropped events (and their separators)."""
+        spans = []
+        if self.orphans:
+            spans = [(m.start(), m.end()) for m in _FLOW_EV.finditer(region)
+                     if _flow_key_bytes(m.group(0)) in self.orphans]
+        if self.overhead:
+            spans += [(s, e) for _, s, e in _hits(region, _OVERHEAD) if region[s:e] in self.overhead]
+        if not spans:
+            return region
+        spans.sort()
+        out = bytearray()
+        pos = 0
+        for s, e in spans:
+            out += region[pos:s]
+            m = _AFTER_EVENT.match(region, e)
+            if m and m.end() < len(region):
+                pos = m.end()
+            else:  # the region's last event: drop the separator before it instead
+                pos = len(region)
+                k = len(out.rstrip())
+                del out[k:]
+                if out.endswith(b","):
+                    del out[-1:]
+                del out[len(out.rstrip()):]
+        out += region[pos:]
+        return bytes(out).strip()
 
 
 def _keep_annotation(e: dict) -> bool:
@@ -171,13 +287,17 @@ def host_links(path: Path, corr: set, ext: set) -> Iterator[bytes]:
                     yield region[s:e]
 
 
-def all_events(path: Path) -> Iterator[bytes]:
-    """Pass 2 of a full trace: every event region of the raw file, bytes as they are."""
+def all_events(path: Path, drops: FullDrops | None = None) -> Iterator[bytes]:
+    """Pass 2 of a full trace: every event region of the raw file, bytes as they are, less `drops`."""
     src = Source(path)
     regions = regions_of(src)
     next(regions)
     for region in regions:
         if not isinstance(region, dict) and region.strip():
+            if drops is not None:
+                region = drops.keep(region)
+                if not region:
+                    continue
             yield region
 
 

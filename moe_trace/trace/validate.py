@@ -123,6 +123,17 @@ def _flow_id_ok(x: Any) -> bool:
     return _id_ok(x)
 
 
+def _flow_id(x: Any) -> Any:
+    """The flow id Perfetto pairs on: a number as it is, a string parsed as hex ("0xFF" == "ff")."""
+    if isinstance(x, str):
+        t = x.strip().lstrip("+")
+        neg = t.startswith("-")
+        t = t.lstrip("-")
+        t = t[2:] if t[:2].lower() == "0x" else t
+        return -int(t, 16) if neg else int(t, 16)
+    return x
+
+
 def load(obj_or_path: Any) -> Any:
     if isinstance(obj_or_path, (str, os.PathLike)):
         p = Path(obj_or_path)
@@ -159,6 +170,7 @@ def validate_trace(obj_or_path: Any) -> list[str]:
     else:
         return ["top level: neither an object with traceEvents nor an array of events"]
     probs = _Problems()
+    flows: list[tuple] = []  # (ts, index, ph, (cat, name, id), (pid, tid), binds to the enclosing slice)
     slices: dict[tuple, list] = defaultdict(list)  # (pid, tid) -> [(start_ns, end_ns, slack, index)]
     be: dict[tuple, int] = defaultdict(int)
     for i, ev in enumerate(events):
@@ -246,6 +258,9 @@ def validate_trace(obj_or_path: Any) -> list[str]:
                 probs.add(f"flow '{ph}' event without 'id'", i, ev)
             elif not _flow_id_ok(ev["id"]):
                 probs.add(f"flow '{ph}' event whose 'id' is not an integer or a hex string (flow_invalid_id)", i, ev)
+            else:
+                flows.append((_num(ev["ts"]), i, ph, (_key(ev.get("cat")), _key(ev.get("name")), _flow_id(ev["id"])),
+                              (_key(ev.get("pid")), _key(ev.get("tid"))), ph != "f" or ev.get("bp") == "e"))
         elif ph in "iIR":
             scope = ev.get("s")
             if scope == "g":
@@ -263,6 +278,7 @@ def validate_trace(obj_or_path: Any) -> list[str]:
                 probs.add("E event without an open B on its thread", i, ev)
             else:
                 be[k] -= 1
+    _check_flows(flows, slices, events, probs)
     out = top + probs.lines()
     unclosed = sum(v for v in be.values() if v > 0)
     if unclosed:
@@ -272,6 +288,43 @@ def validate_trace(obj_or_path: Any) -> list[str]:
         out.append(f"partially overlapping X events on one thread: {pairs} pair{'s' if pairs != 1 else ''} "
                    f"(Perfetto moves them to an overflow track; first: {example})")
     return out
+
+
+def _check_flows(flows: list, slices: dict, events: list, probs: _Problems) -> None:
+    """Flow v1 events in time order, as catapult's importer pairs them (trace_event_importer.js
+    createFlowSlices_, keyed by id, cat and name) and Perfetto's FlowTracker: an `f`/`t` needs an open
+    `s` (catapult: "Found flow phase f ... but no flow start found" import warning; Perfetto:
+    flow_end_without_start / flow_step_without_start), an `f` closes it; an `s`, a `t` and an `f` with
+    `bp: "e"` bind to the X slice enclosing their ts on their thread (Perfetto: flow_no_enclosing_slice;
+    catapult: "does not start/end at an actual slice")."""
+    import bisect
+
+    if not flows:
+        return
+    tracks = {}
+    for key, items in slices.items():
+        items = sorted(items)
+        ends, m = [], -1
+        for a, b, slack, _ in items:
+            m = max(m, b + slack)
+            ends.append(m)
+        tracks[key] = ([a - slack for a, _, slack, _ in items], ends)
+    open_ = set()
+    for ts, i, ph, key, track, enclosed in sorted(flows, key=lambda f: (f[0], f[1])):
+        if enclosed:
+            starts, ends = tracks.get(track, ((), ()))
+            t = round(ts * 1000)
+            k = bisect.bisect_right(starts, t) - 1
+            if k < 0 or ends[k] < t:
+                probs.add(f"flow '{ph}' event not inside an X slice on its thread (flow_no_enclosing_slice)",
+                          i, events[i])
+        if ph == "s":
+            open_.add(key)
+        elif key not in open_:
+            probs.add(f"flow '{ph}' event without an earlier 's' of its id, cat and name "
+                      "(flow_end_without_start; catapult warns)", i, events[i])
+        elif ph == "f":
+            open_.discard(key)
 
 
 def _key(x: Any) -> Any:

@@ -27,7 +27,8 @@ from moe_trace.errors import TraceError
 from .format import (COUNTER_CAT, GPU_USER_ANNOTATION, GPU_WORK_CATS, META_KEY, NAME_PREFIX, PROFILER_STEP_PREFIX,
                      SCHEMA, SLIM_CATS, STEP_RE, USER_ANNOTATION, counter_name, expert_key, trace_file_name,
                      worker_name)
-from .export import FULL_READ_CATS, SLIM_READ_CATS, all_events, dumps_events, host_link_kept, host_links, is_raw_path, joined, read_selected, slim_select
+from .export import (FULL_READ_CATS, SLIM_READ_CATS, FullDrops, all_events, dumps_events, host_link_kept, host_links,
+                     is_raw_path, joined, read_selected, slim_select)
 from .fastpath import Fallback
 from .io import atomic_write, load_json, no_gc
 from .metadata import encode_nonfinite
@@ -66,7 +67,7 @@ def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel, ove
         if not path.is_file():
             raise TraceError(f"raw trace {path} does not exist; pass the file export_chrome_trace wrote or its dict")
         try:  # the byte path (export.py): only metadata, annotations and GPU events are parsed
-            head, selected, tail = read_selected(path, slim)
+            head, selected, tail, drops = read_selected(path, slim)
             trace = {**head, **tail}
         except Fallback:
             path = None
@@ -97,7 +98,11 @@ def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel, ove
                                  _ORJSON_OPTS)]
         meta_events = kept
     else:
-        body = all_events(path) if path is not None else [dumps_events(events, _ORJSON_OPTS)]
+        if path is not None:
+            body = all_events(path, drops)
+        else:
+            drops = FullDrops.of_events(events)
+            body = [dumps_events([e for e in events if not (isinstance(e, dict) and drops.dropped(e))], _ORJSON_OPTS)]
         meta_events = selected
     named = {e.get("pid") for e in meta_events if e.get("ph") == "M" and e.get("name") == "process_name"}
     extra_meta = []
