@@ -11,6 +11,7 @@ missing venv fails it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -189,6 +190,8 @@ def file_facts(path: Path) -> dict:
                                                  not in gpu_corr)
                                or (e.get("cat") == "cpu_op" and e.get("args", {}).get("External id") not in gpu_ext)),
         "profiler_steps": len(steps),
+        # GPU rows that begin and end inside one microsecond: HTA's rounding makes their dur negative
+        "gpu_inside_one_us": sum(1 for g in in_steps if math.ceil(g["ts"]) > math.floor(g["ts"] + g["dur"])),
     }
 
 
@@ -213,7 +216,15 @@ def check_gpu_trace(path: Path, entry: dict) -> dict:
     kb = hta["kernel_breakdown"]
     assert "error" not in kb and kb["kernels"] > 0
     assert sum(r["sum"] for r in kb["by_type"]) > 0
-    assert isinstance(hta["temporal_breakdown"], list) and hta["temporal_breakdown"][0]["kernel_time(us)"] > 0
+    temporal = hta["temporal_breakdown"]
+    if not isinstance(temporal, list):
+        # HTA's own ns rounding (ts up, end down) gives sub-microsecond kernels a negative duration and
+        # its temporal breakdown asserts; the file holds such kernels (counted independently here) and
+        # HTA's documented switch HTA_DISABLE_NS_ROUNDING=1 makes the breakdown work on the same file
+        assert "AssertionError" in temporal["error"], temporal
+        assert facts["gpu_inside_one_us"] > 0 and hta["negative_gpu_durations"] > 0, (facts, hta)
+        temporal = hta["temporal_breakdown_ns_rounding_off"]
+    assert isinstance(temporal, list) and temporal[0]["kernel_time(us)"] > 0, temporal
     assert any(r["name"].startswith("moe_trace/") and r["name"].endswith("/experts")
                for r in hta["user_annotation_breakdown"])
     tbp = _ok(entry, "tbp")
