@@ -10,7 +10,11 @@ Checks, each printed as PASS / FAIL with its numbers (exit status 1 when any fai
    tokens equal the non-offloaded model's and counts equal the reference hook;
 4. moe-trace attached to the user's own torch.profiler (tensorboard_trace_handler): the user's file
    holds moe-trace's counters, `analyze(dir)` counts equal the live report;
-5. grad on: loss and gradients equal with and without profiling, counts equal a no-grad run.
+5. grad on: loss and gradients equal with and without profiling, counts equal a no-grad run;
+6. torch.compile with inductor (default, and mode="reduce-overhead": CUDA graphs), compiled before
+   the block (stats) and inside it (kineto): counts equal the uncompiled model's, logits unchanged;
+7. the user's profiler in its wait phase (schedule wait=1, warmup=1, active=2, repeat=2) found
+   without profiler=: two windows, analyze(dir) = the live windows summed.
 
     python benchmarks/capture_checks.py                       # H200: OLMoE shapes, 4 layers, bf16
     python benchmarks/capture_checks.py --tiny --device cpu   # a CPU dry run (CI-sized)
@@ -42,6 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--new", type=int, default=16, help="new tokens per generate")
     ap.add_argument("--no-deterministic", action="store_true", help="skip the batch-16 deterministic check")
+    ap.add_argument("--no-compile", action="store_true", help="skip the inductor checks (6)")
     args = ap.parse_args(argv)
     if not args.no_deterministic:  # before CUDA initialises
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -214,6 +219,56 @@ def main(argv=None) -> int:
         model(input_ids=ids)
     check("grad on: loss and gradients unchanged", torch.equal(l0, l1) and all(torch.equal(g0[k], g1[k]) for k in g0))
     check("grad on: counts = no-grad run", counts(run.report().to_dict()) == counts(ref_run.report().to_dict()))
+
+    # 6. inductor (default and reduce-overhead), compiled before / inside the block
+    if not args.no_compile:
+        ids = torch.randint(3, vocab, (2, 32), device=dev)
+        with torch.no_grad():
+            want_logits = model(input_ids=ids, use_cache=False).logits
+            with moe_trace.profile(model) as ref_run:
+                for _ in range(3):
+                    model(input_ids=ids, use_cache=False)
+        want = counts(ref_run.report().to_dict())
+        eager_forward = model.forward
+        for cmode in ("default", "reduce-overhead"):
+            t = time.perf_counter()
+            model.forward = torch.compile(eager_forward, mode=cmode)
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+                with moe_trace.profile(model) as run:
+                    got = [model(input_ids=ids, use_cache=False).logits.clone() for _ in range(3)]
+            sync()
+            close = all(torch.allclose(g.float(), want_logits.float(), atol=2e-2, rtol=2e-2) for g in got)
+            check(f"inductor {cmode} compiled before: counts = uncompiled, logits close",
+                  counts(run.report().to_dict()) == want and close, f"({time.perf_counter() - t:.0f} s)")
+            model.forward = eager_forward
+            with torch.no_grad(), moe_trace.profile(model, "kineto", logdir=tmp / f"ind_{cmode}") as run:
+                model.forward = torch.compile(eager_forward, mode=cmode)
+                for _ in range(3):
+                    model(input_ids=ids, use_cache=False)
+            sync()
+            back = moe_trace.analyze(tmp / f"ind_{cmode}").to_dict()
+            check(f"inductor {cmode} compiled inside (kineto): counts = uncompiled = analyze",
+                  counts(run.report().to_dict()) == want == counts(back))
+            model.forward = eager_forward
+            torch.compiler.reset()
+
+    # 7. the user's profiler found in its wait phase, two windows
+    from torch.profiler import schedule as _schedule
+
+    user_dir = tmp / "user_windows"
+    with torch.profiler.profile(activities=acts, schedule=_schedule(wait=1, warmup=1, active=2, repeat=2),
+                                on_trace_ready=tensorboard_trace_handler(str(user_dir))) as prof:
+        with torch.no_grad(), moe_trace.profile(model, "kineto", logdir=tmp / "unused") as run:
+            for n in range(9):
+                model(input_ids=torch.randint(3, vocab, (2, 16 if n % 2 == 0 else 1), device=dev))
+                prof.step()
+    files = list(user_dir.glob("*.pt.trace.json*"))
+    wins = [counts(moe_trace.Report(w[1]).to_dict()) for w in run.kineto.windows]
+    summed = [[sum(x) for x in zip(*(w[i] for w in wins))] for i in range(len(wins[0]))] if wins else None
+    back = moe_trace.analyze(user_dir).to_dict() if files else None
+    check("own profiler in its wait phase: attached, 2 windows, analyze = live windows summed",
+          run.attached and len(files) == 2 and back is not None and counts(back) == summed, f"(files {len(files)})")
 
     failed = [r for r in RESULTS if not r[1]]
     print(f"\n{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed in {time.perf_counter() - t_start:.0f} s "

@@ -287,6 +287,6 @@ def test_counters_defer_decode_forwards_and_flush_when_capturing():
     for _ in range(MAX_DEFERRED_FORWARDS):
         fwd(1, 1)
     assert len(dc.pending) < 2 * MAX_DEFERRED_FORWARDS  # bounded: flushed when full
-    counts, k_hist, _conf, _padding = dc.read()
+    counts, k_hist, _conf, _padding, _calls = dc.read()
     np.testing.assert_array_equal(counts, want)
     np.testing.assert_array_equal(k_hist, want_k)

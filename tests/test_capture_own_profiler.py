@@ -73,7 +73,9 @@ def test_users_schedule_rules_and_analyze_equals_the_profiled_steps(tmp_path):
 
     model = build_tiny_model("olmoe").eval()
     ids = _ids()
-    bindings = moe_trace.capture.find_bindings(model)
+    from moe_trace.capture import find_bindings
+
+    bindings = find_bindings(model)
     ref = ReferenceRouting(model, [b.experts[0] for b in bindings])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -157,3 +159,91 @@ def test_profiler_argument_must_be_a_running_profiler():
         with moe_trace.profile(model, profiler=prof):
             pass
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _reference_sums(ref, bindings, forwards):
+    out = []
+    for i, b in enumerate(bindings):
+        want = np.zeros(b.info.num_experts, dtype=np.int64)
+        for n in forwards:
+            idx, _ = ref.calls[i][n]
+            want += np.bincount(idx.reshape(-1).numpy(), minlength=b.info.num_experts)
+        out.append(want.tolist())
+    return out
+
+
+def _scheduled_run(model, tmp_path, n_forwards, **sched_kw):
+    """The user's own schedule and tensorboard_trace_handler; moe-trace's block (kineto mode, no
+    profiler= argument) entered while the schedule is in its wait phase; the user's prof.step() after
+    every forward, and the user's own ranges around each. Forwards alternate prefill / decode shapes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched = schedule(**sched_kw)
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU], schedule=sched,
+                                on_trace_ready=tensorboard_trace_handler(str(tmp_path))) as prof:
+        assert not torch._C._autograd._profiler_enabled()  # wait phase: torch is not recording yet
+        with torch.no_grad(), moe_trace.profile(model, mode="kineto", logdir=tmp_path / "unused") as run:
+            assert run.attached
+            for n in range(n_forwards):
+                with record_function(f"user/forward{n}"):
+                    model(_ids(2, 5 if n % 2 == 0 else 1, seed=n))
+                prof.step()
+    return run
+
+
+def test_attaches_to_a_users_profiler_entered_in_its_wait_phase(tmp_path):
+    from tests.conftest import ReferenceRouting
+
+    model = build_tiny_model("olmoe").eval()
+    from moe_trace.capture import find_bindings
+
+    bindings = find_bindings(model)
+    ref = ReferenceRouting(model, [b.experts[0] for b in bindings])
+    run = _scheduled_run(model, tmp_path, 5, wait=1, warmup=1, active=2, repeat=1)
+    ref.remove()
+    files = sorted(tmp_path.glob("*.pt.trace.json*"))
+    assert len(files) == 1 and not (tmp_path / "unused").exists()   # the user's file only
+    names = {e.get("name") for e in _user_events(files[0])}
+    assert {"user/forward2", "user/forward3"} <= names and "user/forward1" not in names  # user's ranges kept
+    assert any(str(n).startswith("moe_trace/prefill/L000/") for n in names)
+    back = moe_trace.analyze(tmp_path).to_dict()
+    live = moe_trace.Report(run.kineto.windows[0][1]).to_dict()
+    assert _counts(back) == _counts(live) == _reference_sums(ref, bindings, [2, 3])
+    for p in ("prefill", "decode"):
+        assert back["phases"][p]["forward_calls"] == live["phases"][p]["forward_calls"] == 1
+        assert back["phases"][p]["tokens"] == live["phases"][p]["tokens"] == (10 if p == "prefill" else 2)
+    assert run.trace_files == files
+    assert run.report().to_dict()["phases"]["prefill"]["forward_calls"] == 3  # the whole block
+
+
+@pytest.mark.parametrize("repeat", [2, 0])
+def test_several_windows_of_the_users_profiler_add_up_in_analyze(tmp_path, repeat):
+    """Two active windows (steps 2-3 and 6-7; repeat=0 cycles until the profiler exits in a wait step):
+    one file per window, each holding its own steps; analyze of the directory groups them as one run
+    and equals the live report summed over the recorded steps, and a reference hook's counts."""
+    from tests.conftest import ReferenceRouting
+
+    model = build_tiny_model("olmoe").eval()
+    from moe_trace.capture import find_bindings
+
+    bindings = find_bindings(model)
+    ref = ReferenceRouting(model, [b.experts[0] for b in bindings])
+    run = _scheduled_run(model, tmp_path, 9, wait=1, warmup=1, active=2, repeat=repeat)
+    ref.remove()
+    files = sorted(tmp_path.glob("*.pt.trace.json*"))
+    assert len(files) == 2 and len(run.kineto.windows) == 2
+    want = _reference_sums(ref, bindings, [2, 3, 6, 7])
+    windows = [moe_trace.Report(w[1]).to_dict() for w in run.kineto.windows]
+    summed = [np.sum([_counts(w)[i] for w in windows], axis=0).tolist() for i in range(len(bindings))]
+    back = moe_trace.analyze(tmp_path).to_dict()
+    assert _counts(back) == summed == want
+    assert back["phases"]["prefill"]["forward_calls"] == back["phases"]["decode"]["forward_calls"] == 2
+    assert back["phases"]["prefill"]["tokens"] == 20 and back["phases"]["decode"]["tokens"] == 4
+    for f, w in zip(sorted(files, key=lambda f: f.stat().st_mtime_ns), windows):  # each file: its own window
+        assert _counts(moe_trace.analyze(f).to_dict()) == _counts(w)
+    # a later, unrelated profiler's export gets nothing of the finished session
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as other:
+        with record_function("moe_trace/prefill#6"):  # a step name of the session
+            torch.ones(2).sum()
+    other.export_chrome_trace(str(tmp_path / "other.json"))
+    assert not any(e.get("cat") == "moe_trace" for e in _user_events(tmp_path / "other.json"))

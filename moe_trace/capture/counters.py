@@ -48,13 +48,15 @@ class DeviceCounters:
         # bin E: assignments to no computing expert (excluded); bin E+1: slots dropped by capacity
         self.bins = self.E + 2
         P = len(PHASES)
-        # one buffer, four regions (one index_add_ fills them all): expert counts [P, L, E+2], the k
-        # histogram [P, L, E+2], padding positions [P, L] (attention mask 0: not routed tokens), and
-        # one trash slot where the assignments of padding positions go
+        # one buffer, five regions (one index_add_ fills them all): expert counts [P, L, E+2], the k
+        # histogram [P, L, E+2], padding positions [P, L] (attention mask 0: not routed tokens), one
+        # trash slot where the assignments of padding positions go, and the routing calls [P, L]
+        # counted inside compiled code (`count_now`; eager calls are counted on the host)
         self._size = P * self.L * self.bins
         self._pad_base = 2 * self._size
         self._trash = self._pad_base + P * self.L
-        self._hist = torch.zeros(self._trash + 1, dtype=torch.int64, device=device)
+        self._calls_base = self._trash + 1
+        self._hist = torch.zeros(self._calls_base + P * self.L, dtype=torch.int64, device=device)
         self.counts = self._hist[: self._size]
         self.k_hist = self._hist[self._size: 2 * self._size]
         self.padding = self._hist[self._pad_base: self._trash]
@@ -77,14 +79,32 @@ class DeviceCounters:
         return [it for fw in self._forwards for it in fw]
 
     def queue(self, item: Pending) -> None:
+        if torch.compiler.is_compiling():
+            self.count_now(item)
+            return
         self._forwards[-1].append(item)
         self._pending_elems += item.indices.numel() + (item.scores.numel() if item.scores is not None else 0)
         if self._pending_elems > MAX_PENDING_ELEMENTS:
             self.flush()
 
+    def count_now(self, item: Pending | tuple) -> None:
+        """Count one routing call at once with in-place device ops only: the path inside
+        torch.compile'd code, where the Python queue would make dynamo guard on (and recompile for)
+        its changing length. The counting ops become part of the compiled graph (no sync)."""
+        it = item if isinstance(item, Pending) else self._from_router_output(*item)
+        it = self._with_mask(it, {})
+        off = it.phase * self.L * self.bins + it.local * self.bins
+        pad = self._pad_base + it.phase * self.L + it.local
+        self._count([it], off, off + self._size, self.num_experts[it.local], pad,
+                    calls=self._calls_base + it.phase * self.L + it.local)
+        self._confidence([it], None)
+
     def queue_router_output(self, local: int, output: tuple) -> None:
         """The hot path: a standard router output `(logits, top_k_weights, top_k_index)` kept as is;
         it becomes a `Pending` at flush time (one tuple append per layer inside the forward)."""
+        if torch.compiler.is_compiling():
+            self.count_now((local, self.phase, output, self.mask))
+            return
         self._forwards[-1].append((local, self.phase, output, self.mask))
         self._pending_elems += output[0].numel()
         if self._pending_elems > MAX_PENDING_ELEMENTS:
@@ -166,7 +186,7 @@ class DeviceCounters:
             self._tiled[key] = (off, off.view(-1, 1) + self._size, ne, pad)
         return self._tiled[key]
 
-    def _count(self, items: list[Pending], offsets, k_offsets, num_experts, pad_offsets) -> None:
+    def _count(self, items: list[Pending], offsets, k_offsets, num_experts, pad_offsets, calls=None) -> None:
         idx = torch.stack([it.indices for it in items])                           # [n, T, k]
         if idx.dtype != torch.int64:
             idx = idx.to(torch.int64)
@@ -179,6 +199,10 @@ class DeviceCounters:
             slot = torch.where(real.unsqueeze(-1), slot, self._trash)
             k = torch.where(real, k, pad_offsets)
         flat = torch.cat([slot.reshape(-1), k.reshape(-1)])
+        if calls is not None:  # compiled code: the call is counted on the device too; no shared state
+            flat = torch.cat([flat, flat.new_full((1,), calls)])
+            self._hist.index_add_(0, flat, torch.ones_like(flat))
+            return
         if flat.numel() > self._ones.numel():
             self._ones = torch.ones(2 * flat.numel(), dtype=torch.int64, device=self.device)
         self._hist.index_add_(0, flat, self._ones[: flat.numel()])
@@ -205,22 +229,25 @@ class DeviceCounters:
 
     def snapshot(self) -> tuple:
         """Device copies of the running counts, k histogram, padding and confidence sums (no sync),
-        plus a host copy of the call counts; per-step and per-window counts come from differences."""
+        plus a host copy of the call counts and a device copy of those counted in compiled code;
+        per-step and per-window counts come from differences."""
         self.flush()
         snap = self._hist.clone()
         return (snap[: self._size], snap[self._size: 2 * self._size], snap[self._pad_base: self._trash],
-                self.conf.clone(), self.calls.copy())
+                self.conf.clone(), self.calls.copy(), snap[self._calls_base:])
 
     def read(self):
-        """Host copies: counts [P, L, E+2], k_hist [P, L, E+2], conf [P, L, 2], padding [P, L]. Syncs once."""
+        """Host copies: counts [P, L, E+2], k_hist [P, L, E+2], conf [P, L, 2], padding [P, L] and
+        routing calls [P, L] (eager + compiled). Syncs once."""
         self.flush()
         P = len(PHASES)
         hist = self._hist.cpu().numpy()
         counts = hist[: self._size].reshape(P, self.L, self.bins)
         k_hist = hist[self._size: 2 * self._size].reshape(P, self.L, self.bins)
         padding = hist[self._pad_base: self._trash].reshape(P, self.L)
+        calls = self.calls + hist[self._calls_base:].reshape(P, self.L)
         conf = self.conf.cpu().numpy()
-        return counts, k_hist, conf, padding
+        return counts, k_hist, conf, padding, calls
 
 
 def _signature(it: Pending) -> tuple:

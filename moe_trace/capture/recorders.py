@@ -13,6 +13,7 @@ The session (session.py) hooks the model and feeds the recorders; recorders neve
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import re
 import shutil
@@ -77,7 +78,7 @@ class CounterRecorder:
 
     def collect(self) -> dict[str, list[LayerCounts | None]]:
         """Read every device once and build {phase: [LayerCounts per layer]}."""
-        return self.counts_from({dev: (*dc.read(), dc.calls) for dev, dc in self.devices.items()})
+        return self.counts_from({dev: dc.read() for dev, dc in self.devices.items()})
 
     def counts_from(self, host: dict[str, tuple]) -> dict[str, list[LayerCounts | None]]:
         """{phase: [LayerCounts]} from host arrays per device: (counts [P,L,E+2], k_hist [P,L,E+2],
@@ -117,11 +118,38 @@ MAX_ATTACHED = 8
 _ORIGINAL_EXPORT = None
 
 
+def running_profilers() -> list:
+    """The `torch.profiler.profile` objects entered and not yet exited, in any schedule state (wait
+    and warmup included, where torch's profiler is not recording yet and nothing global says it
+    runs). torch keeps no registry of them: the garbage collector's objects are searched, and only
+    while one exists (torch's step tracker then holds its "ProfilerStep" key), so a run without a
+    profiler pays nothing (the search takes ~0.2 s with a model loaded, once per kineto block). A
+    profiler made with ``record_steps=False`` is found only while it records."""
+    from torch.autograd.profiler import KinetoStepTracker
+    from torch.profiler import profile
+
+    if "ProfilerStep" not in getattr(KinetoStepTracker, "_step_dict", {"ProfilerStep": 0}):
+        return []
+    recording = torch._C._autograd._profiler_enabled()
+    out = []
+    for obj in gc.get_objects():
+        if issubclass(type(obj), profile):  # type(): no __class__ property of odd objects runs
+            inner = getattr(obj, "profiler", None)
+            if getattr(obj, "step_rec_fn", None) is not None or (
+                    recording and inner is not None and getattr(inner, "entered", False)
+                    and getattr(inner, "kineto_results", None) is None):
+                out.append(obj)
+    return out
+
+
 def _export_with_moe_trace(self, path, *args, **kwargs):
     """`torch.profiler.profile.export_chrome_trace` while moe-trace sessions are attached: the
-    user's export, then the attached sessions' counters and metadata added to that very file."""
+    user's export, then the counters and metadata of the sessions attached to this very profiler
+    added to that file (a session attached without knowing the profiler object goes by its ranges)."""
     result = _ORIGINAL_EXPORT(self, path, *args, **kwargs)
     for rec in list(_ATTACHED):
+        if rec.user_profiler is not None and rec.user_profiler() is not self:
+            continue
         try:
             rec.inject(path)
         except Exception as exc:  # the user's file stays as torch wrote it
@@ -160,12 +188,17 @@ class KinetoRecorder:
 
     def __init__(self, logdir: Path, counters: CounterRecorder, *, schedule: Any = None, slim: bool = True,
                  record_shapes: bool = False, with_stack: bool = False, attach: bool = False,
-                 run_factory: Callable[..., RunData] | None = None, run_id: str | None = None):
+                 run_factory: Callable[..., RunData] | None = None, run_id: str | None = None,
+                 user_profiler: Any = None):
         self.logdir = Path(logdir)
         self.attach = attach
+        # attached: a weak reference to the user's torch.profiler.profile (None: not known, e.g. a
+        # legacy autograd profiler), so that only its exports get this session's counters
+        self.user_profiler = weakref.ref(user_profiler) if user_profiler is not None else None
         self.run_factory = run_factory  # (counts, forward_calls, forward_tokens, padding) -> RunData
         self.run_id = run_id
         self.windows: list[tuple[Path, RunData]] = []  # attached: (user's file, the counts it holds)
+        self._spans: list[tuple[int, int]] = []  # attached: (first, last) snapshot of each window
         self._stopped = False
         self.counters = counters
         self.schedule = schedule
@@ -310,8 +343,12 @@ class KinetoRecorder:
         first, last = mine[0], mine[-1]
         run = self.window_run(first, last)
         steps = self.step_deltas()[first:last + 1]
+        # one window number per span of steps: a window exported twice (two handlers) is one window
+        # to analyze, which adds the counts of a run's distinct windows (trace/runs.py)
+        if (first, last) not in self._spans:
+            self._spans.append((first, last))
         write_trace(raw, run, steps, path, slim=False,
-                    process=dict(process_info(), run_id=self.run_id, window=len(self.windows)))
+                    process=dict(process_info(), run_id=self.run_id, window=self._spans.index((first, last))))
         self.windows.append((path, run))
         self.trace_files.append(path)
         if self._stopped and last == len(self._snapshots) - 1:
@@ -331,9 +368,9 @@ class KinetoRecorder:
                 before = [np.zeros_like(a) for a in after]
             dc = self.counters.devices[dev]
             P = len(PHASES)
-            c, k, pad, conf, calls = (a - b for a, b in zip(after, before))
+            c, k, pad, conf, calls, compiled_calls = (a - b for a, b in zip(after, before))
             host[dev] = (c.reshape(P, dc.L, dc.bins), k.reshape(P, dc.L, dc.bins), conf, pad.reshape(P, dc.L),
-                         calls)
+                         calls + compiled_calls.reshape(P, dc.L))
         counts = self.counters.counts_from(host)
         calls = {p: 0 for p in PHASES}
         tokens = {p: 0 for p in PHASES}

@@ -27,6 +27,7 @@ from moe_trace.errors import ConfigError, ProfileStateError
 from moe_trace.selectors import Middleware, SelectorMiddleware, resolve_selector
 from moe_trace.trace.format import new_run_id, range_name, step_name
 
+from .compiled import CompiledGuard
 from .counters import Pending
 from .detect import find_bindings
 from .environment import environment
@@ -34,7 +35,7 @@ from .handlers.base import MoEBinding, MoEHandler
 from .observers import ObserverSet, Step
 from .options import MODES, ProfileOptions
 from .parallel import parallel_layout
-from .recorders import CounterRecorder, KinetoRecorder
+from .recorders import CounterRecorder, KinetoRecorder, running_profilers
 from .timing import PartTimer
 
 __all__ = ["MODES", "ProfileOptions", "ProfileRun", "profile", "range_name", "step_name"]
@@ -47,7 +48,10 @@ def _profiler_on() -> bool:
 
 def _in_backward() -> bool:
     """True while autograd runs a backward in this thread (activation checkpointing re-runs module
-    forwards there; they are not forwards of the model). Asked only outside a model forward."""
+    forwards there; they are not forwards of the model). Asked only outside a model forward; never
+    inside compiled code (a compiled backward runs no module hooks)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -69,27 +73,6 @@ def _read_step(index: int, args: tuple, kwargs: dict) -> Step:
     mask = kwargs.get("attention_mask")
     mask = mask[:, -seq:] if torch.is_tensor(mask) and mask.dim() == 2 else None
     return Step(index, PHASES[0 if seq > 1 else 1], batch, seq, batch * seq, attention_mask=mask, labels=labels)
-
-
-def _is_compiled(model: nn.Module) -> bool:
-    """A model (or a module in it) compiled with torch.compile before `profile()`: its compiled code
-    was traced without moe-trace's hooks, and dynamo does not re-check hooks of submodules."""
-    for m in model.modules():
-        fwd = m.__dict__.get("forward")
-        if getattr(fwd, "_torchdynamo_orig_callable", None) is not None or getattr(m, "_compiled_call_impl", None):
-            return True
-        if type(m).__name__ == "OptimizedModule":
-            return True
-    return False
-
-
-def _reset_compiled() -> None:
-    """Drop dynamo's compiled code so compiled models retrace: with moe-trace's hooks at entry, without
-    them at exit (costs one recompile; results unchanged)."""
-    try:
-        torch.compiler.reset()
-    except Exception:  # noqa: BLE001 - an old torch without torch.compiler
-        torch._dynamo.reset()
 
 
 def _generation_phase(gen: dict, positions: int, kwargs: dict) -> str:
@@ -171,13 +154,12 @@ class ProfileRun:
         self.counters = CounterRecorder(self.layers, [b.handler.router_outputs_probs for b in self.bindings])
         self._timer = PartTimer() if opts.cuda_events else None
         # a torch.profiler already running (yours, or profiler=prof): attach to it, never start a second
-        self.attached = opts.kineto and (opts.profiler is not None or _profiler_on())
-        if opts.profiler is not None and not (_profiler_on() or getattr(opts.profiler, "step_rec_fn", None)):
-            raise ConfigError("profiler= must be a running torch.profiler.profile: call moe_trace.profile(model, "
-                              "profiler=prof) inside `with torch.profiler.profile(...) as prof:`")
+        user_prof = self._user_profiler()
+        self.attached = opts.kineto and (user_prof is not None or _profiler_on())
         self.kineto = KinetoRecorder(opts.logdir, self.counters, schedule=opts.schedule, slim=opts.slim,
                                      record_shapes=opts.record_shapes, with_stack=opts.with_stack,
-                                     attach=self.attached, run_factory=self._window_run_data) \
+                                     attach=self.attached, run_factory=self._window_run_data,
+                                     user_profiler=user_prof) \
             if opts.kineto else None
         self.forward_calls = {p: 0 for p in PHASES}
         self.forward_tokens = {p: 0 for p in PHASES}
@@ -197,17 +179,17 @@ class ProfileRun:
         self._step_range = None
         self._gen: dict | None = None  # the running generate() call's progress (see _generation_phase)
         self._recomputed = False
+        self._compiled_ranges = False  # set inside compiled code that skipped its ranges
         self._run_id = new_run_id()  # shared by the ranks of a torchrun job (docs/trace-format.md)
         if self.kineto is not None:
             self.kineto.run_id = self._run_id
         self._started_at = time.time()
+        self._compiled = CompiledGuard(self.model)
         setattr(self.model, _ACTIVE_ATTR, self)
         try:
             self._install_hooks()
             self._wrap_generate()
-            self._compiled = _is_compiled(self.model)
-            if self._compiled:
-                _reset_compiled()
+            self._compiled.enter()  # compiled code that reaches the model retraces with the hooks
             if self.kineto is not None:
                 self.kineto.start()
         except BaseException:
@@ -225,8 +207,7 @@ class ProfileRun:
                 self.kineto.stop()
         finally:
             self._remove_hooks()
-            if getattr(self, "_compiled", False) or _is_compiled(self.model):
-                _reset_compiled()  # compiled code that holds moe-trace's hooks must not outlive the block
+            self._compiled.exit()  # compiled code that holds moe-trace's hooks must not outlive the block
         errors = self.observers.close()
         if exc_type is not None:
             self._incomplete = exc_type.__name__
@@ -241,6 +222,26 @@ class ProfileRun:
         if errors and exc_type is None:
             raise errors[0]
         return False
+
+    def _user_profiler(self):
+        """The user's running torch.profiler.profile to attach to (kineto mode): `profiler=`, else the
+        one entered and not exited — in any schedule state, its wait / warmup steps included."""
+        opts = self.options
+        if opts.profiler is not None:
+            if not (opts.profiler in running_profilers() or getattr(opts.profiler, "step_rec_fn", None)):
+                raise ConfigError("profiler= must be a running torch.profiler.profile: call moe_trace.profile("
+                                  "model, profiler=prof) inside `with torch.profiler.profile(...) as prof:`")
+            return opts.profiler
+        if not opts.kineto:
+            return None
+        found = running_profilers()
+        if len(found) > 1:
+            recording = [p for p in found if getattr(getattr(p, "profiler", None), "entered", False)]
+            if len(recording) != 1:
+                raise ConfigError(f"{len(found)} torch.profiler.profile objects are running: say which one "
+                                  "moe-trace attaches to with moe_trace.profile(model, profiler=prof)")
+            found = recording
+        return found[0] if found else None
 
     # -- results ------------------------------------------------------------------------------
     @property
@@ -482,6 +483,9 @@ class ProfileRun:
         return None
 
     def _open(self, key: int, layer: int, part: str, device: torch.device) -> None:
+        if torch.compiler.is_compiling():  # docs/capture.md "Compiled models": the graph stays whole,
+            self._compiled_ranges = True  # so its parts get no range and no timer (counts are exact)
+            return
         if _profiler_on():
             rf = torch.autograd.profiler.record_function(range_name(PHASES[self._phase], layer, part))
             rf.__enter__()
@@ -490,6 +494,8 @@ class ProfileRun:
             self._timer.start(key, self._phase, layer, part, device)
 
     def _close(self, key: int) -> None:
+        if torch.compiler.is_compiling():
+            return
         if self._timer is not None:
             self._timer.stop(key)
         stack = self._ranges.get(key)
@@ -553,8 +559,8 @@ class ProfileRun:
                     if not self._depth and _in_backward():
                         return result  # recompute in backward (activation checkpointing): counted already
                     self._record(b, idx, w)
-                    if i in self._probing:
-                        self._end_probe(i, idx, w, spans)
+                    if i in self._probing and not torch.compiler.is_compiling():
+                        self._end_probe(i, idx, w, spans)  # (a hook handle cannot be removed in a graph)
             if not self._depth and _in_backward():
                 return result
             if spans:
@@ -579,7 +585,17 @@ class ProfileRun:
         if scores is not None and (scores.dim() != 2 or scores.shape[0] != idx.shape[0]):
             scores = scores.reshape(idx.shape[0], -1) if scores.numel() % max(idx.shape[0], 1) == 0 else None
         dc.queue(Pending(local, self._phase, idx, w, scores, b.handler.router_outputs_probs, dc.mask))
+        if torch.compiler.is_compiling():  # inside torch.compile'd code (docs/capture.md "Compiled models")
+            if self.observers.wants_routes():
+                self._route_eagerly(b.info, scores, w, idx)
+            return
         self.observers.route(b.info, PHASES[self._phase], self._step, scores, w, idx)
+
+    @torch.compiler.disable
+    def _route_eagerly(self, info, scores, w, idx) -> None:
+        """Observers are Python: inside compiled code they run outside the graph (one graph break),
+        reading the step here so that the graph does not specialize on it."""
+        self.observers.route(info, PHASES[self._phase], self._step, scores, w, idx)
 
     # -- collect ----------------------------------------------------------------------------------
     def _collect(self) -> RunData:
@@ -617,6 +633,11 @@ class ProfileRun:
                    "forward(s): no trace was written; lower wait/warmup or run more steps")
             notes.append(msg)
             warnings.warn("moe-trace: " + msg, RuntimeWarning, stacklevel=3)
+        if self._compiled_ranges:
+            notes.append("MoE layers ran inside torch.compile'd code: moe-trace keeps the compiled graph whole, "
+                         "so their router / experts / shared parts have no trace range and no CUDA-event timer "
+                         "(per-part times are missing for those forwards); counts are exact, and in kineto mode "
+                         "each forward's ProfilerStep range holds its kernels")
         if self._recomputed:
             notes.append("use_cache=False: every decode forward recomputed the whole sequence, so decode "
                          "tokens count the recomputed positions (1 prefill + N-1 decode forwards for N new tokens)")

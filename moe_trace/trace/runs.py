@@ -174,7 +174,8 @@ def check_moe(datas: list[TraceData], path: str | os.PathLike = "") -> None:
 
 def run_report(run: Run, ep_size: int | None = None) -> Report:
     """Combine the files of one run: per-process files by rank, windows of a process with each other
-    (counts from the latest window: every file holds the run's totals so far; range times summed)."""
+    (counts from the latest window: every file holds the run's totals so far; range times summed;
+    windows written into the user's own profiler's files hold their own steps: counts added)."""
     moe = run.files
     single = [d for d in moe if not d.merged]
     if single and len(single) < len(moe):
@@ -188,6 +189,9 @@ def run_report(run: Run, ep_size: int | None = None) -> Report:
         groups.setdefault(key, []).append(d)
     chosen: list[tuple[TraceData, list[RunData]]] = []
     for group in groups.values():
+        if len(group) > 1 and all(_attached(d) for d in group):
+            chosen.append(_attached_windows(group))
+            continue
         latest = max(group, key=_calls)
         runs = latest.runs
         if len(group) > 1:
@@ -200,6 +204,25 @@ def run_report(run: Run, ep_size: int | None = None) -> Report:
     parts = [r for _, runs in chosen for r in runs]
     ranks = [d.rank for d, runs in chosen for _ in runs]  # per-device rows carry the process's real rank
     return Report(parts, ranks=ranks, ep_size=ep_size, run_id=None if run.legacy else run.id)
+
+
+def _attached(d: TraceData) -> bool:
+    """A file moe-trace wrote into while attached to the user's own profiler: it holds the counts of
+    its own window's steps only (not the run's totals so far)."""
+    return bool(d.runs) and bool(d.runs[0].settings.get("attached_profiler"))
+
+
+def _attached_windows(group: list[TraceData]) -> tuple[TraceData, list[RunData]]:
+    """The windows of one process attached to the user's profiler: each distinct window once (a
+    window exported twice has one window number), counts and range times added."""
+    by_window: dict[object, TraceData] = {}
+    for d in sorted(group, key=lambda d: str(d.path)):
+        by_window.setdefault(d.process.get("window"), d)
+    files = [by_window[w] for w in sorted(by_window, key=lambda w: (w is None, w if isinstance(w, int) else 0))]
+    run = files[0].runs[0]
+    for d in files[1:]:
+        run = run.merged(d.runs[0])
+    return files[0], [run]
 
 
 def _with_summed_timing(base: RunData, runs: list[RunData]) -> RunData:
