@@ -282,6 +282,6 @@ def test_seq2seq_routing_reader_does_not_sync(family, monkeypatch):
         dc.queue(Pending(0, 0, idx, w, None, False))
         dc.end_forward()
         dc.flush()
-    counts, k_hist, _, _ = dc.read()
+    counts, k_hist, _, _, _ = dc.read()
     E = bindings[0].info.num_experts
     assert counts[0, 0, :E].sum() + counts[0, 0, E + 1] == bindings[0].info.top_k * ids.numel()
