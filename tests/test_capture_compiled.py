@@ -40,6 +40,8 @@ def test_model_compiled_before_profile_is_counted_exactly(backend):
         want_logits = m(input_ids=ids).logits
     with torch.no_grad(), moe_trace.profile(m) as ref:
         m(input_ids=ids)
+    global _HELD
+    _HELD = m  # a script's globals hold the model; a function that does not use it is not the model's
     other = lambda x: x.sin() + 1  # noqa: E731 - the user's unrelated compiled function
     compiled_other = torch.compile(other, backend=backend)
     compiled_other(torch.ones(3))
@@ -58,10 +60,18 @@ def test_model_compiled_before_profile_is_counted_exactly(backend):
     with torch.no_grad():
         m(input_ids=ids)  # code compiled inside the block was dropped: nothing counts into the old run
     assert _hist_sum(run) == before
+    _HELD = None
     torch.compiler.reset()
 
 
-@pytest.mark.parametrize("style", ["module", "method", "fullgraph", "closure"])
+_HELD = None
+
+
+def _call_held(**kw):
+    return _HELD(**kw)
+
+
+@pytest.mark.parametrize("style", ["module", "method", "fullgraph", "closure", "global"])
 def test_every_way_of_compiling_is_counted_exactly(style):
     """torch.compile(model) (an OptimizedModule around the profiled model), model.compile(),
     fullgraph=True (moe-trace's hooks cause no graph break), and a compiled function that reaches the
@@ -80,8 +90,12 @@ def test_every_way_of_compiling_is_counted_exactly(style):
     elif style == "fullgraph":
         m.forward = torch.compile(m.forward, backend="eager", fullgraph=True)
         call = m
-    else:
+    elif style == "closure":
         call = torch.compile(lambda **kw: m(**kw), backend="eager")
+    else:  # a module-level function that uses a global holding the model
+        global _HELD
+        _HELD = m
+        call = torch.compile(_call_held, backend="eager")
     with torch.no_grad():
         call(input_ids=ids, use_cache=False)
     with torch.no_grad(), moe_trace.profile(m) as run:
@@ -89,6 +103,7 @@ def test_every_way_of_compiling_is_counted_exactly(style):
             call(input_ids=ids, use_cache=False)
     assert _counts(run) == _counts(ref)
     assert not run.report().to_dict()["notes"]
+    _HELD = None
     torch.compiler.reset()
 
 

@@ -9,8 +9,8 @@ other compiled functions keep theirs:
 - code whose file defines a class of one of the model's modules (its MRO included), lies in the
   transformers package, or holds a forward that was compiled onto a module instance
   (`m.forward = torch.compile(...)`);
-- code of a function whose globals or closure hold the model or one of its modules (a compiled
-  ``step = torch.compile(lambda x: model(x))``);
+- code of a function that uses a global, or closes over a variable, that is the model or one of
+  its modules (a compiled ``step = torch.compile(lambda x: model(x))``);
 - at exit also every code compiled while the block ran (it may hold moe-trace's hooks).
 
 The next call retraces (one recompile per shape; inductor's on-disk caches keep that short). A
@@ -85,8 +85,19 @@ def _model_files(model: nn.Module) -> tuple[set[str], tuple[str, ...]]:
     return files, tuple(dirs)
 
 
+def _names(code: types.CodeType) -> set[str]:
+    """Global (and attribute) names a code object and its nested functions use."""
+    out = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            out |= _names(c)
+    return out
+
+
 def _holds_model(fn: types.FunctionType, ids: set[int]) -> bool:
-    values = list(fn.__globals__.values()) if isinstance(fn.__globals__, dict) else []
+    """The function uses a global that is the model (or one of its modules), or closes over one."""
+    g = fn.__globals__ if isinstance(fn.__globals__, dict) else {}
+    values = [g[n] for n in _names(fn.__code__) if n in g]
     for cell in fn.__closure__ or ():
         try:
             values.append(cell.cell_contents)
