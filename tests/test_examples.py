@@ -43,11 +43,27 @@ def test_local_checkpoint(tmp_path, monkeypatch, capsys):
 
 
 def test_own_profiler(tmp_path, monkeypatch):
+    """A scheduled loop (wait 1, warmup 1, active 2, tensorboard_trace_handler, prof.step()): the file
+    the handler wrote analyzes to the live report of the two recorded generates."""
+    import moe_trace
+
     ns = run_example("own_profiler.py", tmp_path, monkeypatch)
     keys = {e.key for e in ns["moe_rows"]}
     assert any(k.endswith("/experts") for k in keys) and any("/decode/" in k for k in keys)
-    assert (ns["out_dir"] / "trace.json").exists()
-    assert ns["run"].report().to_dict()["phases"]["prefill"]["forward_calls"] == 3
+    files = list(ns["out_dir"].glob("*.pt.trace.json*"))
+    assert len(files) == 1                                     # the user's handler wrote one file
+    back = moe_trace.analyze(ns["out_dir"]).to_dict()
+    assert ns["recorded"].to_dict()["layers"] == back["layers"]
+    live = moe_trace.Report(ns["run"].kineto.windows[0][1]).to_dict()   # the recorded steps, live
+    assert [l["expert_counts"] for l in back["layers"]] == [l["expert_counts"] for l in live["layers"]]
+    assert [l["k_hist"] for l in back["layers"]] == [l["k_hist"] for l in live["layers"]]
+    for p in ("prefill", "decode"):
+        for key in ("forward_calls", "tokens", "padding_tokens"):
+            assert back["phases"][p][key] == live["phases"][p][key], (p, key)
+    assert back["phases"]["prefill"]["forward_calls"] == 2 and back["phases"]["decode"]["forward_calls"] == 6
+    whole = ns["run"].report().to_dict()                       # the whole block: all 5 generates
+    assert whole["phases"]["prefill"]["forward_calls"] == 5
+    assert sum(sum(l["expert_counts"]) for l in whole["layers"]) > sum(sum(l["expert_counts"]) for l in back["layers"])
 
 
 def test_offload_counts_equal_the_unoffloaded_model(tmp_path, monkeypatch):
