@@ -29,7 +29,7 @@ sched = schedule(wait=1, warmup=1, active=2, repeat=1)
 with profile(activities=activities, schedule=sched, on_trace_ready=tensorboard_trace_handler(str(out_dir))) as prof:
     # profiler=prof: attach although the schedule is still waiting (the profiler is not recording yet)
     with moe_trace.profile(model, profiler=prof) as run, torch.no_grad():
-        for _ in range(5):
+        for _ in range(4):
             model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
             prof.step()
 
@@ -42,5 +42,5 @@ recorded = moe_trace.analyze(out_dir)       # what your trace file holds: the 2 
 print(recorded)
 print(f"your trace: {sorted(out_dir.glob('*.pt.trace.json*'))[0]}")
 print(f"view it: tensorboard --logdir {out_dir}  (MoE tab)")
-print(f"the whole block (all 5 generates): {run.report().to_dict()['phases']['prefill']['forward_calls']} prefill "
+print(f"the whole block (all 4 generates): {run.report().to_dict()['phases']['prefill']['forward_calls']} prefill "
       "forwards")

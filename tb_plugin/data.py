@@ -1,12 +1,24 @@
-"""Runs under a log dir, their reports, and a cache that reloads when trace files change.
+"""Runs under a log dir, their reports, and a cache that reloads when their files change.
 
 No TensorBoard import here, so this module is usable (and testable) on its own.
 
-A *run* is a directory under the log dir that holds `*.pt.trace.json[.gz]` files (what
-`moe_trace.profile(mode="kineto", logdir=...)` writes). Its name is its path relative to the log
-dir with `/` separators, `"."` for the log dir itself. Run names from requests are never joined to
-the file system: they are looked up in the set of discovered runs, so nothing outside the log dir
-can be reached by a request.
+A *run* is what moe-trace wrote under the log dir:
+
+* a directory's `*.pt.trace.json[.gz]` files of one `profile()` run (kineto mode; the richest source:
+  report, step timeline, downloads);
+* a report JSON (`schema` `moe-trace/report/N`: `moe-trace demo` / `run` / `analyze --json`,
+  `Report.to_json`) of a stats or timing run. One whose `run_id` is the run id of traces in the same
+  directory is that run's copy and is not listed again (the traces are the richer source);
+* a sweep result (`moe-trace/sweep/N`, `moe-trace sweep --out`) and a comparison
+  (`moe-trace/compare/N`, `moe-trace compare --json`).
+
+JSON files are recognised by their first key (`{"schema": "moe-trace/..."`, how moe-trace writes
+them), read from a checked regular file inside the log dir, at most `MAX_JSON_BYTES`.
+
+A run's name is its directory relative to the log dir with `/` separators (`"."` for the log dir
+itself); a directory with several runs lists each as `{dir}@{label}`. Run names from requests are
+never joined to the file system: they are looked up in the set of discovered runs, so nothing
+outside the log dir can be reached by a request.
 """
 from __future__ import annotations
 
@@ -27,6 +39,37 @@ from moe_trace.trace.format import META_KEY, TRACE_FILE_RE as TRACE_RE  # noqa: 
 from moe_trace.trace.io import peek_header  # noqa: E402
 MAX_RUN_NAME = 1024
 MAX_DIRS_SCANNED = 20_000
+MAX_JSON_BYTES = 256 << 20   # a report / sweep / compare JSON larger than this is an error, not read
+JSON_HEAD_BYTES = 64 << 10
+#: schema prefix of a moe-trace JSON document -> the run kind it makes
+JSON_KINDS = {"moe-trace/report/": "report", "moe-trace/sweep/": "sweep", "moe-trace/compare/": "compare"}
+_JSON_HEAD_RE = re.compile(rb'\A\s*\{\s*"schema"\s*:\s*"(moe-trace/(?:report|sweep|compare)/)[0-9]+"')
+# a report's second key is its run id (Report.to_dict order)
+_REPORT_ID_RE = re.compile(rb'\A\s*\{\s*"schema"\s*:\s*"moe-trace/report/[0-9]+"\s*,\s*"run_id"\s*:\s*'
+                           rb'"([A-Za-z0-9_.:+\-]{1,200})"')
+
+
+def is_json_candidate(name: str) -> bool:
+    """A file name that may hold a moe-trace report / sweep / compare JSON (trace files are not)."""
+    return name.endswith(".json") and not TRACE_RE.search(name)
+
+
+def peek_json_kind(path: str) -> tuple[str, str | None] | None:
+    """(kind, report run id or None) of a moe-trace JSON document from its first bytes, else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(JSON_HEAD_BYTES)
+    except OSError:
+        return None
+    m = _JSON_HEAD_RE.match(head)
+    if not m:
+        return None
+    kind = JSON_KINDS[m.group(1).decode()]
+    rid = None
+    if kind == "report":
+        r = _REPORT_ID_RE.match(head)
+        rid = r.group(1).decode() if r else None
+    return kind, rid
 
 Provider = Callable[[str], dict]
 
@@ -43,8 +86,9 @@ class UnknownRunError(KeyError):
 
 def default_provider(run_dir: str, files: list[str] | None = None) -> dict:
     """The report of one run, as `Report.to_dict()` plus `"step_timeline"` (per process: the recorded
-    steps with their per-layer counters, see docs/trace-format.md; the store serves it next to the
-    report, as `/report`'s `step_timeline`).
+    steps with their per-layer counters and the GPU / host time of their router / experts / shared
+    ranges, see docs/trace-format.md; `gpu_ranges` False for a CPU trace, whose steps have `gpu_ms`
+    None; the store serves it next to the report, as `/report`'s `step_timeline`).
 
     `files`: the run's trace files (the store passes them, checked to lie inside the log dir); by
     default the trace files directly in `run_dir` that are not symlinks to elsewhere. A sub-directory
@@ -61,6 +105,8 @@ def default_provider(run_dir: str, files: list[str] | None = None) -> dict:
     run = select_run(runs_of(datas, run_dir), None, run_dir)
     out = run_report(run).to_dict()
     out = dict(out, step_timeline=[{"file": os.path.basename(str(d.path)), "rank": d.rank,
+                                    "gpu_ranges": d.has_gpu_ranges(),
+                                    "unattributed_gpu_ms": (d.step_gpu_unattributed_ms or [None])[0],
                                     "steps": d.step_timeline()} for d in run.files if not d.merged])
     return out
 
@@ -147,6 +193,7 @@ class _Run:
     kind: tuple | None = None  # (signature, "moe" | "plain" | "unknown")
     files: tuple[str, ...] | None = None  # names of its files in `path`; None: every trace file there
     alias: bool = False  # a directory's own name when it holds several runs: the newest (not listed)
+    source: str = "trace"  # "trace" (trace files) or a JSON kind: "report" | "sweep" | "compare"
 
 
 class RunStore:
@@ -166,9 +213,12 @@ class RunStore:
         self.unreadable: list[str] = []
 
     # discovery -------------------------------------------------------------------------------
-    def _trace_files(self, path: str, names: tuple[str, ...] | None = None) -> list[os.DirEntry]:
-        """The trace files directly in `path` (only `names` when given) that are regular files inside
-        the log dir (a symlink must resolve inside it; FIFOs, sockets, directories are skipped)."""
+    def _trace_files(self, path: str, names: tuple[str, ...] | None = None,
+                     want: Callable[[str], bool] | None = None) -> list[os.DirEntry]:
+        """The trace files directly in `path` (only `names` when given; `want` picks other file names)
+        that are regular files inside the log dir (a symlink must resolve inside it; FIFOs, sockets,
+        directories are skipped)."""
+        want = want or (lambda n: bool(TRACE_RE.search(n)))
         out = []
         try:
             with os.scandir(path) as it:
@@ -176,7 +226,7 @@ class RunStore:
                     if names is not None and e.name not in names:
                         continue
                     try:
-                        if not (TRACE_RE.search(e.name) and e.is_file()):
+                        if not (want(e.name) and e.is_file()):
                             continue
                         if not _inside(os.path.realpath(e.path), self.logdir):
                             continue
@@ -186,6 +236,28 @@ class RunStore:
         except OSError:
             return []
         return sorted(out, key=lambda e: e.name)
+
+    def run_files(self, run: "_Run") -> list[os.DirEntry]:
+        """The checked files of a run: its trace files, or its JSON document."""
+        if run.source == "trace":
+            return self._trace_files(run.path, run.files)
+        return self._trace_files(run.path, run.files, want=is_json_candidate)
+
+    def _json_head(self, e: os.DirEntry) -> tuple[str, str | None] | None:
+        """`peek_json_kind` of a JSON file, cached by mtime/size."""
+        try:
+            st = e.stat()
+        except OSError:
+            return None
+        sig = ("json", st.st_mtime_ns, st.st_size)
+        hit = self._heads.get(e.path)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+        info = peek_json_kind(e.path)
+        if len(self._heads) > 100_000:
+            self._heads.clear()
+        self._heads[e.path] = (sig, info)
+        return info
 
     def _head(self, e: os.DirEntry) -> tuple:
         """(group key, label, started, kind) of one trace file from its header, cached by mtime/size."""
@@ -226,31 +298,70 @@ class RunStore:
 
     def _dir_runs(self, name: str, dirpath: str, found: dict) -> None:
         """The runs of one directory: its own name when it holds one run, else `{name}@{run label}`
-        for each (and `name` as an unlisted alias of the newest)."""
+        for each (and `name` as an unlisted alias of the newest: its newest trace run if it has one).
+
+        Runs are the trace files grouped by run, then the moe-trace JSON documents: a report whose
+        run id is the id of traces here is their copy and is left out (the traces say more)."""
         entries = self._trace_files(dirpath)
-        if not entries:  # only links to elsewhere, FIFOs, dangling links: nothing to read here
+        units: list[tuple] = []  # (group key, label, started, file names, source)
+        trace_ids = set()
+        if entries:
+            groups: dict[tuple, list] = {}
+            for e in entries:
+                key, label, started, _kind = self._head(e)
+                g = groups.setdefault(key, [label, 0.0, []])
+                g[1] = max(g[1], started)
+                g[2].append(e.name)
+                if key[0] == "run" and len(key) > 1:
+                    trace_ids.add(key[1])
+            moe = {k: g for k, g in groups.items() if k != ("plain",)}
+            for k, g in moe.items():
+                units.append((k, g[0], g[1], tuple(g[2]), "trace"))
+            plain = groups.get(("plain",))
+        else:
+            plain = None
+        reports: dict[str, tuple] = {}
+        for e in self._trace_files(dirpath, want=is_json_candidate):
+            info = self._json_head(e)
+            if info is None:
+                continue
+            kind, rid = info
+            try:
+                mtime = e.stat().st_mtime
+            except OSError:
+                continue
+            if kind == "report" and rid is not None:
+                if rid in trace_ids:
+                    continue  # the same run's traces are listed: they are the richer source
+                old = reports.get(rid)
+                if old is None or mtime > old[2]:  # copies of one report: one run, the newest file
+                    reports[rid] = (("json", rid), _safe_label(rid), mtime, (e.name,), kind)
+                continue
+            stem = e.name[:-len(".json")]
+            units.append((("json", e.name), _safe_label(stem), mtime, (e.name,), kind))
+        units.extend(reports.values())
+        if not units:
+            if plain is not None:  # only plain torch.profiler traces: listed as plain
+                found[name] = (dirpath, None, False, "trace")
             return
-        groups: dict[tuple, list] = {}
-        for e in entries:
-            key, label, started, _kind = self._head(e)
-            g = groups.setdefault(key, [label, 0.0, []])
-            g[1] = max(g[1], started)
-            g[2].append(e.name)
-        moe = {k: g for k, g in groups.items() if k != ("plain",)}
-        if len(moe) <= 1:
-            found[name] = (dirpath, None, False)
+        if len(units) == 1 and plain is None:
+            k, _label, _t, files, source = units[0]
+            found[name] = (dirpath, None if source == "trace" else files, False, source)
             return
-        if ("plain",) in groups:  # plain torch.profiler files next to several runs: listed as plain
-            moe[("plain",)] = groups[("plain",)]
+        if len(units) == 1 and units[0][4] == "trace":  # one run next to plain files (as before)
+            found[name] = (dirpath, None, False, "trace")
+            return
+        if plain is not None:  # plain torch.profiler files next to several runs: listed as plain
+            units.append((("plain",), "plain", -1.0, tuple(plain[2]), "trace"))
         from moe_trace.trace.runs import unique_labels
 
-        keys = list(moe)
-        labels = unique_labels([moe[k][0] for k in keys], ["" for _ in keys])
-        newest = max(keys, key=lambda k: (moe[k][1] if k != ("plain",) else -1.0))
-        for k, label in zip(keys, labels):
+        labels = unique_labels([u[1] for u in units], ["" for _ in units])
+        traced = [u for u in units if u[4] == "trace" and u[0] != ("plain",)]
+        newest = max(traced or units, key=lambda u: u[2])
+        for u, label in zip(units, labels):
             sub = f"{name}@{label}" if name != "." else f"@{label}"
-            found[sub] = (dirpath, tuple(moe[k][2]), False)
-        found[name] = (dirpath, tuple(moe[newest][2]), True)
+            found[sub] = (dirpath, u[3], False, u[4])
+        found[name] = (dirpath, newest[3], True, newest[4])
 
     def _scan(self) -> dict[str, tuple]:
         found: dict[str, tuple] = {}
@@ -271,7 +382,7 @@ class RunStore:
                 logger.warning("moe_trace plugin: stopped scanning %s after %d dirs", self.logdir, n)
                 break
             dirnames.sort()
-            if any(TRACE_RE.search(f) for f in filenames):
+            if any(TRACE_RE.search(f) or is_json_candidate(f) for f in filenames):
                 rel = os.path.relpath(dirpath, self.logdir)
                 name = "." if rel == "." else rel.replace(os.sep, "/")
                 self._dir_runs(name, dirpath, found)
@@ -289,14 +400,15 @@ class RunStore:
                 for name in list(self._runs):
                     if name not in found:
                         del self._runs[name]
-                for name, (path, files, alias) in found.items():
+                for name, (path, files, alias, source) in found.items():
                     run = self._runs.get(name)
-                    if run is None or run.path != path or run.files != files or run.alias != alias:
-                        self._runs[name] = _Run(name, path, files=files, alias=alias)
+                    if run is None or run.path != path or run.files != files or run.alias != alias \
+                            or run.source != source:
+                        self._runs[name] = _Run(name, path, files=files, alias=alias, source=source)
             self._scanned_at = time.monotonic()
 
     def has_runs(self) -> bool:
-        """Cheap: true once any trace file is found (cached for `scan_ttl_s`)."""
+        """Cheap: true once any trace file or moe-trace JSON document is found (cached for `scan_ttl_s`)."""
         self.refresh()
         return bool(self._runs)
 
@@ -325,7 +437,7 @@ class RunStore:
     # listing ---------------------------------------------------------------------------------
     def signature(self, run: _Run) -> tuple:
         sig = []
-        for e in self._trace_files(run.path, run.files):
+        for e in self.run_files(run):
             try:
                 st = e.stat()
             except OSError:
@@ -335,6 +447,8 @@ class RunStore:
 
     def _kind(self, run: _Run, sig: tuple) -> str:
         """"moe" (some file has the moe_trace key), "plain" (none has) or "unknown" (cached per signature)."""
+        if run.source != "trace":
+            return run.source
         if run.kind is not None and run.kind[0] == sig:
             return run.kind[1]
         seen = [peek_moe_key(os.path.join(run.path, f[0])) for f in sig]
@@ -411,10 +525,13 @@ class RunStore:
         e = _Entry(signature=sig, loaded_at=time.time())
         provider = self._provider or get_provider()
         if not sig:
-            e.error = "no *.pt.trace.json[.gz] files in this run"
+            e.error = "no *.pt.trace.json[.gz] files in this run" if run.source == "trace" else \
+                "the run's JSON file is gone"
         else:
             try:
-                if _takes_files(provider):  # the checked files only: nothing outside the log dir
+                if run.source != "trace":  # a report / sweep / compare JSON document
+                    report = load_json_run(os.path.join(run.path, sig[0][0]), run.source, sig[0][0])
+                elif _takes_files(provider):  # the checked files only: nothing outside the log dir
                     report = provider(run.path, files=[os.path.join(run.path, f[0]) for f in sig])
                 else:  # a provider of the older one-argument kind
                     report = provider(run.path)
@@ -428,7 +545,15 @@ class RunStore:
                 e.error = _describe(exc)
                 if self.logdir:  # show paths relative to the log dir, not the server's file system
                     e.error = e.error.replace(self.logdir + os.sep, "")
-        payload = {"run": run.name, "error": e.error} if e.error else {"run": run.name, "report": e.report}
+        if e.error:
+            payload = {"run": run.name, "error": e.error}
+        elif run.source in ("sweep", "compare"):  # not a Report: served under its own key
+            payload = {"run": run.name, "kind": run.source, run.source: e.report,
+                       "source": {"kind": run.source, "file": sig[0][0]}}
+        else:
+            payload = {"run": run.name, "kind": "moe" if run.source == "trace" else "report", "report": e.report}
+            if run.source == "report":
+                payload["source"] = {"kind": "report", "file": sig[0][0]}
         if not e.error and e.timeline is not None:
             payload["step_timeline"] = e.timeline
         e.body = dumps(payload)
@@ -437,14 +562,69 @@ class RunStore:
         return e
 
 
+def _json_error(rel: str, what: str) -> Exception:
+    from moe_trace.errors import TraceError
+
+    return TraceError(f"{rel} {what}; write it again with moe-trace (report.to_json, moe-trace sweep --out, "
+                      "moe-trace compare --json)")
+
+
+#: what a document of each kind must hold (key -> type) for the dashboard to draw it
+_JSON_NEEDS = {"report": {"model": dict, "phases": dict, "layers": list},
+               "sweep": {"experiment": dict, "summary": list},
+               "compare": {"configs": list, "rows": list}}
+
+
+def load_json_run(path: str, kind: str, rel: str) -> dict:
+    """The document of a report / sweep / compare run, checked: a regular file of at most
+    MAX_JSON_BYTES, strict JSON, an object whose `schema` is of `kind` and which has the keys the
+    dashboard draws. Errors are one TraceError naming `rel` (never the file's bytes)."""
+    import orjson
+
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not _stat_is_file(st):
+                raise _json_error(rel, "is not a regular file")
+            if st.st_size > MAX_JSON_BYTES:
+                raise _json_error(rel, f"is {st.st_size / 2**20:.0f} MiB, over the {MAX_JSON_BYTES >> 20} MiB the "
+                                       "dashboard reads")
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as exc:
+        raise _json_error(rel, f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:  # NaN / Infinity (a sweep's statistics of one sample) are not strict JSON; Python reads them
+            doc = json.loads(raw)
+        except RecursionError:
+            raise _json_error(rel, "nests JSON too deeply to be a moe-trace document") from None
+        except ValueError:
+            raise _json_error(rel, "is not valid JSON (a half-written or damaged file?)") from None
+    schema = doc.get("schema") if isinstance(doc, dict) else None
+    prefix = next((p for p, k in JSON_KINDS.items() if k == kind), "")
+    if not isinstance(schema, str) or not schema.startswith(prefix):
+        raise _json_error(rel, f"is not a moe-trace {kind} document (its schema is not {prefix}N)")
+    for key, typ in _JSON_NEEDS[kind].items():
+        if not isinstance(doc.get(key), typ):
+            raise _json_error(rel, f"has no {key!r} {'object' if typ is dict else 'list'}")
+    return doc
+
+
+def _stat_is_file(st) -> bool:
+    import stat
+
+    return stat.S_ISREG(st.st_mode)
+
+
 def trace_download(store: "RunStore", name: Any, file: Any) -> tuple[str, str]:
-    """(path, file name) of one trace file of run `name` for download (Perfetto): `file` must be one of
-    the files the store lists for that run (names, never joined paths), a regular file inside the log
-    dir. RunNameError / UnknownRunError otherwise."""
+    """(path, file name) of one file of run `name` for download (a trace for Perfetto, or the run's
+    JSON document): `file` must be one of the files the store lists for that run (names, never joined
+    paths), a regular file inside the log dir. RunNameError / UnknownRunError otherwise."""
     run = store._get_run(name)
     if not isinstance(file, str) or not file:
         raise RunNameError("missing trace file name")
-    names = {e.name: e.path for e in store._trace_files(run.path, run.files)}
+    names = {e.name: e.path for e in store.run_files(run)}
     if file not in names:
         raise UnknownRunError(file)
     path = names[file]

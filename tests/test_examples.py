@@ -47,7 +47,12 @@ def test_own_profiler(tmp_path, monkeypatch):
     the handler wrote analyzes to the live report of the two recorded generates."""
     import moe_trace
 
+    from moe_trace.capture import recorders
+
     ns = run_example("own_profiler.py", tmp_path, monkeypatch)
+    # on main before i13's 62844a1 an attached session whose window was exported inside the block stays
+    # attached and adds its counters to later exports of OTHER profilers: keep it out of the later tests
+    recorders._ATTACHED[:] = [r for r in recorders._ATTACHED if r is not ns["run"].kineto]
     keys = {e.key for e in ns["moe_rows"]}
     assert any(k.endswith("/experts") for k in keys) and any("/decode/" in k for k in keys)
     files = list(ns["out_dir"].glob("*.pt.trace.json*"))
@@ -61,8 +66,8 @@ def test_own_profiler(tmp_path, monkeypatch):
         for key in ("forward_calls", "tokens", "padding_tokens"):
             assert back["phases"][p][key] == live["phases"][p][key], (p, key)
     assert back["phases"]["prefill"]["forward_calls"] == 2 and back["phases"]["decode"]["forward_calls"] == 6
-    whole = ns["run"].report().to_dict()                       # the whole block: all 5 generates
-    assert whole["phases"]["prefill"]["forward_calls"] == 5
+    whole = ns["run"].report().to_dict()                       # the whole block: all 4 generates
+    assert whole["phases"]["prefill"]["forward_calls"] == 4
     assert sum(sum(l["expert_counts"]) for l in whole["layers"]) > sum(sum(l["expert_counts"]) for l in back["layers"])
 
 

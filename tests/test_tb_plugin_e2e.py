@@ -40,6 +40,25 @@ def logdir(tmp_path_factory):
     assert run.trace_files  # written in the background: wait before TensorBoard scans the logdir
     bench.write_run(root / "synthetic", bench.make_run_data(SYN_LAYERS, SYN_EXPERTS, 4, name="synthetic"))
     bench.write_run(root / "untimed", bench.make_run_data(4, 8, 2, prompt_tokens=16, decode_steps=2, timed=False))
+    # issue 15: a report.json next to the trace of the same run (what `moe-trace demo` writes) is not a
+    # second run; a stats run's report.json, a sweep, a comparison and a GPU trace are runs of their own
+    run.report().to_json(root / "tiny_olmoe" / "report.json")
+    with moe_trace.profile(model, mode="stats") as stats:
+        model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    stats.report().to_json(root / "stats_only" / "report.json")
+    from moe_trace.experiments.benchmark import SimpleBenchmark, compare_document
+    from moe_trace.experiments.sweep import run_sweep
+
+    run_sweep(model, "top-k", [1, 2, 4], repeats=1, warmup=0, max_new_tokens=2, out_dir=root / "sweep", plots=False,
+              progress=False)
+    bench_ = SimpleBenchmark(model, None, max_new_tokens=2, repeats=1, warmup=0, progress=False)
+    df = bench_.run({"base": None, "top1": "topk:1", "knee": "kneedle"}, [inputs["input_ids"][:1]])
+    (root / "cmp").mkdir()
+    (root / "cmp" / "compare.json").write_text(json.dumps(compare_document(df, {"model": "tiny"})))
+    gpu = ROOT / "tests" / "data" / "gpu_olmoe_tiny_full.pt.trace.json.gz"
+    if gpu.exists():
+        (root / "gpu").mkdir()
+        (root / "gpu" / gpu.name).write_bytes(gpu.read_bytes())
     bad = root / "broken"
     bad.mkdir()
     (bad / "w.pt.trace.json").write_text('{"moe_trace": {"schema": "moe-trace/trace/1"}, "traceEvents": [{"ph": ')
@@ -259,5 +278,97 @@ def test_step_timeline_and_drift(browser, tb, logdir):
                 c = np.asarray(s["layers"][layer["index"]]["expert_tokens"], float)
                 assert z[i][j] == pytest.approx(0.5 * np.abs(c / c.sum() - ref).sum())
         assert page.console_errors() == []
+    finally:
+        page.close()
+
+
+def test_report_sweep_and_compare_runs_are_listed_and_drawn(browser, tb, logdir, tmp_path):
+    """Issue 15: a stats run's report.json, a sweep and a comparison are runs with the panels their data
+    allows; the report.json next to tiny_olmoe's trace (same run) is no second run."""
+    status, body = tb.get("/data/plugin/moe_trace/runs")
+    kinds = {r["name"]: r["kind"] for r in json.loads(body)["runs"]}
+    assert kinds["tiny_olmoe"] == "moe" and kinds["stats_only"] == "report"
+    assert kinds["sweep"] == "sweep" and kinds["cmp"] == "compare"
+    assert not [n for n in kinds if n.startswith("tiny_olmoe@")]          # one run, the trace
+    rep = json.loads((logdir / "stats_only" / "report.json").read_text())
+    page = _open(browser, tb, "stats_only")
+    try:
+        assert page.eval("document.body.getAttribute('data-state')") == "ok"
+        z = json.loads(page.eval("JSON.stringify(document.getElementById('chart-heatmap').data[0].z)"))
+        assert z == [layer["expert_counts"] for layer in rep["layers"]]
+        assert page.eval("!document.getElementById('moe-latency-note').classList.contains('hidden')")  # stats: no ms
+        assert page.eval("document.getElementById('moe-steps').classList.contains('hidden')")         # no trace
+        src = page.eval("document.querySelector('#moe-settings-kv [data-key=Source] b').innerText")
+        assert "report.json" in src
+        href = page.eval("document.querySelector('#moe-downloads a').getAttribute('href')")
+        status, body = tb.get("/data/plugin/moe_trace/" + href)
+        assert status == 200 and body == (logdir / "stats_only" / "report.json").read_bytes()
+        assert page.eval("document.getElementById('moe-sweep').classList.contains('hidden')")
+        assert page.console_errors() == []
+        page.screenshot(tmp_path / "stats_only.png")
+    finally:
+        page.close()
+    sweep = json.loads((logdir / "sweep" / "sweep_top_k.json").read_text())
+    page = _open(browser, tb, "sweep")
+    try:
+        assert page.eval("document.body.getAttribute('data-state')") == "ok"
+        assert page.eval("document.getElementById('moe-heatmap').classList.contains('hidden')")
+        rows = page.eval("document.querySelectorAll('#moe-sweep-table tbody tr').length")
+        assert rows == len(sweep["summary"]) == 3
+        routing = json.loads(page.eval("JSON.stringify(document.getElementById('chart-sweep-routing').data.map(t => t.y))"))
+        assert routing[0] == [r["k_mean_mean"] for r in sweep["summary"]] == [1.0, 2.0, 4.0]   # k against the knob
+        assert routing[1] == [r["active_experts_mean_mean"] for r in sweep["summary"]]
+        assert routing[2] == [r["flops_per_token_mean"] for r in sweep["summary"]]
+        lat = json.loads(page.eval("JSON.stringify(document.getElementById('chart-sweep-latency').data.map(t => t.y))"))
+        assert lat[2] == [r["total_ms_mean"] for r in sweep["summary"]]
+        assert page.console_errors() == []
+        page.screenshot(tmp_path / "sweep.png")
+    finally:
+        page.close()
+    doc = json.loads((logdir / "cmp" / "compare.json").read_text())
+    page = _open(browser, tb, "cmp")
+    try:
+        head = page.eval("document.querySelector('#moe-cmpdoc-table thead').innerText")
+        assert head.strip().split("\t")[1:] == ["base", "top1", "knee"]
+        from moe_trace.experiments.benchmark import format_compare
+        import pandas as pd
+
+        df = pd.DataFrame(doc["configs"]).set_index("config")
+        text = {l.split("  ")[0].strip(): l.split()[-3:] for l in format_compare(df, width=200).splitlines()[1:]}
+        for key, label in (("k_mean", "k (mean experts/token)"), ("tokens_match", "tokens = base"),
+                           ("flops_per_token", "MFLOP/token"), ("k_mean_vs_base", "k vs base")):
+            cells = page.eval(f"document.querySelector('#moe-cmpdoc-table tr[data-row={key}]').innerText").split("\t")
+            assert cells[0] == label and cells[1:] == text[label], key      # the CLI's numbers, its formats
+        assert int(_attr(page, "chart-cmpdoc", "data-traces")) == 3
+        assert page.console_errors() == []
+        page.screenshot(tmp_path / "compare_doc.png")
+    finally:
+        page.close()
+
+
+def test_step_timeline_gpu_time_per_forward(browser, tb, logdir):
+    """Per forward the GPU time of the router / experts / shared ranges (the H200 trace of tests/data),
+    equal to the reader's step timeline; a CPU trace says it has no GPU time (host time shown)."""
+    from moe_trace.trace import read_trace
+
+    if not (logdir / "gpu").exists():
+        pytest.skip("tests/data GPU trace not committed")
+    f = next((logdir / "gpu").glob("*.pt.trace.json.gz"))
+    steps = [s for s in read_trace(f).step_timeline() if s["recorded"]]
+    page = _open(browser, tb, "gpu")
+    try:
+        assert _attr(page, "chart-step-time", "data-source") == "gpu"
+        ys = json.loads(page.eval("JSON.stringify(document.getElementById('chart-step-time').data.map(t => t.y))"))
+        for i, part in enumerate(("router", "experts", "shared")):
+            assert ys[i] == pytest.approx([s["gpu_ms"][part] for s in steps])
+        assert page.eval("document.getElementById('moe-steps-note').classList.contains('hidden')")
+        assert page.console_errors() == []
+    finally:
+        page.close()
+    page = _open(browser, tb, "tiny_olmoe")
+    try:
+        assert _attr(page, "chart-step-time", "data-source") == "cpu"
+        note = page.eval("document.getElementById('moe-steps-note').innerText")
+        assert "No GPU kernels" in note
     finally:
         page.close()

@@ -73,7 +73,37 @@ def tree(tmp_path_factory):
     os.mkfifo(logdir / "fifo" / "f.pt.trace.json")  # reading it would block forever
     (logdir / "dangling").mkdir()
     os.symlink(base / "nowhere", logdir / "dangling" / "x.pt.trace.json")
+    # report / sweep / compare JSON runs (issue 15): good ones, links out, damaged, hostile, a FIFO
+    report = _report_doc("fuzzmodel")
+    (outside / "s" / "report.json").write_text(json.dumps(dict(report, model=dict(report["model"], name=SECRET))))
+    (logdir / "rep").mkdir()
+    (logdir / "rep" / "report.json").write_text(json.dumps(report))
+    (logdir / "rep" / "sweep_top_k.json").write_text(json.dumps({"schema": "moe-trace/sweep/1", "experiment": {"knob": "top-k"},
+                                                                 "summary": [{"value": 1, "k_mean_mean": 1.0}]}))
+    (logdir / "rep" / "compare.json").write_text(json.dumps({"schema": "moe-trace/compare/1", "configs": [{"config": "a"}],
+                                                             "rows": []}))
+    (logdir / "replink").mkdir()
+    os.symlink(outside / "s" / "report.json", logdir / "replink" / "report.json")
+    os.symlink(outside / "s" / "report.json", logdir / "rep" / "zz_out.json")
+    (logdir / "repbad").mkdir()
+    (logdir / "repbad" / "report.json").write_text('{"schema": "moe-trace/report/1", "run_id": "r-1", "model": {"x": "'
+                                                   + SECRET + '"}, "phases": ')
+    (logdir / "repbad" / "sweep.json").write_text('{"schema": "moe-trace/sweep/1", "summary": "' + SECRET + '"}')
+    (logdir / "repfifo").mkdir()
+    os.mkfifo(logdir / "repfifo" / "report.json")
+    (logdir / "good" / "report.json").write_text(json.dumps(dict(report, run_id="zzzz99998888-0")))
     return base, logdir
+
+
+def _report_doc(name: str) -> dict:
+    import moe_trace
+    from moe_trace.models import build_tiny_model, example_inputs
+
+    model = build_tiny_model("olmoe").eval()
+    with moe_trace.profile(model, "stats") as run:
+        model(**{k: v for k, v in example_inputs(model, batch=1, prompt_len=4).items()})
+    d = run.report().to_dict()
+    return json.loads(json.dumps(dict(d, model=dict(d["model"], name=name)), default=str))
 
 
 def _get(app, route, query=""):
@@ -104,15 +134,25 @@ def test_routes_and_scanner_fuzz(tree, monkeypatch):
     for name in ODD:
         assert name in names, name
     assert "linkdir" not in names and "linkfile" not in names and "fifo" not in names
-    assert {"good", "linkin", "damaged", "garbage", "writing", "deep"} <= set(names)
+    assert {"good", "linkin", "damaged", "garbage", "writing", "deep"} - {"good"} <= set(names)
+    # JSON runs: each document of a folder listed; links out and a FIFO are not; damaged ones are (as errors)
+    assert {"rep@compare", "rep@sweep_top_k", "repbad@r-1", "repbad@sweep"} <= set(names), names
+    assert not [n for n in names if n.startswith(("replink", "repfifo"))] and "rep@zz_out" not in names
+    assert "good@zzzz99998888-0" in names  # a report of another run next to a trace: its own run
+    for name in ("repbad@r-1", "repbad@sweep"):
+        code, body = _get(apps["/report"], "/report", "run=" + quote(name, safe=""))
+        assert code == 422 and "TraceError" in json.loads(body)["error"], body
     # every listed name is served (never 400): 200 for good runs, 422 with a one-sentence error otherwise
     for name in names:
         code, body = _get(apps["/report"], "/report", "run=" + quote(name, safe=""))
         assert code in (200, 422), (name, code, body[:200])
+        assert SECRET.encode() not in body, name
         payload = json.loads(body)
         assert payload["run"] == name
         if code == 422:
             assert "\n" not in payload["error"] and len(payload["error"]) < 600, payload["error"]
+    good_name = next(n for n in names if n.startswith("good@") and "zzzz" not in n)
+    assert json.loads(_get(apps["/report"], "/report", "run=" + quote(good_name, safe=""))[1])["report"]["totals"]["tokens"] > 0
     assert json.loads(_get(apps["/report"], "/report", "run=good")[1])["report"]["totals"]["tokens"] > 0
     assert json.loads(_get(apps["/report"], "/report", "run=linkin")[1])["report"]  # symlink in: served
     two = [json.loads(_get(apps["/report"], "/report", "run=" + quote(f"multi@{r}", safe=""))[1])
@@ -135,11 +175,16 @@ def test_routes_and_scanner_fuzz(tree, monkeypatch):
         else:
             name = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
         query = rng.choice(["run=" + quote(name, safe=""), "run=" + quote(name, safe="") + "&run=good", "x=1", ""])
-        route = rng.choice(["/report", "/report", "/runs"])
+        route = rng.choice(["/report", "/report", "/runs", "/trace"])
+        if route == "/trace":  # downloads: a listed run with file names near the real ones, or junk
+            f = rng.choice(["report.json", "zz_out.json", "../s/report.json", "compare.json", "w.pt.trace.json.gz",
+                            "zz_out.pt.trace.json.gz", "/etc/passwd", "..", "", "sweep_top_k.json", "raw.txt"])
+            query = "run=" + quote(rng.choice(names + attacks), safe="") + "&file=" + quote(f, safe="")
         code, body = _get(apps[route], route, query)
         assert code in (200, 400, 404, 422), (route, query, code)
         assert SECRET.encode() not in body, (route, query)
-        json.loads(body)
+        if route != "/trace" or code != 200:
+            json.loads(body)
         assert time.perf_counter() - t0 < 60, "fuzz took too long"
     # nothing outside the log dir was ever opened (symlinks included), and no file bytes were echoed
     outside = [p for p in opened if not (p == root or p.startswith(root + os.sep))

@@ -58,6 +58,9 @@ def register(sub) -> None:
                      help="a configuration (repeat the option); e.g. base=model knee=kneedle top1=topk:1")
     _model_args(cmp)
     cmp.add_argument("--out", default=None, metavar="FILE", help="also write the table as CSV")
+    cmp.add_argument("--json", default=None, metavar="FILE",
+                     help="also write the comparison as JSON (schema moe-trace/compare/1); put it under a "
+                          "TensorBoard --logdir and the MoE tab lists it as a run")
     cmp.add_argument("--plot", default=None, metavar="PNG",
                      help="also draw total latency, k and FLOPs per token of each config into this PNG")
     cmp.set_defaults(func=cmd_compare, repeats=1)
@@ -215,7 +218,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from moe_trace.checks import output_file
 
-    for opt in ("out", "plot"):
+    for opt in ("out", "plot", "json"):
         if getattr(args, opt):
             output_file(getattr(args, opt), f"--{opt}")
     configs = dict(_parse_config(c) for c in args.config)
@@ -242,6 +245,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.out)
         print(f"wrote {args.out}")
+    if args.json:
+        import time
+
+        from moe_trace.experiments.benchmark import compare_document
+
+        doc = compare_document(df, {"model": label, "device": str(next(model.parameters()).device),
+                                    "repeats": args.repeats, "warmup": args.warmup,
+                                    "max_new_tokens": args.max_new_tokens,
+                                    "configs": {c.partition("=")[0].strip(): c.partition("=")[2].strip()
+                                                for c in args.config},
+                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=1, allow_nan=False))
+        print(f"wrote {args.json}")
     if args.plot:
         from moe_trace.experiments.plots import plot_compare
 

@@ -223,6 +223,32 @@ COMPARE_ROWS = (
 )
 
 
+COMPARE_SCHEMA = "moe-trace/compare/1"
+
+
+def compare_document(df, experiment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The comparison as a JSON document (what `moe-trace compare --json` writes and TensorBoard's MoE tab
+    lists as a run): ``schema``, ``experiment`` (model, device, repeats, ...), ``baseline`` (the first
+    configuration), ``rows`` (the printed table's rows: ``key``, ``label``, ``format``) and ``configs``
+    (one object per configuration, in order: ``config`` and every column of `df`; NaN is null)."""
+    def val(v):
+        if v is None:
+            return None
+        if isinstance(v, (bool, np.bool_)):
+            return bool(v)
+        if isinstance(v, (int, np.integer)):
+            return int(v)
+        if isinstance(v, (float, np.floating)):
+            return float(v) if np.isfinite(v) else None
+        return str(v)
+
+    configs = [{"config": str(name), **{str(c): val(df.loc[name, c]) for c in df.columns}} for name in df.index]
+    return {"schema": COMPARE_SCHEMA, "experiment": dict(experiment or {}),
+            "baseline": str(df.index[0]) if len(df.index) else None,
+            "rows": [{"key": k, "label": label, "format": fmt} for k, label, fmt in COMPARE_ROWS],
+            "configs": configs}
+
+
 def format_compare(df, width: int = 80) -> str:
     """The comparison as text that fits `width` columns: one row per metric with one number format,
     one column per configuration (named as given); more configurations than fit wrap into blocks."""

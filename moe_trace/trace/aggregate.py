@@ -1,7 +1,7 @@
 """Running totals of the events a reader hands over (both parsers feed the same `Aggregate`).
 
-Memory is bounded by the number of distinct ranges, GPU annotation instances, steps and counter
-events, never by the number of events.
+Memory is bounded by the number of range instances (CPU and GPU), steps and counter events, never
+by the number of events.
 """
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ class Aggregate:
         self.cpu: dict[tuple, list] = {}  # (pid, phase, layer, part) -> [us, n]
         self.gpu: dict[tuple, list] = {}
         self.spans: dict[tuple, list] = {}  # (pid, external id) -> [t0, t1, phase, layer, part, dur|None]
+        # CPU range instances, to put each range (and, by its External id, its GPU span) in its step:
+        # (pid, external id | None, ts, dur, part)
+        self.ranges: list[tuple] = []
         self.steps: dict[tuple, dict] = {}  # (pid, step) -> {phase, ts, dur}
         self.pstep: dict[int, float] = {}
         self.user_annotations = 0
@@ -101,6 +104,7 @@ class Aggregate:
                 acc = self.gpu.setdefault((pid, phase, layer, part), [0.0, 0])
             else:
                 acc = self.cpu.setdefault((pid, phase, layer, part), [0.0, 0])
+                self.ranges.append((pid, ext, ts, dur, part))
             acc[0] += dur
             acc[1] += 1
         elif gpu:
@@ -138,7 +142,7 @@ class Aggregate:
             elif cat in (USER_ANNOTATION, GPU_USER_ANNOTATION):
                 gpu = cat == GPU_USER_ANNOTATION
                 args = ev.get("args") if isinstance(ev.get("args"), dict) else {}
-                ext = args.get("External id") if gpu else None
+                ext = args.get("External id")
                 name = ev.get("name")
                 self.annotation(gpu, name if isinstance(name, str) else None, pidkey(ev.get("pid")), ts, dur,
                                 ext if isinstance(ext, int) else None)

@@ -105,6 +105,8 @@ def build(path: Path, meta: dict, agg: Aggregate, parser: str, nbytes: int, seco
             steps.append({"step": n, "phase": s["phase"], "tokens": None, "recorded": True, "ts": s["ts"],
                           "host_ms": s["dur"] / 1000.0})
 
+    part_step_ms, unattributed = _step_range_ms(agg, part_of, nparts)
+
     # plain summary
     devices = {}
     for pid, d in sorted(agg.devices.items(), key=lambda kv: str(kv[0])):
@@ -125,7 +127,82 @@ def build(path: Path, meta: dict, agg: Aggregate, parser: str, nbytes: int, seco
     return TraceData(path=path, metadata=meta, runs=runs, steps=steps,
                      counters=part_counters[0] if part_counters else {}, part_counters=part_counters,
                      range_ms=range_ms, summary=summary, timing_source=timing_source, parser=parser,
-                     bytes=nbytes, seconds=seconds, event_count=agg.events)
+                     bytes=nbytes, seconds=seconds, event_count=agg.events, part_step_ms=part_step_ms,
+                     step_gpu_unattributed_ms=unattributed)
+
+
+def _step_range_ms(agg: Aggregate, part_of, nparts: int) -> tuple[list[dict], list[float | None]]:
+    """Per part: {step: {"gpu_ms": {router, experts, shared} | None, "cpu_ms": {...}}}, and per part the
+    GPU range time no step could be given (None when the part has no GPU ranges).
+
+    A CPU range belongs to the step whose `moe_trace/<phase>#N` range holds its start; its GPU span
+    (the `gpu_user_annotation` with the same External id, as Kineto links them) goes with it. GPU time
+    per span is what the phase totals add up (`dur`, or first start to last end over streams), so the
+    steps' GPU times sum to the report's range times (plus the unattributed rest)."""
+    import bisect
+
+    windows: list[list[tuple[float, float, int]]] = [[] for _ in range(nparts)]
+    for (pid, n), st in agg.steps.items():
+        try:
+            windows[part_of(pid)].append((float(st["ts"]), float(st["ts"]) + float(st["dur"]), n))
+        except (TypeError, ValueError, IndexError):
+            continue
+    for w in windows:
+        w.sort()
+    starts = [[w[0] for w in ws] for ws in windows]
+    out: list[dict] = [{} for _ in range(nparts)]
+    has_gpu = [False] * nparts
+    unattributed = [0.0] * nparts
+
+    def rec(part: int, n: int) -> dict:
+        r = out[part].get(n)
+        if r is None:
+            r = out[part][n] = {"gpu_ms": None, "cpu_ms": {p: 0.0 for p in PARTS}}
+        return r
+
+    def step_of(part: int, ts: float) -> int | None:
+        i = bisect.bisect_right(starts[part], ts) - 1
+        if i < 0:
+            return None
+        t0, t1, n = windows[part][i]
+        return n if ts <= t1 else None
+
+    owner: dict[tuple, int] = {}  # (part, External id) -> step
+    for pid, ext, ts, dur, prt in agg.ranges:
+        part = part_of(pid)
+        if part >= nparts or prt not in PARTS:
+            continue
+        n = step_of(part, ts)
+        if n is None:
+            continue
+        rec(part, n)["cpu_ms"][prt] += dur / 1000.0
+        if ext is not None:
+            owner[(part, ext)] = n
+    for (pid, ext), (t0, t1, _phase, _layer, prt, dur) in agg.spans.items():
+        part = part_of(pid)
+        if part >= nparts or prt not in PARTS:
+            continue
+        has_gpu[part] = True
+        us = dur if dur is not None else t1 - t0
+        n = owner.get((part, ext))
+        if n is None:
+            unattributed[part] += us / 1000.0
+            continue
+        r = rec(part, n)
+        if r["gpu_ms"] is None:
+            r["gpu_ms"] = {p: 0.0 for p in PARTS}
+        r["gpu_ms"][prt] += us / 1000.0
+    for pid, _phase, _layer, prt in agg.gpu:  # GPU ranges without an External id: no step to give them
+        part = part_of(pid)
+        if part < nparts:
+            has_gpu[part] = True
+            unattributed[part] += agg.gpu[(pid, _phase, _layer, prt)][0] / 1000.0
+    for part in range(nparts):
+        if has_gpu[part]:  # a step whose ranges launched no kernel ran 0 ms on the GPU
+            for r in out[part].values():
+                if r["gpu_ms"] is None:
+                    r["gpu_ms"] = {p: 0.0 for p in PARTS}
+    return out, [u if g else None for u, g in zip(unattributed, has_gpu)]
 
 
 def _nearest_step(ts: float, pairs: list[tuple[float, int]]) -> int | None:

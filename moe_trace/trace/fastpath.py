@@ -32,7 +32,7 @@ _FIELDS = re.compile(rb'\s*,\s*"name"\s*:\s*(' + _STR + rb')\s*,\s*"pid"\s*:\s*(
                      rb'\s*,\s*"tid"\s*:\s*(?:' + _VAL + rb'|' + _STR + rb')\s*,\s*"ts"\s*:\s*(' + _VAL + rb')'
                      rb'\s*,\s*"dur"\s*:\s*(' + _VAL + rb')')
 _EXTID = re.compile(rb'\s*,\s*"args"\s*:\s*\{\s*"External id"\s*:\s*(-?[0-9]+)')
-# one scan finds a hit and, in the usual key order, its fields and the GPU annotation's External id
+# one scan finds a hit and, in the usual key order, its fields and the annotation's External id
 _SCAN = re.compile(_HIT.pattern + rb"(?:" + _FIELDS.pattern + rb"(?:" + _EXTID.pattern + rb")?)?")
 _DEVICE_CATS_B = {k.encode(): v for k, v in DEVICE_CATS.items()}
 _COUNTER_B = COUNTER_CAT.encode()
@@ -233,8 +233,8 @@ def _process_piece(piece: bytes, agg: Aggregate) -> None:
                     d[7] = ts + dur
             elif cat == _GPU_ANN_B:
                 annotation(True, raw, pid, ts, dur, int(ext) if ext is not None else None)
-            else:
-                annotation(False, raw, pid, ts, dur, None)
+            else:  # a CPU range's External id ties its GPU span to it (per-step GPU time)
+                annotation(False, raw, pid, ts, dur, int(ext) if ext is not None else None)
             n += 1
             last_hit = p
             continue

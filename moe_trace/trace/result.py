@@ -82,6 +82,10 @@ class TraceData:
     bytes: int
     seconds: float
     event_count: int
+    #: per part: {step: {"gpu_ms": {"router", "experts", "shared"} | None, "cpu_ms": {...}}} (build._step_range_ms)
+    part_step_ms: list[dict[int, dict[str, Any]]] = field(default_factory=list)
+    #: per part: GPU range ms no step could be given (None: the part has no GPU ranges, e.g. a CPU trace)
+    step_gpu_unattributed_ms: list[float | None] = field(default_factory=list)
 
     @property
     def is_moe(self) -> bool:
@@ -125,20 +129,39 @@ class TraceData:
         mt = self.metadata.get(META_KEY)
         return isinstance(mt, dict) and str(mt.get("schema", "")).startswith(MERGED_PREFIX)
 
+    def has_gpu_ranges(self, part: int = 0) -> bool:
+        """Whether the trace holds GPU spans of moe-trace ranges (False for a CPU run's trace)."""
+        u = self.step_gpu_unattributed_ms
+        return part < len(u) and u[part] is not None
+
     def step_timeline(self, part: int = 0) -> list[dict[str, Any]]:
-        """The recorded steps of one process (`part` of a merged trace) with their per-layer counters:
-        `[{"step", "phase", "tokens", "ts" (µs, trace clock), "host_ms", "layers": {layer index:
+        """The recorded steps of one process (`part` of a merged trace) with their per-layer counters
+        and range times: `[{"step", "phase", "tokens", "ts" (µs, trace clock), "host_ms", "gpu_ms":
+        {"router", "experts", "shared"} | None, "cpu_ms": {...}, "layers": {layer index:
         {"expert_tokens": [n per expert], "k_mean": float, "active_experts": int}}}]`, by step
-        (docs/trace-format.md). Steps the metadata lists but the profiler did not record have
-        `ts`/`host_ms` None and no layers."""
+        (docs/trace-format.md). `gpu_ms` is the GPU time of the step's router / experts / shared
+        ranges summed over layers, None when the trace has no GPU ranges (a CPU trace); `cpu_ms` the
+        host time of the same ranges. Steps the metadata lists but the profiler did not record have
+        `ts`/`host_ms`/`gpu_ms` None and no layers."""
         counters = self.part_counters[part] if part < len(self.part_counters) else {}
+        times = self.part_step_ms[part] if part < len(self.part_step_ms) else {}
+        gpu = self.has_gpu_ranges(part)
+
+        def t(n, recorded=True):
+            r = times.get(n)
+            if r is None:
+                zero = {"router": 0.0, "experts": 0.0, "shared": 0.0}
+                return {"gpu_ms": dict(zero) if gpu and recorded else None, "cpu_ms": dict(zero) if recorded else None}
+            return {"gpu_ms": dict(r["gpu_ms"]) if r["gpu_ms"] is not None else None, "cpu_ms": dict(r["cpu_ms"])}
+
         out = []
         for s in (self.steps if part == 0 else []):
-            out.append(dict(s, layers={int(k): dict(v) for k, v in sorted(counters.get(s["step"], {}).items())}))
+            out.append(dict(s, **t(s["step"], s.get("recorded", True)),
+                            layers={int(k): dict(v) for k, v in sorted(counters.get(s["step"], {}).items())}))
         if part:
             for n, layers in sorted((k, v) for k, v in counters.items() if k is not None):
                 out.append({"step": n, "phase": None, "tokens": None, "recorded": True, "ts": None,
-                            "host_ms": None, "layers": {int(k): dict(v) for k, v in sorted(layers.items())}})
+                            "host_ms": None, **t(n), "layers": {int(k): dict(v) for k, v in sorted(layers.items())}})
         return out
 
     def report(self) -> Report:

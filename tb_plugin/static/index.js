@@ -136,11 +136,15 @@ function buildShell() {
       card("latency", "Latency per device", h("div", { class: "moe-note hidden", id: "moe-latency-note" }),
         chart("latency")),
       card("flops", "FLOPs per layer and phase", chart("flops")),
-      card("steps", "Step timeline: tokens and expert-load drift per forward", chart("steps"), chart("drift")),
+      card("steps", "Step timeline: tokens, MoE time and expert-load drift per forward", chart("steps"),
+        h("div", { class: "moe-note hidden", id: "moe-steps-note" }), chart("step-time"), chart("drift")),
       card("roofline", "Roofline: weights read and FLOPs vs measured time", h("div", { id: "moe-roofline-table" }),
         chart("roofline")),
       card("ep", "Load per expert-parallel rank", h("div", { class: "moe-ep-bar", id: "moe-ep-controls" }),
         chart("ep")),
+      card("sweep", "Sweep", h("div", { class: "moe-note hidden", id: "moe-sweep-warnings" }),
+        h("div", { id: "moe-sweep-table" }), chart("sweep-latency"), chart("sweep-routing")),
+      card("cmpdoc", "Comparison of routing configurations", h("div", { id: "moe-cmpdoc-table" }), chart("cmpdoc")),
       card("cmp", "Compare runs",
         h("div", { id: "moe-compare-error", class: "moe-error hidden" }),
         h("div", { id: "moe-compare-table" }),
@@ -208,8 +212,10 @@ function getReport(name) {
   if (!state.reports.has(name)) {
     state.reports.set(name, getJson(`report?run=${encodeURIComponent(name)}`).then((b) => {
       if (b.error) return { error: b.error };
+      if (b.sweep && Array.isArray(b.sweep.summary)) return { sweep: b.sweep, source: b.source || null };
+      if (b.compare && Array.isArray(b.compare.configs)) return { compare: b.compare, source: b.source || null };
       if (!b.report || !Array.isArray(b.report.layers)) return { error: "the server sent no report for this run" };
-      return { report: b.report, timeline: b.step_timeline || null };
+      return { report: b.report, timeline: b.step_timeline || null, source: b.source || null };
     }).catch((e) => ({ error: String(e) })));
   }
   return state.reports.get(name);
@@ -304,12 +310,22 @@ async function draw() {
       return;
     }
     showError("");
+    if (a.sweep || a.compare) {  // a sweep result or a comparison: its own card, no report panels
+      showCards(a.sweep ? "sweep" : "cmpdoc");
+      await Promise.all(a.sweep ? drawSweepDoc(a.sweep, a.source) : drawCompareDoc(a.compare, a.source));
+      await nextFrame();
+      if (seq !== state.seq) return;
+      setStatus(a.sweep ? `sweep of ${(a.sweep.experiment || {}).knob}` : `${a.compare.configs.length} configurations`);
+      markPainted("ok");
+      return;
+    }
+    showCards(null);
     const rep = a.report;
     performance.mark("moe:draw-start");
     LAYER_AXIS = layerAxis(Math.max((rep.layers || []).length, b && b.report ? (b.report.layers || []).length : 0));
     const jobs = [];
     drawOverview(rep);
-    drawSettings(rep, a.timeline);
+    drawSettings(rep, a.timeline, a.source);
     await drawHeatmap("heatmap", rep, state.phase, state.mode);
     // let the browser paint the first screen (overview + heatmap) before the charts below it
     await nextFrame();
@@ -644,6 +660,13 @@ function drawCompare(ra, b, cmp) {
     ids.forEach(hideChart);
     return [];
   }
+  if (!b.report) {
+    errBox.textContent = `Run "${cmp}" is a ${b.sweep ? "sweep" : "comparison"}, not a profiled run: pick a run with a report.`;
+    errBox.classList.remove("hidden");
+    document.getElementById("moe-compare-table").replaceChildren();
+    ids.forEach(hideChart);
+    return [];
+  }
   errBox.classList.add("hidden");
   const rb = b.report;
   document.getElementById("moe-compare-table").replaceChildren(h("table", { class: "moe" },
@@ -709,7 +732,7 @@ function drawCompare(ra, b, cmp) {
 }
 
 // -- settings, downloads, roofline (issue 15) ---------------------------------------------------
-function drawSettings(rep, timeline) {
+function drawSettings(rep, timeline, source) {
   const s = rep.settings || {};
   const w = s.workload || {};
   const v = s.versions || {};
@@ -722,6 +745,7 @@ function drawSettings(rep, timeline) {
     ["Parallel layout", par ? Object.entries(par).filter(([, x]) => x !== null && x !== undefined).map(([k, x]) => `${k}=${x}`).join(" ") : "single process"],
     ["moe-trace / torch / transformers", `${v.moe_trace || "?"} / ${v.torch || "?"} / ${v.transformers || "?"}`],
     ["Date", s.date || "–"], ["Run id", rep.run_id || "–"],
+    ["Source", source && source.file ? `${source.file} (no trace)` : "Kineto trace"],
   ];
   document.getElementById("moe-settings-kv").replaceChildren(
     ...items.map(([k, x]) => h("div", { "data-key": k }, h("span", {}, k), h("b", {}, String(x)))));
@@ -729,7 +753,7 @@ function drawSettings(rep, timeline) {
   const links = files.map((f) => h("a", { href: `trace?run=${encodeURIComponent(state.run)}&file=${encodeURIComponent(f)}`,
     download: f, class: "moe-download" }, `download ${f}`));
   document.getElementById("moe-downloads").replaceChildren(...(links.length
-    ? [h("span", {}, "Traces (open in ui.perfetto.dev): "), ...links] : []));
+    ? [h("span", {}, "Traces (open in ui.perfetto.dev): "), ...links] : source && source.file ? [downloadLink(source.file)] : []));
   const k = document.querySelector("#moe-k h2 .sub");
   if (k) k.textContent = `selector: ${selectorLabel(rep)}`;
 }
@@ -787,11 +811,13 @@ function drawSteps(rep, timeline) {
   const section = document.getElementById("moe-steps");
   const proc = (timeline || [])[0];
   const steps = proc ? (proc.steps || []).filter((s) => s.recorded !== false) : [];
-  if (!steps.length) { section.classList.add("hidden"); hideChart("steps"); hideChart("drift"); return []; }
+  if (!steps.length) { section.classList.add("hidden"); hideChart("steps"); hideChart("step-time"); hideChart("drift"); return []; }
   section.classList.remove("hidden");
   document.querySelector("#moe-steps h2 .sub").textContent =
     `${steps.length} forwards of ${proc.file}${(timeline || []).length > 1 ? ` (rank ${proc.rank}; ${timeline.length} processes)` : ""}`;
   const x = steps.map((s) => s.step);
+  // integer ticks only (plotly would put half steps between few forwards)
+  const stepAxis = { title: { text: "step" }, tickformat: "d", dtick: Math.max(1, Math.ceil(steps.length / 20)) };
   const color = steps.map((s) => PHASE_COLORS[s.phase] || PHASE_COLORS.all);
   const traces = [
     { type: "bar", name: "tokens", x, y: steps.map((s) => s.tokens), marker: { color },
@@ -800,15 +826,139 @@ function drawSteps(rep, timeline) {
       line: { color: "#424242", width: 1 }, marker: { size: 3 }, hovertemplate: "step %{x}: %{y:.3f} ms (host)<extra></extra>" },
   ];
   const jobs = [plot("steps", traces, baseLayout({ title: { text: "tokens (bars: blue prefill, red decode) and host time per forward", font: { size: 13 } },
-    xaxis: { title: { text: "step" }, tickformat: "d" }, yaxis: { title: { text: "tokens" }, rangemode: "tozero" },
+    xaxis: stepAxis, yaxis: { title: { text: "tokens" }, rangemode: "tozero" },
     yaxis2: { title: { text: "ms" }, overlaying: "y", side: "right", rangemode: "tozero", showgrid: false } }),
   { cols: steps.length })];
+  // GPU time of the step's router / experts / shared ranges (kernels inside them); a CPU trace has
+  // none: say so and show the ranges' host time instead of zeros
+  const gpu = proc.gpu_ranges === true && steps.some((s) => s.gpu_ms);
+  const key = gpu ? "gpu_ms" : "cpu_ms";
+  const note = document.getElementById("moe-steps-note");
+  const unatt = typeof proc.unattributed_gpu_ms === "number" && proc.unattributed_gpu_ms > 0
+    ? ` ${proc.unattributed_gpu_ms.toFixed(3)} ms of GPU range time could not be placed in a step.` : "";
+  note.textContent = gpu ? (unatt ? unatt.trim() : "")
+    : "No GPU kernels in this trace (a CPU run): there is no per-step GPU time. The bars show the host time of the ranges.";
+  note.classList.toggle("hidden", !note.textContent);
+  const hasTimes = steps.some((s) => s[key]);
+  if (hasTimes) {
+    const timeTraces = PARTS.map((part) => ({ type: "bar", name: part, x, marker: { color: PART_COLORS[part] },
+      y: steps.map((s) => (s[key] ? s[key][part] : null)),
+      hovertemplate: `step %{x}: ${part} %{y:.3f} ms (${gpu ? "GPU" : "host"})<extra></extra>` }));
+    jobs.push(plot("step-time", timeTraces, baseLayout({
+      title: { text: gpu ? "GPU time per forward: router / experts / shared ranges (all layers)"
+        : "host time per forward of the router / experts / shared ranges (CPU trace: no GPU time)", font: { size: 13 } },
+      barmode: "stack", xaxis: stepAxis, yaxis: { title: { text: "ms" }, rangemode: "tozero" } }),
+    { cols: steps.length, source: gpu ? "gpu" : "cpu" }));
+  } else {
+    hideChart("step-time");
+  }
   const z = stepDrift(rep, steps);
   jobs.push(plot("drift", [{ type: "heatmap", z, x, y: (rep.layers || []).map(layerX), colorscale: "Magma", reversescale: true,
     zmin: 0, zmax: 1, hoverongaps: false, colorbar: { title: { text: "drift" }, thickness: 12 },
     hovertemplate: "L%{y:03d} step %{x}: drift %{z:.3f}<extra></extra>" }],
   baseLayout({ title: { text: "expert-load drift per layer and step (total variation vs the whole run)", font: { size: 13 } },
-    height: Math.min(900, Math.max(240, 100 + z.length * 14)), xaxis: { title: { text: "step" }, tickformat: "d" },
+    height: Math.min(900, Math.max(240, 100 + z.length * 14)), xaxis: stepAxis,
     yaxis: { ...LAYER_AXIS, autorange: "reversed" } }), { rows: z.length, cols: steps.length }));
   return jobs;
+}
+
+// -- runs that are not a profiled run: a sweep result, a comparison (issue 15) --------------------
+const REPORT_CARDS = ["overview", "settings", "heatmap", "k", "balance", "latency", "flops", "steps", "roofline", "ep"];
+function showCards(only) {  // only: "sweep" | "cmpdoc" | null (a report: its cards; the draw functions hide empty ones)
+  for (const id of REPORT_CARDS) document.getElementById(`moe-${id}`).classList.toggle("hidden", only !== null);
+  for (const id of ["sweep", "cmpdoc"]) document.getElementById(`moe-${id}`).classList.toggle("hidden", only !== id);
+  if (only !== null) document.getElementById("moe-cmp").classList.add("hidden");
+}
+
+function downloadLink(file) {
+  return h("a", { href: `trace?run=${encodeURIComponent(state.run)}&file=${encodeURIComponent(file)}`, download: file,
+    class: "moe-download" }, `download ${file}`);
+}
+
+const valueLabel = (v) => (Array.isArray(v) ? v.join("+") : String(v));
+
+function drawSweepDoc(doc, source) {
+  const ex = doc.experiment || {};
+  const m = ex.model || {};
+  const rows = doc.summary || [];
+  const knob = ex.knob || (rows[0] || {}).knob || "knob";
+  document.querySelector("#moe-sweep h2 .sub").textContent =
+    `${knob} over ${rows.length} values · ${m.name || m.family || "?"} · ${ex.device_name || ex.device || "?"} · `
+    + `timing ${ex.timing || "?"} · ${ex.repeats ?? "?"} repeats × ${ex.num_inputs ?? "?"} inputs`
+    + `${ex.interleaved ? ", interleaved" : ""}${ex.selector ? ` · selector ${ex.selector}` : ""} · ${ex.created || ""}`;
+  const warn = document.getElementById("moe-sweep-warnings");
+  const ws = doc.warnings || [];
+  warn.textContent = ws.length ? `Warning: ${ws.join(" · ")}` : "";
+  warn.classList.toggle("hidden", !ws.length);
+  const pm = (r, k) => (typeof r[`${k}_mean`] === "number"
+    ? `${r[`${k}_mean`].toFixed(2)}${typeof r[`${k}_std`] === "number" ? ` ± ${r[`${k}_std`].toFixed(2)}` : ""}` : "–");
+  const ci = (r) => (typeof r.total_ms_ci95_low === "number" ? `${r.total_ms_ci95_low.toFixed(2)} – ${r.total_ms_ci95_high.toFixed(2)}` : "–");
+  const head = [knob, "samples", "prefill ms", "decode ms", "total ms", "total ms 95% CI", "k (mean)", "active experts", "FLOPs / token"];
+  const body = rows.map((r) => h("tr", { "data-value": valueLabel(r.value) }, h("td", {}, valueLabel(r.value)), h("td", {}, F.int(r.n)),
+    h("td", {}, pm(r, "prefill_ms")), h("td", {}, pm(r, "decode_ms")), h("td", {}, pm(r, "total_ms")), h("td", {}, ci(r)),
+    h("td", {}, F.f3(r.k_mean_mean)), h("td", {}, F.f2(r.active_experts_mean_mean)), h("td", {}, F.si(r.flops_per_token_mean))));
+  document.getElementById("moe-sweep-table").replaceChildren(h("table", { class: "moe" },
+    h("thead", {}, h("tr", {}, head.map((c) => h("th", {}, c)))), h("tbody", {}, body)),
+  ...(source && source.file ? [h("div", { id: "moe-sweep-download" }, downloadLink(source.file))] : []));
+  const x = rows.map((r) => valueLabel(r.value));
+  const lat = [["prefill_ms", "prefill", PHASE_COLORS.prefill], ["decode_ms", "decode", PHASE_COLORS.decode],
+    ["total_ms", "total", PHASE_COLORS.all]].map(([k, name, color]) => ({
+    type: "scatter", mode: "lines+markers", name, x, y: rows.map((r) => r[`${k}_mean`]), line: { color, width: 1.5 },
+    marker: { color, size: 6 }, error_y: { type: "data", array: rows.map((r) => r[`${k}_std`] || 0), thickness: 1, width: 3 },
+    hovertemplate: `${knob} %{x}: ${name} %{y:.3f} ms (mean ± std)<extra></extra>` }));
+  const xaxis = { title: { text: esc(knob) }, type: "category" };
+  const jobs = [plot("sweep-latency", lat, baseLayout({ title: { text: `latency against ${esc(knob)} (mean ± std over repeats)`, font: { size: 13 } },
+    xaxis, yaxis: { title: { text: "ms" }, rangemode: "tozero" } }), { cols: rows.length })];
+  const routing = [
+    { type: "scatter", mode: "lines+markers", name: "k (mean experts / token)", x, y: rows.map((r) => r.k_mean_mean),
+      line: { color: "#5c6bc0" }, hovertemplate: `${knob} %{x}: k %{y:.3f}<extra></extra>` },
+    { type: "scatter", mode: "lines+markers", name: "active experts", x, y: rows.map((r) => r.active_experts_mean_mean),
+      line: { color: "#26a69a", dash: "dot" }, hovertemplate: `${knob} %{x}: %{y:.2f} active experts<extra></extra>` },
+    { type: "bar", name: "FLOPs / token", x, y: rows.map((r) => r.flops_per_token_mean), xaxis: "x2", yaxis: "y2",
+      marker: { color: PART_COLORS.experts }, hovertemplate: `${knob} %{x}: %{y:.4s}FLOP / token<extra></extra>` },
+  ];
+  jobs.push(plot("sweep-routing", routing, twoPanels(`k and active experts against ${esc(knob)}`, `MoE FLOPs per token against ${esc(knob)}`, {
+    xaxis: { ...xaxis, domain: LEFT }, yaxis: { title: { text: "experts" }, rangemode: "tozero" },
+    xaxis2: { ...xaxis, domain: RIGHT, anchor: "y2" }, yaxis2: { anchor: "x2", title: { text: "FLOP" }, tickformat: ".2s", rangemode: "tozero" },
+  }), { cols: rows.length }));
+  return jobs;
+}
+
+// the Python format of a row of `moe-trace compare` (benchmark.COMPARE_ROWS), one per row
+function pyFormat(fmt, v) {
+  if (v === null || v === undefined || (typeof v === "number" && Number.isNaN(v))) return "–";
+  if (fmt === "{}") return String(v);
+  if (typeof v !== "number") return String(v);
+  if (fmt === "mflop") return (v / 1e6).toFixed(3);
+  if (fmt === "{:d}") return String(Math.round(v));
+  const m = /^\{:(\+?)\.(\d+)([f%])\}(%?)$/.exec(fmt);
+  if (!m) return String(v);
+  const x = m[3] === "%" ? v * 100 : v;
+  return `${m[1] && x >= 0 ? "+" : ""}${x.toFixed(Number(m[2]))}${m[3] === "%" || m[4] ? "%" : ""}`;
+}
+
+function drawCompareDoc(doc, source) {
+  const ex = doc.experiment || {};
+  const cfgs = doc.configs || [];
+  const names = cfgs.map((c) => String(c.config));
+  document.querySelector("#moe-cmpdoc h2 .sub").textContent =
+    `${ex.model || "?"} · ${ex.device || "?"} · base ${doc.baseline || names[0] || "?"} · ${ex.repeats ?? "?"} repeat(s) · ${ex.created || ""}`;
+  const specs = ex.configs || {};
+  const body = (doc.rows || []).map((r) => h("tr", { "data-row": r.key }, h("td", {}, r.label),
+    ...cfgs.map((c) => h("td", {}, pyFormat(r.format, c[r.key])))));
+  document.getElementById("moe-cmpdoc-table").replaceChildren(h("table", { class: "moe" },
+    h("thead", {}, h("tr", {}, h("th", {}, "metric"), ...names.map((n) => h("th", { title: specs[n] || "" }, n)))),
+    h("tbody", {}, body)), ...(source && source.file ? [h("div", {}, downloadLink(source.file))] : []));
+  const panels = [["total_ms", "total ms", "ms"], ["k_mean", "k (mean experts / token)", "k"], ["flops_per_token", "MoE FLOPs / token", "FLOP"]];
+  const dom = [[0, 0.28], [0.36, 0.64], [0.72, 1]];
+  const traces = panels.map(([k, label], i) => ({ type: "bar", name: label, x: names, y: cfgs.map((c) => c[k]),
+    xaxis: i ? `x${i + 1}` : "x", yaxis: i ? `y${i + 1}` : "y", marker: { color: [PHASE_COLORS.all, PART_COLORS.router, PART_COLORS.experts][i] },
+    hovertemplate: `%{x}: %{y:.4s} ${label}<extra></extra>` }));
+  const layout = baseLayout({ height: 320, showlegend: false, margin: { l: 60, r: 20, t: 40, b: 60 },
+    annotations: panels.map(([, label], i) => panelTitle(label, (dom[i][0] + dom[i][1]) / 2)) });
+  panels.forEach(([, , unit], i) => {
+    layout[i ? `xaxis${i + 1}` : "xaxis"] = { domain: dom[i], anchor: i ? `y${i + 1}` : "y", type: "category" };
+    layout[i ? `yaxis${i + 1}` : "yaxis"] = { anchor: i ? `x${i + 1}` : "x", title: { text: unit }, rangemode: "tozero", tickformat: unit === "FLOP" ? ".2s" : "" };
+  });
+  return [plot("cmpdoc", traces, layout, { cols: names.length })];
 }
