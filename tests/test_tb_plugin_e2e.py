@@ -304,6 +304,8 @@ def test_report_sweep_and_compare_runs_are_listed_and_drawn(browser, tb, logdir,
         status, body = tb.get("/data/plugin/moe_trace/" + href)
         assert status == 200 and body == (logdir / "stats_only" / "report.json").read_bytes()
         assert page.eval("document.getElementById('moe-sweep').classList.contains('hidden')")
+        page.wait_for("document.getElementById('moe-timeline') !== null", timeout=30)
+        assert _attr(page, "moe-timeline", "aria-disabled") == "true"          # no trace: no Timeline view
         assert page.console_errors() == []
         page.screenshot(tmp_path / "stats_only.png")
     finally:

@@ -194,7 +194,8 @@ async function loadRuns(preferred) {
   const fallback = (newest.find((r) => r.status !== "error") || newest[0] || {}).name || null;
   state.run = names.includes(preferred) ? preferred : (names.includes(state.run) ? state.run : fallback);
   if (state.compare && !names.includes(state.compare)) state.compare = "";
-  const label = (r) => r.name + (r.status === "error" ? "  (error)" : "");
+  const KIND_TAG = { report: "  [report]", sweep: "  [sweep]", compare: "  [compare]" };
+  const label = (r) => r.name + (KIND_TAG[r.kind] || "") + (r.status === "error" ? "  (error)" : "");
   els.runSel.replaceChildren(...state.runs.map((r) => h("option", { value: r.name, selected: r.name === state.run }, label(r))));
   els.cmpSel.replaceChildren(h("option", { value: "" }, "(none)"),
     ...state.runs.map((r) => h("option", { value: r.name, selected: r.name === state.compare }, label(r))));
@@ -310,6 +311,7 @@ async function draw() {
       return;
     }
     showError("");
+    timelineFor(!a.sweep && !a.compare && !a.source);
     if (a.sweep || a.compare) {  // a sweep result or a comparison: its own card, no report panels
       showCards(a.sweep ? "sweep" : "cmpdoc");
       await Promise.all(a.sweep ? drawSweepDoc(a.sweep, a.source) : drawCompareDoc(a.compare, a.source));
@@ -868,6 +870,19 @@ function showCards(only) {  // only: "sweep" | "cmpdoc" | null (a report: its ca
   for (const id of REPORT_CARDS) document.getElementById(`moe-${id}`).classList.toggle("hidden", only !== null);
   for (const id of ["sweep", "cmpdoc"]) document.getElementById(`moe-${id}`).classList.toggle("hidden", only !== id);
   if (only !== null) document.getElementById("moe-cmp").classList.add("hidden");
+}
+
+// the Timeline view needs a trace: greyed out for report / sweep / compare runs
+function timelineFor(hasTrace) {
+  state.hasTrace = hasTrace;
+  window.moeTimelineAdded = () => timelineFor(state.hasTrace);
+  const a = document.getElementById("moe-timeline");
+  if (!a || a.dataset.unavailable) return;
+  if (a.dataset.title === undefined) a.dataset.title = a.title || "";
+  a.style.opacity = hasTrace ? "" : "0.5";
+  a.style.pointerEvents = hasTrace ? "" : "none";
+  if (hasTrace) a.removeAttribute("aria-disabled"); else a.setAttribute("aria-disabled", "true");
+  a.title = hasTrace ? a.dataset.title : "this run has no trace (a report JSON, sweep or comparison)";
 }
 
 function downloadLink(file) {

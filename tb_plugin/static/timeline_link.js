@@ -29,10 +29,12 @@ export async function addTimelineLink() {
     update();
   } else {
     a.title = info.reason || "the trace viewer is not available";
+    a.dataset.unavailable = "1";
     a.setAttribute("aria-disabled", "true");
     a.style.opacity = "0.5";
     a.style.pointerEvents = "none";
   }
   const reload = document.getElementById("moe-reload");
   bar.insertBefore(a, reload || null);
+  if (typeof window.moeTimelineAdded === "function") window.moeTimelineAdded();  // the dashboard greys it per run
 }
