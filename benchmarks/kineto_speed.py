@@ -96,19 +96,24 @@ def run_kineto(model, inputs, gen, device, tmp: Path) -> dict:
     mem = PeakRSS()
     gc.collect()
     sync(device)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     with moe_trace.profile(model, mode="kineto", logdir=logdir) as run:
+        t_in = time.perf_counter()
         out = model.generate(**inputs, **gen)
         sync(device)
+        t_gen = time.perf_counter()
         mem.start()
     t_block = time.perf_counter()
     files = run.trace_files  # waits for the writer
     t_disk = time.perf_counter()
+    cpu = time.process_time() - c0
     peak = mem.stop()
     timings = getattr(run, "export_timings", None) or {}
     stopped = timings.get("profiler_stopped")
     f = files[0]
-    return {"total": t_disk - t0, "block": t_block - t0,
+    return {"total": t_disk - t0, "block": t_block - t0, "cpu": cpu, "enter": t_in - t0, "generate": t_gen - t_in,
+            "stop_to_disk": t_disk - t_gen,
             "after_stop": (t_block - stopped) if stopped else None, "tokens": out,
             "export_peak_mb": peak / 2 ** 20, "file_bytes": f.stat().st_size,
             "file_bytes_json": uncompressed_size(f), "timings": timings}
@@ -123,15 +128,20 @@ def run_tb_handler(model, inputs, gen, device, tmp: Path) -> dict:
     mem = PeakRSS()
     gc.collect()
     sync(device)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     with profile(activities=acts, on_trace_ready=tensorboard_trace_handler(str(logdir))):
+        t_in = time.perf_counter()
         out = model.generate(**inputs, **gen)
         sync(device)
+        t_gen = time.perf_counter()
         mem.start()
     t_disk = time.perf_counter()
+    cpu = time.process_time() - c0
     peak = mem.stop()
     f = next(logdir.glob("*.pt.trace.json*"))
-    return {"total": t_disk - t0, "block": t_disk - t0, "after_stop": None, "tokens": out,
+    return {"total": t_disk - t0, "block": t_disk - t0, "cpu": cpu, "enter": t_in - t0, "generate": t_gen - t_in,
+            "stop_to_disk": t_disk - t_gen, "after_stop": None, "tokens": out,
             "export_peak_mb": peak / 2 ** 20, "file_bytes": f.stat().st_size,
             "file_bytes_json": uncompressed_size(f)}
 
@@ -168,7 +178,8 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
                 for v in order:
                     r = VARIANTS[v](model, inputs, gen, device, tmp)
                     res[v].append(r)
-                    print(f"[{label}] rep {rep} {v:<10} total {r['total']:7.3f} s  block {r['block']:7.3f} s  "
+                    print(f"[{label}] rep {rep} {v:<10} total {r['total']:7.3f} s  cpu {r['cpu']:7.3f} s  "
+                          f"block {r['block']:7.3f} s  "
                           f"export peak {r['export_peak_mb']:7.1f} MB  file {r['file_bytes'] / 1e6:7.2f} MB",
                           flush=True)
     finally:
@@ -178,7 +189,7 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     tok = batch * new
-    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("total", "block", "export_peak_mb",
+    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("total", "cpu", "block", "enter", "generate", "stop_to_disk", "export_peak_mb",
                                                                "file_bytes", "file_bytes_json")}
            for v, rs in res.items()}
     after = [r["after_stop"] for r in res["kineto"] if r["after_stop"] is not None]
@@ -193,6 +204,9 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
         "prompt": prompt, "new": new, "reps": reps, "device": torch.cuda.get_device_name() if
         device.startswith("cuda") else "cpu",
         "median": med, "ratio_total": med["kineto"]["total"] / med["tb_handler"]["total"],
+        "ratio_cpu": med["kineto"]["cpu"] / med["tb_handler"]["cpu"],
+        "ratios_per_rep": [k["total"] / t["total"] for k, t in zip(res["kineto"], res["tb_handler"])],
+        "threads": torch.get_num_threads(),
         "after_stop_max_s": max(after) if after else None,
         "raw_trace_mb": raw_mb,
         "export_peak_over_raw": med["kineto"]["export_peak_mb"] / raw_mb if raw_mb else None,
@@ -205,13 +219,16 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
         "kineto_timings_last": res["kineto"][-1].get("timings"),
     }
     print(f"\n## {label}: {summary['model']} batch {batch} prompt {prompt} new {new}, reps {reps}, {summary['device']}")
-    print("| variant | total s (median) | block s | export peak MB | file MB | json MB |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | total s (median) | process CPU s | enter s | generate s | stop to disk s | block s | "
+          "export peak MB | file MB | json MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for v in names:
         m = med[v]
-        print(f"| {v} | {m['total']:.3f} | {m['block']:.3f} | {m['export_peak_mb']:.1f} | "
+        print(f"| {v} | {m['total']:.3f} | {m['cpu']:.3f} | {m['enter']:.3f} | {m['generate']:.3f} | "
+              f"{m['stop_to_disk']:.3f} | {m['block']:.3f} | {m['export_peak_mb']:.1f} | "
               f"{m['file_bytes'] / 1e6:.2f} | {m['file_bytes_json'] / 1e6:.2f} |")
-    print(f"kineto / tb_handler total: x{summary['ratio_total']:.3f}; block after profiler stop (max): "
+    print(f"kineto / tb_handler total: x{summary['ratio_total']:.3f} (process CPU x{summary['ratio_cpu']:.3f}, "
+          f"per rep {', '.join(f'{x:.2f}' for x in summary['ratios_per_rep'])}); block after profiler stop (max): "
           f"{summary['after_stop_max_s']}; export peak / raw trace: {summary['export_peak_over_raw']}; "
           f"slim file / plain file: {summary['slim_over_plain_bytes']:.3f}; same tokens: {same} "
           f"(each variant with itself: {same_within})", flush=True)
@@ -231,7 +248,11 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", default=None, help="append one JSON line per case here")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (1 on a shared CPU box: a busy core stalls every 2-thread op)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     todo = [(c, CASES[c]) for c in args.cases.split(",")] if args.cases else \
         [("custom", dict(model=args.model, batch=args.batch, prompt=args.prompt, new=args.new))]

@@ -258,3 +258,30 @@ def test_interpreter_exit_waits_and_reports(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((tmp_path / "ok").glob("*.pt.trace.json.gz"))) == 1
     assert "moe-trace: error: writing the kineto trace failed: disk full (test)" in proc.stderr
+
+
+def test_profiler_range_writes_what_record_function_writes(tmp_path):
+    """moe-trace's ranges (capture/ranges.py, the pybind enter/exit pair) are the same user_annotation
+    events record_function writes: same category, nesting, one event per range."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from moe_trace.capture.ranges import ProfilerRange
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with ProfilerRange("moe_trace/decode/L000/experts"):
+            with torch.autograd.profiler.record_function("inner_rf"):
+                torch.ones(4).sum()
+        r = ProfilerRange("moe_trace/decode#7").__enter__()
+        r.__exit__(None, None, None)
+        r.__exit__(None, None, None)  # a second exit is a no-op (cleanup paths may close twice)
+    path = tmp_path / "r.json"
+    prof.export_chrome_trace(str(path))
+    ev = json.loads(path.read_text())["traceEvents"]
+    got = {e["name"]: e for e in ev if e.get("ph") == "X" and e["name"] in
+           ("moe_trace/decode/L000/experts", "inner_rf", "moe_trace/decode#7")}
+    assert sorted(got) == ["inner_rf", "moe_trace/decode#7", "moe_trace/decode/L000/experts"]
+    assert {e["cat"] for e in got.values()} == {"user_annotation"}
+    outer, inner = got["moe_trace/decode/L000/experts"], got["inner_rf"]
+    assert outer["ts"] <= inner["ts"] and inner["ts"] + inner["dur"] <= outer["ts"] + outer["dur"]
+    assert sum(e.get("name") == "moe_trace/decode#7" for e in ev) == 1

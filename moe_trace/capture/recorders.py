@@ -36,6 +36,7 @@ from moe_trace.trace import pending
 from moe_trace.trace.format import PROFILER_STEP_PREFIX
 
 from .counters import DeviceCounters
+from .ranges import ProfilerRange
 
 
 class CounterRecorder:
@@ -273,9 +274,7 @@ class KinetoRecorder:
         find iterations by these names)."""
         self.end_step()
         if self._prof is not None:
-            rf = torch.autograd.profiler.record_function(f"{PROFILER_STEP_PREFIX}{step}")
-            rf.__enter__()
-            self._step_rf = rf
+            self._step_rf = ProfilerRange(f"{PROFILER_STEP_PREFIX}{step}").__enter__()
 
     def end_step(self) -> None:
         rf, self._step_rf = self._step_rf, None

@@ -35,6 +35,7 @@ from .handlers.base import MoEBinding, MoEHandler
 from .observers import ObserverSet, Step
 from .options import MODES, ProfileOptions
 from .parallel import parallel_layout
+from .ranges import ProfilerRange
 from .recorders import CounterRecorder, KinetoRecorder, running_profilers
 from .timing import PartTimer
 
@@ -454,8 +455,7 @@ class ProfileRun:
         if self.kineto is not None:
             self.kineto.begin_step(self._step)
         if _profiler_on():
-            self._step_range = torch.autograd.profiler.record_function(step_name(phase, self._step))
-            self._step_range.__enter__()
+            self._step_range = ProfilerRange(step_name(phase, self._step)).__enter__()
         return None
 
     def _model_post(self, module, args, output):
@@ -487,8 +487,7 @@ class ProfileRun:
             self._compiled_ranges = True  # so its parts get no range and no timer (counts are exact)
             return
         if _profiler_on():
-            rf = torch.autograd.profiler.record_function(range_name(PHASES[self._phase], layer, part))
-            rf.__enter__()
+            rf = ProfilerRange(range_name(PHASES[self._phase], layer, part)).__enter__()
             self._ranges.setdefault(key, []).append(rf)
         if self._timer is not None:
             self._timer.start(key, self._phase, layer, part, device)
