@@ -11,11 +11,16 @@ variant; medians of --reps. Per repetition:
   around the same generate, its default (uncompressed JSON) export; ``total`` = entering the block
   until it returned (the handler writes the trace inside ``__exit__``).
 
+Each variant also reports process CPU time (all threads) and the split `enter` (entering the block
+until the generate starts), `generate` (the generate itself, synced) and `stop_to_disk` (the generate's
+end until the trace is on disk: the profiler's stop, its save and, for kineto, moe-trace's writer).
+``--threads N`` sets torch's intra-op threads (1 on a shared CPU box).
+
 Both variants sample the process RSS every 2 ms from the end of the generate until the trace is on
 disk: ``export_peak_mb`` = peak RSS minus RSS when the generate returned; compared with the size of
 the raw trace (tb_handler's file, uncompressed Kineto JSON). Bytes per generated token for each file.
 
-    python benchmarks/kineto_speed.py --tiny --layers 8 --new 48 --reps 5          # the CPU box case
+    python benchmarks/kineto_speed.py --tiny --layers 8 --new 48 --reps 5 --threads 1   # the CPU box case
     python benchmarks/kineto_speed.py --cases olmoe64,qwen3 --reps 5               # H200
     python benchmarks/kineto_speed.py --cases olmoe512 --reps 5                    # H200
 """
