@@ -230,3 +230,21 @@ def test_compare_json_option_checked_before_the_runs(tmp_path, capsys):
     assert main(["compare", "--config", "base=model", "--json", str(tmp_path / "file" / "c.json")]) == 2
     err = capsys.readouterr()
     assert "--json" in err.err and "compare on" not in err.out               # refused before any run
+
+
+def test_what_the_demo_writes_is_one_run_per_mode(tmp_path, capsys):
+    """`moe-trace demo` in each mode: stats / timing leave a report.json (a report run), kineto a trace
+    and the same run's report.json (one run: the trace)."""
+    from moe_trace.cli.main import main
+
+    for mode in ("stats", "timing", "kineto"):
+        assert main(["demo", "--mode", mode, "--logdir", str(tmp_path / mode), "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "kineto" / "report.json").exists()
+    apps = MoeTracePlugin(base_plugin.TBContext(logdir=str(tmp_path))).get_plugin_apps()
+    runs = {r["name"]: r["kind"] for r in json.loads(_get(apps, "/runs")[1])["runs"]}
+    assert runs == {"stats": "report", "timing": "report", "kineto": "moe"}
+    for mode in ("stats", "timing"):
+        code, p = _report(apps, mode)
+        assert code == 200 and p["report"]["settings"]["mode"] == mode
+        assert (p["report"]["timing_source"] is not None) == (mode == "timing")

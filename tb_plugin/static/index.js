@@ -829,7 +829,8 @@ function drawSteps(rep, timeline) {
   ];
   const jobs = [plot("steps", traces, baseLayout({ title: { text: "tokens (bars: blue prefill, red decode) and host time per forward", font: { size: 13 } },
     xaxis: stepAxis, yaxis: { title: { text: "tokens" }, rangemode: "tozero" },
-    yaxis2: { title: { text: "ms" }, overlaying: "y", side: "right", rangemode: "tozero", showgrid: false } }),
+    yaxis2: { title: { text: "ms" }, overlaying: "y", side: "right", rangemode: "tozero", showgrid: false },
+    margin: { l: 60, r: 60, t: 36, b: 44 } }),
   { cols: steps.length })];
   // GPU time of the step's router / experts / shared ranges (kernels inside them); a CPU trace has
   // none: say so and show the ranges' host time instead of zeros
