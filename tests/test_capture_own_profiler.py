@@ -247,3 +247,22 @@ def test_several_windows_of_the_users_profiler_add_up_in_analyze(tmp_path, repea
             torch.ones(2).sum()
     other.export_chrome_trace(str(tmp_path / "other.json"))
     assert not any(e.get("cat") == "moe_trace" for e in _user_events(tmp_path / "other.json"))
+
+
+def test_a_session_whose_profiler_is_gone_is_let_go(tmp_path):
+    import gc
+
+    from moe_trace.capture import recorders
+
+    model = build_tiny_model("olmoe").eval()
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU],
+                                schedule=schedule(wait=5, warmup=0, active=1)) as prof:
+        with torch.no_grad(), moe_trace.profile(model, mode="kineto") as first:  # found in its wait step
+            model(_ids())  # in the wait step: never exported, so the session stays attached
+    assert first.attached and first.kineto in recorders._ATTACHED
+    del prof
+    gc.collect()
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof2:
+        with torch.no_grad(), moe_trace.profile(model, profiler=prof2) as second:
+            model(_ids())
+    assert first.kineto not in recorders._ATTACHED and second.trace_files == []

@@ -250,6 +250,8 @@ class KinetoRecorder:
         if self.attach:
             with _LOCK:
                 _install_export_hook()
+                # sessions whose profiler is gone can never be exported: let their snapshots go
+                _ATTACHED[:] = [r for r in _ATTACHED if r.user_profiler is None or r.user_profiler() is not None]
                 _ATTACHED.append(self)
                 del _ATTACHED[:-MAX_ATTACHED]
             self._sched = None
