@@ -304,6 +304,7 @@ def test_report_sweep_and_compare_runs_are_listed_and_drawn(browser, tb, logdir,
         status, body = tb.get("/data/plugin/moe_trace/" + href)
         assert status == 200 and body == (logdir / "stats_only" / "report.json").read_bytes()
         assert page.eval("document.getElementById('moe-sweep').classList.contains('hidden')")
+        assert not page.eval("document.querySelector('#moe-phase button').disabled")
         page.wait_for("document.getElementById('moe-timeline') !== null", timeout=30)
         assert _attr(page, "moe-timeline", "aria-disabled") == "true"          # no trace: no Timeline view
         assert page.console_errors() == []
@@ -315,6 +316,7 @@ def test_report_sweep_and_compare_runs_are_listed_and_drawn(browser, tb, logdir,
     try:
         assert page.eval("document.body.getAttribute('data-state')") == "ok"
         assert page.eval("document.getElementById('moe-heatmap').classList.contains('hidden')")
+        assert page.eval("document.querySelector('#moe-phase button').disabled")      # report-only controls off
         rows = page.eval("document.querySelectorAll('#moe-sweep-table tbody tr').length")
         assert rows == len(sweep["summary"]) == 3
         routing = json.loads(page.eval("JSON.stringify(document.getElementById('chart-sweep-routing').data.map(t => t.y))"))

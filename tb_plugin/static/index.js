@@ -871,6 +871,13 @@ function showCards(only) {  // only: "sweep" | "cmpdoc" | null (a report: its ca
   for (const id of REPORT_CARDS) document.getElementById(`moe-${id}`).classList.toggle("hidden", only !== null);
   for (const id of ["sweep", "cmpdoc"]) document.getElementById(`moe-${id}`).classList.toggle("hidden", only !== id);
   if (only !== null) document.getElementById("moe-cmp").classList.add("hidden");
+  for (const id of ["moe-phase", "moe-mode", "moe-compare"]) {  // controls of report panels: off for a sweep / comparison
+    const el = document.getElementById(id);
+    if (!el) continue;
+    el.classList.toggle("moe-off", only !== null);
+    if (id === "moe-compare") el.disabled = only !== null;
+    else for (const b of el.children) b.disabled = only !== null;
+  }
 }
 
 // the Timeline view needs a trace: greyed out for report / sweep / compare runs
