@@ -266,3 +266,58 @@ def test_a_session_whose_profiler_is_gone_is_let_go(tmp_path):
         with torch.no_grad(), moe_trace.profile(model, profiler=prof2) as second:
             model(_ids())
     assert first.kineto not in recorders._ATTACHED and second.trace_files == []
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_two_blocks_in_one_window_of_the_users_profiler_stay_two_runs(tmp_path, explicit):
+    """Two moe-trace blocks one after the other inside ONE window of the user's profiler: their step
+    names never collide, each block is its own run in analyze (all_runs: each equals its live report
+    and a reference hook of its own forwards), and the default analyze takes the newest with a warning."""
+    from moe_trace.capture import find_bindings
+    from moe_trace.trace.format import STEP_RE
+    from moe_trace.trace.reader import read_trace
+    from tests.conftest import ReferenceRouting
+
+    model = build_tiny_model("olmoe").eval()
+    bindings = find_bindings(model)
+    ref = ReferenceRouting(model, [b.experts[0] for b in bindings])
+    runs = []
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU],
+                                on_trace_ready=tensorboard_trace_handler(str(tmp_path))) as prof:
+        for n, seed in ((3, 0), (4, 1)):  # 3 forwards, then 4 forwards of other prompts
+            kw = {"profiler": prof} if explicit else {"mode": "kineto"}
+            with torch.no_grad(), moe_trace.profile(model, **kw) as run:
+                _gen(model, _ids(seed=seed), n)
+            runs.append(run)
+    ref.remove()
+    wants = [_reference_sums(ref, bindings, range(0, 3)), _reference_sums(ref, bindings, range(3, 7))]
+    lives = [r.report().to_dict() for r in runs]
+    assert [_counts(l) for l in lives] == wants and wants[0] != wants[1]
+    ids = [r.kineto.run_id for r in runs]
+    assert ids[0] != ids[1]
+    files = sorted(tmp_path.glob("*.pt.trace.json*"))
+    # the user's file holds the first block; the second block's counters went into a copy of it
+    assert len(files) == 2 and runs[0].trace_files[0] in files and runs[1].trace_files[0] in files
+    assert ids[1] in runs[1].trace_files[0].name
+    for f in files:  # one user window, both blocks' step ranges in it: every moe-trace step name once
+        steps = [e["name"] for e in _user_events(f)
+                 if e.get("cat") == "user_annotation" and STEP_RE.match(str(e.get("name")))]
+        assert len(steps) == 7 and len(set(steps)) == 7
+    every = moe_trace.analyze(tmp_path, all_runs=True)
+    assert set(every) == set(ids)
+    for rid, live, want in zip(ids, lives, wants):
+        back = every[rid].to_dict()
+        assert _counts(back) == _counts(live) == want
+        for p in ("prefill", "decode"):
+            assert back["phases"][p]["forward_calls"] == live["phases"][p]["forward_calls"]
+            assert back["phases"][p]["tokens"] == live["phases"][p]["tokens"]
+    # each run's per-step counters (matched to its step ranges) add up to its own counts only
+    for run, want in zip(runs, wants):
+        assert len(run.trace_files) == 1
+        tl = read_trace(run.trace_files[0]).step_timeline()
+        got = [np.sum([s["layers"][i]["expert_tokens"] for s in tl if s["layers"]], axis=0).tolist()
+               for i in range(len(bindings))]
+        assert got == want
+    with pytest.warns(UserWarning, match="run"):
+        newest = moe_trace.analyze(tmp_path).to_dict()
+    assert _counts(newest) == wants[1]

@@ -117,6 +117,11 @@ _RUNNING: "KinetoRecorder | None" = None
 _ATTACHED: list["KinetoRecorder"] = []
 MAX_ATTACHED = 8
 _ORIGINAL_EXPORT = None
+# The next free `moe_trace/{phase}#{step}` number of each user profiler (None: one not known by its
+# object): blocks attached one after another continue its numbering, so their step names never
+# collide inside one window of it.
+_NEXT_STEP: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+_NEXT_STEP_UNKNOWN = [0]
 
 
 def running_profilers() -> list:
@@ -199,6 +204,8 @@ class KinetoRecorder:
         self.run_factory = run_factory  # (counts, forward_calls, forward_tokens, padding) -> RunData
         self.run_id = run_id
         self.windows: list[tuple[Path, RunData]] = []  # attached: (user's file, the counts it holds)
+        self.step_base = 0  # attached: the first step number in the user's profiler (see trace_step)
+        self._next_step = 0
         self._spans: list[tuple[int, int]] = []  # attached: (first, last) snapshot of each window
         self._stopped = False
         self.counters = counters
@@ -254,6 +261,9 @@ class KinetoRecorder:
                 _ATTACHED[:] = [r for r in _ATTACHED if r.user_profiler is None or r.user_profiler() is not None]
                 _ATTACHED.append(self)
                 del _ATTACHED[:-MAX_ATTACHED]
+                prof = self.user_profiler() if self.user_profiler is not None else None
+                self.step_base = self._next_step = (_NEXT_STEP.get(prof, 0) if prof is not None
+                                                    else _NEXT_STEP_UNKNOWN[0])
             self._sched = None
             return
 
@@ -271,6 +281,21 @@ class KinetoRecorder:
         self._prof.record_steps = False  # begin_step/end_step write one ProfilerStep#N per forward
         self._prof.__enter__()
 
+    def trace_step(self, step: int) -> int:
+        """The number of the session's forward `step` in trace names (`moe_trace/{phase}#{n}`): the
+        step itself, or attached, `step_base + step`, so that blocks attached one after another to
+        one user profiler never share a step name (their counters go by these names)."""
+        n = self.step_base + step
+        if self.attach and n >= self._next_step:
+            self._next_step = n + 1
+            prof = self.user_profiler() if self.user_profiler is not None else None
+            with _LOCK:
+                if prof is not None:
+                    _NEXT_STEP[prof] = max(_NEXT_STEP.get(prof, 0), n + 1)
+                else:
+                    _NEXT_STEP_UNKNOWN[0] = max(_NEXT_STEP_UNKNOWN[0], n + 1)
+        return n
+
     def begin_step(self, step: int) -> None:
         """Before a model forward: open its `ProfilerStep#{step}` range (HTA and torch-tb-profiler
         find iterations by these names)."""
@@ -285,7 +310,7 @@ class KinetoRecorder:
 
     def snapshot(self, step: int, phase: int, tokens_cum: int) -> None:
         """After a model forward: device copies of the counters (no sync), for per-step counts."""
-        self._snapshots.append((step, phase, tokens_cum, self.counters.snapshot()))
+        self._snapshots.append((self.step_base + step, phase, tokens_cum, self.counters.snapshot()))
 
     def advance(self) -> None:
         """After a model forward (and its observers): one profiler step."""
@@ -320,8 +345,11 @@ class KinetoRecorder:
     # -- attached to the user's profiler -------------------------------------------------------------
     def inject(self, path) -> None:
         """Add this session's counters and metadata to the user's export `path` for the steps whose
-        `moe_trace/{phase}#{step}` ranges it holds (nothing when it holds none)."""
-        from moe_trace.trace.format import STEP_RE, USER_ANNOTATION
+        `moe_trace/{phase}#{step}` ranges it holds (nothing when it holds none). When another
+        session's counters are already in that file (two blocks in one window of the user's
+        profiler), this session's go into a copy of it next to it, `{name}.{run_id}.pt.trace.json[.gz]`
+        (one file holds one run), without the other session's counters."""
+        from moe_trace.trace.format import COUNTER_CAT, META_KEY, STEP_RE, TRACE_SUFFIXES, USER_ANNOTATION
         from moe_trace.trace.io import load_json
         from moe_trace.trace.writer import write_trace
 
@@ -342,6 +370,12 @@ class KinetoRecorder:
         if not mine:
             return
         first, last = mine[0], mine[-1]
+        other = raw.get(META_KEY)
+        if isinstance(other, dict) and other.get("run_id") != self.run_id:
+            raw = dict(raw, traceEvents=[e for e in events if not (
+                isinstance(e, dict) and e.get("ph") == "C" and e.get("cat") == COUNTER_CAT)])
+            suffix = next(s for s in sorted(TRACE_SUFFIXES, key=len, reverse=True) if path.name.endswith(s))
+            path = path.with_name(f"{path.name[:-len(suffix)]}.{self.run_id}{suffix}")
         run = self.window_run(first, last)
         steps = self.step_deltas()[first:last + 1]
         # one window number per span of steps: a window exported twice (two handlers) is one window

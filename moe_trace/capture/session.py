@@ -455,7 +455,8 @@ class ProfileRun:
         if self.kineto is not None:
             self.kineto.begin_step(self._step)
         if _profiler_on():
-            self._step_range = ProfilerRange(step_name(phase, self._step)).__enter__()
+            n = self.kineto.trace_step(self._step) if self.kineto is not None else self._step
+            self._step_range = ProfilerRange(step_name(phase, n)).__enter__()
         return None
 
     def _model_post(self, module, args, output):
