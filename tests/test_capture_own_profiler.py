@@ -321,3 +321,23 @@ def test_two_blocks_in_one_window_of_the_users_profiler_stay_two_runs(tmp_path, 
     with pytest.warns(UserWarning, match="run"):
         newest = moe_trace.analyze(tmp_path).to_dict()
     assert _counts(newest) == wants[1]
+
+
+def test_two_blocks_in_one_plain_export_of_the_users_profiler(tmp_path):
+    """The same with the user's own export_chrome_trace to a plain `.json` name: the second block's
+    counts go into `mine.{run_id}.json`; each file analyzes to its own block's live report."""
+    model = build_tiny_model("olmoe").eval()
+    runs = []
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+        for n, seed in ((2, 0), (3, 1)):
+            with torch.no_grad(), moe_trace.profile(model, profiler=prof) as run:
+                _gen(model, _ids(seed=seed), n)
+            runs.append(run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "could not add its counters"
+        prof.export_chrome_trace(str(tmp_path / "mine.json"))
+    second = tmp_path / f"mine.{runs[1].kineto.run_id}.json"
+    assert runs[0].trace_files == [tmp_path / "mine.json"] and runs[1].trace_files == [second]
+    for run, f in zip(runs, (tmp_path / "mine.json", second)):
+        assert _counts(moe_trace.analyze(f).to_dict()) == _counts(run.report().to_dict())
+    assert _counts(runs[0].report().to_dict()) != _counts(runs[1].report().to_dict())

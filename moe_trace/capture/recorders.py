@@ -374,7 +374,8 @@ class KinetoRecorder:
         if isinstance(other, dict) and other.get("run_id") != self.run_id:
             raw = dict(raw, traceEvents=[e for e in events if not (
                 isinstance(e, dict) and e.get("ph") == "C" and e.get("cat") == COUNTER_CAT)])
-            suffix = next(s for s in sorted(TRACE_SUFFIXES, key=len, reverse=True) if path.name.endswith(s))
+            suffix = next((s for s in sorted(TRACE_SUFFIXES, key=len, reverse=True) if path.name.endswith(s)),
+                          "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix)
             path = path.with_name(f"{path.name[:-len(suffix)]}.{self.run_id}{suffix}")
         run = self.window_run(first, last)
         steps = self.step_deltas()[first:last + 1]
