@@ -248,3 +248,32 @@ def test_what_the_demo_writes_is_one_run_per_mode(tmp_path, capsys):
         code, p = _report(apps, mode)
         assert code == 200 and p["report"]["settings"]["mode"] == mode
         assert (p["report"]["timing_source"] is not None) == (mode == "timing")
+
+
+def test_profile_with_a_logdir_in_stats_and_timing_writes_a_listed_report(tmp_path):
+    """`profile(model, "stats"/"timing", logdir=D)` writes `{worker}.{run_id}.report.json` (never
+    replacing another run's), also when the body raises; TensorBoard lists each run with its counts."""
+    model = build_tiny_model("olmoe").eval()
+    d = tmp_path / "logs" / "direct"
+    runs = [_profile(model, mode, logdir=d) for mode in ("stats", "timing", "stats")]
+    files = [r.report_file for r in runs]
+    assert len(set(files)) == 3 and all(f.parent == d and f.name.endswith(f"{r.run_id}.report.json")
+                                        for f, r in zip(files, (r.report() for r in runs)))
+    for f, r in zip(files, runs):
+        assert json.loads(f.read_text()) == json.loads(r.report().to_json())
+    with pytest.raises(RuntimeError):
+        with moe_trace.profile(model, "stats", logdir=d) as failed, torch.no_grad():
+            model(**example_inputs(model, batch=1, prompt_len=4))
+            raise RuntimeError("the body failed")
+    assert json.loads(failed.report_file.read_text())["settings"]["incomplete"] is True
+    assert _profile(model, "stats").report_file is None                  # no logdir: nothing written
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(moe_trace.errors.ConfigError, match="logdir"):    # checked before the work
+        moe_trace.profile(model, "stats", logdir=tmp_path / "afile" / "sub").__enter__()
+    apps = MoeTracePlugin(base_plugin.TBContext(logdir=str(tmp_path / "logs"))).get_plugin_apps()
+    listed = {r["name"]: r["kind"] for r in json.loads(_get(apps, "/runs")[1])["runs"]}
+    want = {f"direct@{r.report().run_id}" for r in runs + [failed]}
+    assert set(listed) == want and set(listed.values()) == {"report"}
+    for r in runs:
+        code, p = _report(apps, f"direct@{r.report().run_id}")
+        assert code == 200 and p["report"]["layers"] == r.report().to_dict()["layers"]

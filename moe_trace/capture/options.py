@@ -23,7 +23,9 @@ class ProfileOptions:
 
     mode: "stats" (routing counters on the device), "timing" (+ CUDA-event timing of router /
         experts / shared per layer and phase), "kineto" (+ torch.profiler traces with MoE counters).
-    logdir: where kineto traces go (default ``runs/moe_trace``; only kineto writes files).
+    logdir: where kineto traces go (default ``runs/moe_trace``). In stats / timing mode a given
+        logdir gets the run's report (``{worker}.{run_id}.report.json``, listed by TensorBoard's MoE
+        tab); without one nothing is written.
     selector: a dynamic-k selector (name like "cumsum:0.8", a `moe_trace.selectors.Selector` or a
         callable probs -> k) applied to every MoE layer; changes what the model computes.
     router_middleware: a callable ``(scores, weights, indices) -> (weights, indices)`` (e.g.
@@ -85,7 +87,7 @@ class ProfileOptions:
             self.logdir = Path(self.logdir)
         elif self.mode == "kineto":
             self.logdir = DEFAULT_LOGDIR
-        if self.mode == "kineto":
+        if self.logdir is not None:
             output_dir(self.logdir, "logdir")  # a file in the way fails here, not after the profiled work
         # CUDA-event (host-clock on CPU) timing: on in "timing" mode; kineto can add it to compare with the trace
         self.cuda_events = (self.mode == "timing") if self.cuda_events is None else bool(self.cuda_events)

@@ -36,7 +36,7 @@ from .observers import ObserverSet, Step
 from .options import MODES, ProfileOptions
 from .parallel import parallel_layout
 from .ranges import ProfilerRange
-from .recorders import CounterRecorder, KinetoRecorder, running_profilers
+from .recorders import CounterRecorder, KinetoRecorder, process_info, running_profilers
 from .timing import PartTimer
 
 __all__ = ["MODES", "ProfileOptions", "ProfileRun", "profile", "range_name", "step_name"]
@@ -151,6 +151,7 @@ class ProfileRun:
             self.observers.add(RouterLogger.from_arg(opts.log_router_logits, self.layers, model=self.model))
         self.observers.check()
         self._incomplete: str | None = None
+        self.report_file = None  # stats / timing with a logdir: the report JSON written at exit
         # recorders, chosen by the mode
         self.counters = CounterRecorder(self.layers, [b.handler.router_outputs_probs for b in self.bindings])
         self._timer = PartTimer() if opts.cuda_events else None
@@ -217,12 +218,31 @@ class ProfileRun:
             if self.kineto is not None and not self.attached:  # also when the body raised: written, marked
                 # the writer thread saves and writes the trace; trace_files / report() wait for it
                 self.kineto.export_async(self._run_data, self._run_id, self._started_at)
+            elif self.kineto is None and self.options.logdir is not None:  # stats / timing with a logdir
+                self._write_report_file()
         finally:
             if self.kineto is not None:
                 self.kineto.close()
         if errors and exc_type is None:
             raise errors[0]
         return False
+
+    def _write_report_file(self) -> None:
+        """`{worker}.{run_id}.report.json` in the logdir (never replacing another run's file)."""
+        from moe_trace.trace.format import trace_file_name, worker_name
+        from moe_trace.trace.io import atomic_write
+
+        text = Report(self._run_data).to_json().encode()
+        worker = worker_name(process_info())
+        for k in range(1000):
+            path = self.options.logdir / trace_file_name(worker, self._run_id if k == 0 else f"{self._run_id}-{k}",
+                                                         suffix=".report.json")
+            try:
+                self.report_file = atomic_write(path, [text], gz=False, overwrite=False)
+                return
+            except FileExistsError:
+                continue
+        raise ConfigError(f"cannot find a free report file name in {self.options.logdir}; clean up the logdir")
 
     def _user_profiler(self):
         """The user's running torch.profiler.profile to attach to (kineto mode): `profiler=`, else the
