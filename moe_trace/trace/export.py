@@ -4,15 +4,19 @@ torch.profiler's `export_chrome_trace` writes events separated by `},\\n{` (read
 Two streaming passes over the raw file (chunks of a few MB, never the whole file in memory):
 
 1. regular expressions find the few events the writer must read: metadata (`M`), user annotations
-   and GPU activity (kernels, memcpy, memset, GPU annotations); only these are parsed (orjson, one
-   batch per chunk). This gives the step ranges the counters are anchored to, the host pid, the
-   process names and, for a slim trace, the kernels it keeps and their `correlation` / `External id`.
+   and GPU activity (kernels, memcpy, memset, GPU annotations); only these are parsed (orjson, a batch
+   of events per call). This gives the step ranges the counters are anchored to, the host pid, the
+   process names and, for a slim trace, which kernels it keeps and their `correlation` /
+   `External id`. A slim pass keeps each kernel / memcpy / memset only as a `GpuWork` stub (pid, tid,
+   ts, dur, the two ids and where its bytes are), never as a dict: most of them are dropped.
 2. the output is written while the file is read again: a full trace copies every event's bytes
-   as they are; a slim trace copies the kept metadata, annotations and GPU events plus, for every
-   kept kernel, its runtime launch event (`cuda_runtime`/`cuda_driver` with the kernel's
+   as they are; a slim trace parses the kept GPU events from their bytes (`resolve_slim`) and copies,
+   for every kept kernel, its runtime launch event (`cuda_runtime`/`cuda_driver` with the kernel's
    correlation) and the `cpu_op` that launched it (the kernel's External id). Host events are found
    by a regular expression over the chunk and their two ids read from their bytes; a dropped
    `cpu_op`, `cuda_runtime` or `python_function` event is never parsed into Python objects.
+   Serialized events are joined a batch at a time (`dumps_events`). Peak memory: see
+   docs/benchmarks.md ("export memory"); benchmarks/export_memory.py measures it.
 
 A full trace copies every raw event except two kinds that no viewer can place (`full_drops`):
 flow events (`s`/`t`/`f`) whose other end is not in the file — Kineto writes a flow end `f` on
@@ -98,33 +102,125 @@ def _hits(piece: bytes, rx: re.Pattern) -> Iterator[tuple[bytes, int, int]]:
         yield (m.group(1) or m.group(2)), s, e
 
 
-def read_selected(path: Path, slim: bool = True) -> tuple[dict, list[dict], dict, "FullDrops | None"]:
-    """Pass 1: (metadata before traceEvents, the parsed M / annotation (/ GPU, for slim) events, keys
-    after the array, and for a full trace what it drops: `FullDrops`)."""
+#: events parsed (or serialized) per orjson call: bounds the transient dicts and buffers of a region
+_BATCH = 512
+
+
+def _loads_each(region: bytes, spans: list[tuple[int, int]]) -> list:
+    """The values of `region[s:e]` for each span (one orjson call; each span holds one event)."""
+    try:
+        got = orjson.loads(b"[" + b",".join([region[s:e] for s, e in spans]) + b"]")
+    except orjson.JSONDecodeError:
+        raise Fallback from None
+    if len(got) != len(spans):
+        raise Fallback
+    return got
+
+
+class GpuWork:
+    """A GPU kernel / memcpy / memset (`ph` X) of a slim pass 1: only what slim's selection reads (pid, tid,
+    ts, dur, correlation, External id) and where its bytes are (region number, start, end); the kept ones
+    are parsed in pass 2 (`resolve_slim`), the dropped ones never become dicts that outlive their region.
+    `get` / `[]` answer like the event's dict for the keys `slim_select` reads."""
+
+    __slots__ = ("cat", "pid", "tid", "ts", "dur", "corr", "ext", "region", "start", "end")
+    _MISSING = object()
+
+    def __init__(self, e: dict, region: int, start: int, end: int):
+        m = self._MISSING
+        self.cat = e.get("cat")
+        self.pid = e.get("pid", m)
+        self.tid = e.get("tid", m)
+        self.ts = e.get("ts", m)
+        self.dur = e.get("dur", m)
+        args = e.get("args")
+        args = args if isinstance(args, dict) else {}
+        self.corr = args.get("correlation")
+        self.ext = args.get("External id")
+        self.region, self.start, self.end = region, start, end
+
+    def get(self, key: str, default=None):
+        if key == "ph":
+            return "X"
+        v = getattr(self, key, self._MISSING) if key in ("cat", "pid", "tid", "ts", "dur") else self._MISSING
+        return default if v is self._MISSING else v
+
+    def __getitem__(self, key: str):
+        v = self.get(key, self._MISSING)
+        if v is self._MISSING:
+            raise KeyError(key)
+        return v
+
+
+def read_selected(path: Path, slim: bool = True) -> tuple[dict, list, dict, "FullDrops | None"]:
+    """Pass 1: (metadata before traceEvents, the M / annotation (/ GPU, for slim) events in file order,
+    keys after the array, and for a full trace what it drops: `FullDrops`). For a slim trace the GPU
+    kernels / memcpys / memsets come as `GpuWork` stubs (selection reads them; `resolve_slim` parses
+    the kept ones), everything else as parsed dicts."""
     rx = _HIT_SLIM if slim else _HIT_FULL
     src = Source(path)
     regions = regions_of(src)
     head = next(regions)
     tail: dict = {}
-    events: list[dict] = []
+    events: list = []
     drops = None if slim else FullDrops()
+    n = -1
     for region in regions:
         if isinstance(region, dict):
             tail = region
             continue
-        slices = [region[s:e] for _, s, e in _hits(region, rx)]
+        n += 1
+        spans = [(s, e) for _, s, e in _hits(region, rx)]
         if drops is not None:
             drops.scan(region)
-        if not slices:
-            continue
-        try:
-            got = orjson.loads(b"[" + b",".join(slices) + b"]")
-        except orjson.JSONDecodeError:
-            raise Fallback from None
-        events.extend(got)
+        for b in range(0, len(spans), _BATCH):  # a batch at a time: one batch's dicts alive at once
+            part = spans[b:b + _BATCH]
+            got = _loads_each(region, part)
+            if slim:
+                for i, e in enumerate(got):
+                    if isinstance(e, dict) and e.get("ph") == "X" and e.get("cat") in GPU_WORK_CATS:
+                        got[i] = GpuWork(e, n, *part[i])
+            events.extend(got)
+            del got
     if drops is not None:
         drops.settle()
     return head, events, tail, drops
+
+
+def resolve_slim(path: Path, kept: list, corr: set, ext: set) -> tuple[list[dict], list[bytes]]:
+    """Pass 2 of a slim trace: `kept` with each `GpuWork` replaced by its parsed event (args slimmed),
+    and the bytes of the host events `host_link_kept` would keep, in file order. Raises `Fallback`
+    when the file changed since pass 1."""
+    from .writer import _slim_args
+
+    want: dict[int, list[GpuWork]] = {}
+    for e in kept:
+        if isinstance(e, GpuWork):
+            want.setdefault(e.region, []).append(e)
+    parsed: dict[int, dict] = {}
+    links: list[bytes] = []
+    if want or corr or ext:
+        corr_b = {str(c).encode() for c in corr}
+        ext_b = {str(x).encode() for x in ext}
+        regions = regions_of(Source(path))
+        next(regions)
+        n = -1
+        for region in regions:
+            if isinstance(region, dict):
+                continue
+            n += 1
+            stubs = want.pop(n, None) or []
+            for b in range(0, len(stubs), _BATCH):
+                part = stubs[b:b + _BATCH]
+                for w, e in zip(part, _loads_each(region, [(w.start, w.end) for w in part])):
+                    if not isinstance(e, dict) or e.get("ts") != w.get("ts") or e.get("cat") != w.cat:
+                        raise Fallback
+                    parsed[id(w)] = _slim_args(e)
+            if corr_b or ext_b:
+                links.extend(_host_link_bytes(region, corr_b, ext_b))
+        if want:
+            raise Fallback
+    return [parsed[id(e)] if isinstance(e, GpuWork) else e for e in kept], links
 
 
 def _flow_key_bytes(ev: bytes) -> tuple:
@@ -231,6 +327,9 @@ def slim_select(selected: Iterable[dict]) -> tuple[list[dict], set, set]:
 
     kept = []
     for e in selected:
+        if isinstance(e, GpuWork):  # the byte path's stub of a kernel / memcpy / memset (ph X)
+            kept.append(e)
+            continue
         ph = e.get("ph")
         if ph == "M":
             kept.append(e)
@@ -243,13 +342,17 @@ def slim_select(selected: Iterable[dict]) -> tuple[list[dict], set, set]:
     kept = _kernels_under_moe_ranges(kept)
     corr, ext = set(), set()
     for e in kept:
-        if e.get("cat") in GPU_WORK_CATS:
+        if isinstance(e, GpuWork):
+            c, x = e.corr, e.ext
+        elif e.get("cat") in GPU_WORK_CATS:
             args = e.get("args") or {}
             c, x = args.get("correlation"), args.get("External id")
-            if isinstance(c, int) and c > 0:
-                corr.add(c)
-            if isinstance(x, int) and x > 0:
-                ext.add(x)
+        else:
+            continue
+        if isinstance(c, int) and c > 0:
+            corr.add(c)
+        if isinstance(x, int) and x > 0:
+            ext.add(x)
     return kept, corr, ext
 
 
@@ -264,27 +367,16 @@ def host_link_kept(e: dict, corr: set, ext: set) -> bool:
     return args.get("correlation") in corr
 
 
-def host_links(path: Path, corr: set, ext: set) -> Iterator[bytes]:
-    """Pass 2 of a slim trace: the bytes of the host events `host_link_kept` would keep."""
-    if not corr and not ext:
-        return
-    corr_b = {str(c).encode() for c in corr}
-    ext_b = {str(x).encode() for x in ext}
-    src = Source(path)
-    regions = regions_of(src)
-    next(regions)
-    for region in regions:
-        if isinstance(region, dict):
-            continue
-        for cat, s, e in _hits(region, _HOST):
-            if cat == b"cpu_op":
-                m = _EXT.search(region, s, e)
-                if m and m.group(1) in ext_b:
-                    yield region[s:e]
-            else:
-                m = _CORR.search(region, s, e)
-                if m and m.group(1) in corr_b:
-                    yield region[s:e]
+def _host_link_bytes(region: bytes, corr_b: set, ext_b: set) -> Iterator[bytes]:
+    for cat, s, e in _hits(region, _HOST):
+        if cat == b"cpu_op":
+            m = _EXT.search(region, s, e)
+            if m and m.group(1) in ext_b:
+                yield region[s:e]
+        else:
+            m = _CORR.search(region, s, e)
+            if m and m.group(1) in corr_b:
+                yield region[s:e]
 
 
 def all_events(path: Path, drops: FullDrops | None = None) -> Iterator[bytes]:
@@ -302,7 +394,18 @@ def all_events(path: Path, drops: FullDrops | None = None) -> Iterator[bytes]:
 
 
 def dumps_events(events: Iterable[dict], option: int) -> bytes:
-    return b",\n".join([orjson.dumps(e, option=option) for e in events])
+    """The events serialized one per line, separated by `,\\n`. Joined a batch at a time: orjson gives
+    each `dumps` result a buffer of at least 4 KB, so a list of all of them would take ~4 KB an event."""
+    out, batch = [], []
+    dumps = orjson.dumps
+    for e in events:
+        batch.append(dumps(e, option=option))
+        if len(batch) == _BATCH:
+            out.append(b",\n".join(batch))
+            batch = []
+    if batch:
+        out.append(b",\n".join(batch))
+    return b",\n".join(out)
 
 
 def joined(parts: Iterable[bytes]) -> Iterator[bytes]:

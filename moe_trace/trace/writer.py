@@ -27,8 +27,8 @@ from moe_trace.errors import TraceError
 from .format import (COUNTER_CAT, GPU_USER_ANNOTATION, GPU_WORK_CATS, META_KEY, NAME_PREFIX, PROFILER_STEP_PREFIX,
                      SCHEMA, SLIM_CATS, STEP_RE, USER_ANNOTATION, counter_name, expert_key, trace_file_name,
                      worker_name)
-from .export import (FULL_READ_CATS, SLIM_READ_CATS, FullDrops, all_events, dumps_events, host_link_kept, host_links,
-                     is_raw_path, joined, read_selected, slim_select)
+from .export import (FULL_READ_CATS, SLIM_READ_CATS, FullDrops, all_events, dumps_events, host_link_kept,
+                     is_raw_path, joined, read_selected, resolve_slim, slim_select)
 from .fastpath import Fallback
 from .io import atomic_write, load_json, no_gc
 from .metadata import encode_nonfinite
@@ -79,19 +79,24 @@ def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel, ove
                              "torch.profiler's export_chrome_trace wrote")
         selected = [e for e in events if isinstance(e, dict) and _selected(e, slim)]
 
-    step_ts, host_pid = _scan(selected)
+    step_ts, host_pid = _scan(selected)  # reads M / annotation events (a GpuWork stub answers get() too)
     if host_pid is None:
         host_pid = (process or {}).get("pid") or os.getpid()
     counters, gpu_pids = _counter_events(run, steps, step_ts, host_pid)
 
     if slim:
         kept, corr, ext = slim_select(selected)
+        selected = None  # the byte path's stubs of dropped GPU events go here
         live = {e.get("pid") for e in kept if e.get("ph") != "M"} | {c["pid"] for c in counters}
         if corr or ext:
             live.add(host_pid)
         kept = [e for e in kept if e.get("ph") != "M" or e.get("pid") in live]
-        if path is not None:
-            body = [dumps_events(kept, _ORJSON_OPTS), b"".join(joined(host_links(path, corr, ext)))]
+        if path is not None:  # pass 2: parse the kept GPU events, copy their launches' and ops' bytes
+            try:
+                kept, links = resolve_slim(path, kept, corr, ext)
+            except Fallback:
+                raise TraceError(f"raw trace {raw} changed while it was being written; re-export it") from None
+            body = [dumps_events(kept, _ORJSON_OPTS), b",\n".join(links)]
         else:
             body = [dumps_events(kept, _ORJSON_OPTS),
                     dumps_events([e for e in events if isinstance(e, dict) and host_link_kept(e, corr, ext)],
@@ -199,9 +204,8 @@ def write_chrome_trace(meta: dict, events: Iterable[dict], out_path: str | os.Pa
             continue
         parts.append(json.dumps(k).encode() + b": " + _dump_meta(v) + b",\n")
     parts.append(b'"traceEvents": [\n')
-    dumps = orjson.dumps
     try:
-        body = b",\n".join([dumps(e, option=_ORJSON_OPTS) for e in events])
+        body = dumps_events(events, _ORJSON_OPTS)
     except TypeError as exc:  # e.g. an object orjson cannot serialize in an event's args
         raise TraceError(f"an event of the trace cannot be written as JSON ({exc}); check the args "
                          "of your record_function ranges and counters") from None
