@@ -95,3 +95,24 @@ def test_a_raw_file_changed_between_the_passes_is_an_error(raw3, monkeypatch):
     monkeypatch.setattr(writer_mod, "read_selected", then_change)
     with pytest.raises(TraceError, match="changed while it was being written"):
         write_trace(raw, run, spec["steps"], d / "c.json.gz", process=spec["process"])
+
+
+def test_a_full_trace_streams_the_raw_file_into_the_output(raw3, monkeypatch):
+    d, spec = raw3
+    run = RunData.from_dict(spec["run"])
+    pulled = []
+    real_all, real_write = writer_mod.all_events, writer_mod.atomic_write
+
+    def all_events(*a, **k):
+        for region in real_all(*a, **k):
+            pulled.append(len(region))
+            yield region
+
+    def atomic_write(out, parts, **k):
+        assert not pulled, "the raw file's regions were read into memory before the output was written"
+        return real_write(out, parts, **k)
+
+    monkeypatch.setattr(writer_mod, "all_events", all_events)
+    monkeypatch.setattr(writer_mod, "atomic_write", atomic_write)
+    out = write_trace(d / "raw.json", run, spec["steps"], d / "f.json.gz", slim=False, process=spec["process"])
+    assert len(pulled) > 1 and len(_events(out)) > 30_000

@@ -9,6 +9,7 @@ after a small header of metadata keys, which keeps the file readable by HTA (it 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -128,9 +129,8 @@ def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel, ove
         "process": proc,
         "slim": bool(slim),
     }
-    parts = [dumps_events(extra_meta, _ORJSON_OPTS)]
-    parts.extend(body)
-    parts.append(dumps_events(counters, _ORJSON_OPTS))
+    # a chain, not a list: a full trace's body is a stream of the raw file's regions (never all in memory)
+    parts = itertools.chain([dumps_events(extra_meta, _ORJSON_OPTS)], body, [dumps_events(counters, _ORJSON_OPTS)])
     try:
         return atomic_write(out_path, _document(meta, joined(parts)), compresslevel=compresslevel, overwrite=overwrite)
     except Fallback:
