@@ -47,31 +47,11 @@ def build_raw(out: Path, mb: float, copies: int | None = None) -> dict:
     """Write the synthetic raw trace to `out` (`copies` of the recording's events, else as many as
     make `mb` MB); returns the spec (run dict, steps, process, copies). Copy 0 is the recording as is."""
     sys.path.insert(0, str(ROOT))
-    from moe_trace.analysis import RunData
-    from moe_trace.trace.format import COUNTER_CAT, COUNTER_RE, STEP_RE
+    from benchmarks.rewrite_gpu_trace import recording_parts
 
     obj = json.loads(gzip.decompress(DATA.read_bytes()))
-    hdr = obj.pop("moe_trace")
-    run = RunData.from_dict(hdr["run"])
-    ev = obj.pop("traceEvents")
-    by_ts: dict = {}
-    for e in ev:
-        if e.get("cat") == COUNTER_CAT and e.get("ph") == "C":
-            m = COUNTER_RE.match(e["name"])
-            by_ts.setdefault(e["ts"], {}).setdefault(int(m.group(1)), {})[m.group(2)] = e["args"]
-    top_k = {layer.index: layer.top_k for layer in run.layers}
-    ranges = sorted((e["ts"], e["name"]) for e in ev if e.get("cat") == "user_annotation" and STEP_RE.match(e["name"]))
-    steps = []
-    for (ts, _), s in zip(ranges, hdr["steps"]):
-        layers = {}
-        for li, d in (by_ts.get(ts) or {}).items():
-            counts = [d["expert_tokens"][k] for k in sorted(d["expert_tokens"])]
-            kh = [0] * (top_k[li] + 1)
-            kh[top_k[li]] = sum(counts) // top_k[li]
-            layers[li] = {"expert_counts": counts, "k_hist": kh}
-        steps.append({**s, "layers": layers})
-    ev = [e for e in ev if e.get("cat") != COUNTER_CAT
-          and not (e.get("ph") == "M" and (e.get("args") or {}).get("name") in ("host", "GPU 0"))]
+    hdr, _run, steps, ev = recording_parts(obj)
+    ev = [e for e in ev if not (e.get("ph") == "M" and (e.get("args") or {}).get("name") == "GPU 0")]
     meta = [e for e in ev if e.get("ph") == "M"]
     body = [e for e in ev if e.get("ph") != "M"]
     ts = [e["ts"] for e in body if isinstance(e.get("ts"), (int, float))]

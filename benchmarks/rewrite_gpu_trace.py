@@ -22,12 +22,13 @@ from moe_trace.trace import validate_trace, write_trace  # noqa: E402
 from moe_trace.trace.format import COUNTER_CAT, COUNTER_RE, STEP_RE  # noqa: E402
 
 
-def main(src: Path, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    obj = json.loads(gzip.decompress(src.read_bytes()))
+def recording_parts(obj: dict) -> tuple[dict, RunData, list[dict], list[dict]]:
+    """A parsed moe-trace trace split into (header, run, steps, raw Kineto events); `obj` keeps the rest
+    of its top level (its "moe_trace" and "traceEvents" keys are popped). The raw events are the
+    trace's without moe-trace's counters and its added "host" process name."""
     hdr = obj.pop("moe_trace")
     run = RunData.from_dict(hdr["run"])
-    ev = obj["traceEvents"]
+    ev = obj.pop("traceEvents")
     by_ts: dict = {}
     for e in ev:
         if e.get("cat") == COUNTER_CAT and e.get("ph") == "C":
@@ -46,8 +47,15 @@ def main(src: Path, out: Path) -> None:
             assert kh[k] == 0 or abs(d["k_mean"]["k_mean"] - k) < 1e-9, (li, d["k_mean"])
             layers[li] = {"expert_counts": counts, "k_hist": kh}
         steps.append({**s, "layers": layers})
-    obj["traceEvents"] = [e for e in ev if e.get("cat") != COUNTER_CAT
-                          and not (e.get("ph") == "M" and (e.get("args") or {}).get("name") == "host")]
+    raw = [e for e in ev if e.get("cat") != COUNTER_CAT
+           and not (e.get("ph") == "M" and (e.get("args") or {}).get("name") == "host")]
+    return hdr, run, steps, raw
+
+
+def main(src: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    obj = json.loads(gzip.decompress(src.read_bytes()))
+    hdr, run, steps, obj["traceEvents"] = recording_parts(obj)
     raw = out / "raw.json"
     raw.write_text(json.dumps(obj, indent=2))  # one key per line, like Kineto's own export
     for slim in (True, False):
