@@ -230,19 +230,13 @@ class ProfileRun:
     def _write_report_file(self) -> None:
         """`{worker}.{run_id}.report.json` in the logdir (never replacing another run's file)."""
         from moe_trace.trace.format import trace_file_name, worker_name
-        from moe_trace.trace.io import atomic_write
+        from moe_trace.trace.io import atomic_write, write_under_free_name
 
         text = Report(self._run_data).to_json().encode()
         worker = worker_name(process_info())
-        for k in range(1000):
-            path = self.options.logdir / trace_file_name(worker, self._run_id if k == 0 else f"{self._run_id}-{k}",
-                                                         suffix=".report.json")
-            try:
-                self.report_file = atomic_write(path, [text], gz=False, overwrite=False)
-                return
-            except FileExistsError:
-                continue
-        raise ConfigError(f"cannot find a free report file name in {self.options.logdir}; clean up the logdir")
+        self.report_file = write_under_free_name(self._run_id, lambda tag: atomic_write(
+            self.options.logdir / trace_file_name(worker, tag, suffix=".report.json"), [text], gz=False,
+            overwrite=False), self.options.logdir, error=ConfigError)
 
     def _user_profiler(self):
         """The user's running torch.profiler.profile to attach to (kineto mode): `profiler=`, else the

@@ -15,7 +15,7 @@ import re
 import threading
 import zlib
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import orjson
 
@@ -205,6 +205,21 @@ def peek_header(path: str | os.PathLike, limit: int = MAX_HEADER) -> bytes | Non
     finally:
         it.close()
         src.close()
+
+
+_T = TypeVar("_T")
+
+
+def write_under_free_name(run_id: str, write: Callable[[str], _T], where: str | os.PathLike,
+                          error: type[Exception] = TraceError) -> _T:
+    """`write(tag)` with tag = `run_id`, then `{run_id}-1`, `{run_id}-2`, ... while it raises
+    FileExistsError (an `atomic_write(..., overwrite=False)` inside), so no run replaces another's file."""
+    for k in range(1000):
+        try:
+            return write(run_id if k == 0 else f"{run_id}-{k}")
+        except FileExistsError:
+            continue
+    raise error(f"cannot find a free file name for run {run_id} in {where}; clean up the logdir")
 
 
 def atomic_write(out: str | os.PathLike, parts: Iterable[bytes], *, gz: bool | None = None,

@@ -31,7 +31,7 @@ from .format import (COUNTER_CAT, GPU_USER_ANNOTATION, GPU_WORK_CATS, META_KEY, 
 from .export import (FULL_READ_CATS, SLIM_READ_CATS, FullDrops, all_events, dumps_events, host_link_kept,
                      is_raw_path, joined, read_selected, resolve_slim, slim_select)
 from .fastpath import Fallback
-from .io import atomic_write, load_json, no_gc
+from .io import atomic_write, load_json, no_gc, write_under_free_name
 from .metadata import encode_nonfinite
 
 #: GPU-event args a slim trace keeps (what HTA and our reader use); launch geometry, registers,
@@ -177,17 +177,9 @@ def write_run_traces(raws: list, run: RunData, steps: list[dict], logdir: str | 
     out: list[Path] = []
     for n, raw in enumerate(raws):
         proc = dict(process, window=n, started_at=started_at)
-        for k in range(1000):
-            tag = run_id if k == 0 else f"{run_id}-{k}"
-            path = logdir / trace_file_name(worker, tag, n)
-            try:
-                out.append(write_trace(raw, run, steps, path, slim=slim, process=proc, compresslevel=compresslevel,
-                                       overwrite=False))
-                break
-            except FileExistsError:
-                continue
-        else:
-            raise TraceError(f"cannot find a free file name for run {run_id} in {logdir}; clean up the logdir")
+        out.append(write_under_free_name(run_id, lambda tag: write_trace(
+            raw, run, steps, logdir / trace_file_name(worker, tag, n), slim=slim, process=proc,
+            compresslevel=compresslevel, overwrite=False), logdir))
     return out
 
 
