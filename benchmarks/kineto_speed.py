@@ -52,9 +52,29 @@ CASES = {  # the issue's H200 cases (random weights, bf16, greedy)
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+def _rss_of(pid) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
+    """RSS of this process plus its child processes (the export's worker processes count too)."""
+    total = _rss_of("self")
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return total
+    kids = set()
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/children") as f:
+                kids.update(f.read().split())
+        except OSError:
+            pass
+    return total + sum(_rss_of(k) for k in kids)
 
 
 class PeakRSS:
@@ -151,7 +171,22 @@ def run_tb_handler(model, inputs, gen, device, tmp: Path) -> dict:
             "file_bytes_json": uncompressed_size(f)}
 
 
+def run_kineto_serial(model, inputs, gen, device, tmp: Path) -> dict:
+    """kineto with the export's passes in this process only (no worker processes: trace/workers.py)."""
+    old = os.environ.get("MOE_TRACE_EXPORT_WORKERS")
+    os.environ["MOE_TRACE_EXPORT_WORKERS"] = "0"
+    try:
+        return run_kineto(model, inputs, gen, device, tmp)
+    finally:
+        if old is None:
+            os.environ.pop("MOE_TRACE_EXPORT_WORKERS", None)
+        else:
+            os.environ["MOE_TRACE_EXPORT_WORKERS"] = old
+
+
 VARIANTS = {"kineto": run_kineto, "tb_handler": run_tb_handler}
+#: --with-serial adds it (A/B/C): the effect of the export's worker processes in the same run
+OPTIONAL = {"kineto_serial": run_kineto_serial}
 
 
 def build(name, layers, device, tiny):
@@ -164,7 +199,7 @@ def build(name, layers, device, tiny):
     return build_reference_model(name, num_hidden_layers=layers, dtype=torch.bfloat16, device=device).eval()
 
 
-def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers) -> dict:
+def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers, extra=()) -> dict:
     torch.manual_seed(0)
     model = build(model_name, layers, device, tiny)
     vocab = model.config.get_text_config().vocab_size
@@ -172,16 +207,19 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     tmp = Path(tempfile.mkdtemp(prefix="moe_kspeed_"))
-    res: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    names = list(VARIANTS)
+    variants = {**VARIANTS, **{k: OPTIONAL[k] for k in extra}}
+    res: dict[str, list[dict]] = {v: [] for v in variants}
+    names = list(variants)
     try:
         with torch.no_grad():
             for v in names:  # warm-up
-                VARIANTS[v](model, inputs, gen, device, tmp)
+                variants[v](model, inputs, gen, device, tmp)
             for rep in range(reps):
-                order = names if rep % 2 == 0 else names[::-1]
+                order = names[rep % len(names):] + names[:rep % len(names)]  # rotating order
+                if rep % 2:
+                    order = order[::-1]
                 for v in order:
-                    r = VARIANTS[v](model, inputs, gen, device, tmp)
+                    r = variants[v](model, inputs, gen, device, tmp)
                     res[v].append(r)
                     print(f"[{label}] rep {rep} {v:<10} total {r['total']:7.3f} s  cpu {r['cpu']:7.3f} s  "
                           f"block {r['block']:7.3f} s  "
@@ -210,6 +248,9 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
         device.startswith("cuda") else "cpu",
         "median": med, "ratio_total": med["kineto"]["total"] / med["tb_handler"]["total"],
         "ratio_cpu": med["kineto"]["cpu"] / med["tb_handler"]["cpu"],
+        **({"ratio_total_serial": med["kineto_serial"]["total"] / med["tb_handler"]["total"],
+            "ratio_workers_over_serial": med["kineto"]["total"] / med["kineto_serial"]["total"]}
+           if "kineto_serial" in med else {}),
         "ratios_per_rep": [k["total"] / t["total"] for k, t in zip(res["kineto"], res["tb_handler"])],
         "threads": torch.get_num_threads(),
         "after_stop_max_s": max(after) if after else None,
@@ -237,6 +278,9 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
           f"{summary['after_stop_max_s']}; export peak / raw trace: {summary['export_peak_over_raw']}; "
           f"slim file / plain file: {summary['slim_over_plain_bytes']:.3f}; same tokens: {same} "
           f"(each variant with itself: {same_within})", flush=True)
+    if "ratio_total_serial" in summary:
+        print(f"kineto with in-process passes only / tb_handler: x{summary['ratio_total_serial']:.3f}; kineto with "
+              f"export workers / in-process: x{summary['ratio_workers_over_serial']:.3f}", flush=True)
     return summary
 
 
@@ -253,6 +297,8 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", default=None, help="append one JSON line per case here")
+    ap.add_argument("--with-serial", action="store_true",
+                    help="also run kineto with the export's passes in-process only (MOE_TRACE_EXPORT_WORKERS=0)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (1 on a shared CPU box: a busy core stalls every 2-thread op)")
     args = ap.parse_args(argv)
@@ -262,7 +308,8 @@ def main(argv=None):
     todo = [(c, CASES[c]) for c in args.cases.split(",")] if args.cases else \
         [("custom", dict(model=args.model, batch=args.batch, prompt=args.prompt, new=args.new))]
     for label, c in todo:
-        s = bench_case(label, c["model"], c["batch"], c["prompt"], c["new"], args.reps, device, args.tiny, args.layers)
+        s = bench_case(label, c["model"], c["batch"], c["prompt"], c["new"], args.reps, device, args.tiny, args.layers,
+                       extra=("kineto_serial",) if args.with_serial else ())
         if args.json:
             with open(args.json, "a") as fh:
                 fh.write(json.dumps(s, default=str) + "\n")

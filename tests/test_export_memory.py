@@ -55,6 +55,7 @@ def test_byte_path_equals_object_path_on_the_h200_trace(raw3, slim, monkeypatch)
 
 
 def test_slim_parses_only_the_gpu_events_it_keeps(raw3, monkeypatch):
+    monkeypatch.setenv("MOE_TRACE_EXPORT_WORKERS", "0")  # this process's passes (workers: test_export_workers.py)
     d, spec = raw3
     run = RunData.from_dict(spec["run"])
     raw = d / "raw.json"
@@ -79,15 +80,17 @@ def test_slim_parses_only_the_gpu_events_it_keeps(raw3, monkeypatch):
     assert sum(1 for c in seen if c in GPU_WORK_CATS) == kept_gpu < n_gpu
 
 
-def test_a_raw_file_changed_between_the_passes_is_an_error(raw3, monkeypatch):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_raw_file_changed_between_the_passes_is_an_error(raw3, monkeypatch, workers):
+    monkeypatch.setenv("MOE_TRACE_EXPORT_WORKERS", workers)
     d, spec = raw3
     run = RunData.from_dict(spec["run"])
     raw = d / "changed.json"
     raw.write_bytes((d / "raw.json").read_bytes())
     real = export.read_selected
 
-    def then_change(path, slim=True):
-        got = real(path, slim)
+    def then_change(path, slim=True, *rest):
+        got = real(path, slim, *rest)
         data = raw.read_bytes()
         raw.write_bytes(data.replace(b'"cat": "kernel"', b'"cat": "kernel", "x": 1', 50))
         return got

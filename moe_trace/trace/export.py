@@ -41,6 +41,7 @@ import orjson
 from .fastpath import Fallback, _SEP, regions_of
 from .format import GPU_USER_ANNOTATION, GPU_WORK_CATS, NAME_PREFIX, PROFILER_STEP_PREFIX, SLIM_CATS, USER_ANNOTATION
 from .io import Source
+from .workers import Workers
 
 #: host events a slim trace keeps for its kernels: the launch (by correlation) and the op (by External id)
 RUNTIME_CATS = frozenset({"cuda_runtime", "cuda_driver"})
@@ -152,11 +153,18 @@ class GpuWork:
         return v
 
 
-def read_selected(path: Path, slim: bool = True) -> tuple[dict, list, dict, "FullDrops | None"]:
+def read_selected(path: Path, slim: bool = True, workers: "Workers | None" = None
+                  ) -> tuple[dict, list, dict, "FullDrops | None"]:
     """Pass 1: (metadata before traceEvents, the M / annotation (/ GPU, for slim) events in file order,
     keys after the array, and for a full trace what it drops: `FullDrops`). For a slim trace the GPU
     kernels / memcpys / memsets come as `GpuWork` stubs (selection reads them; `resolve_slim` parses
-    the kept ones), everything else as parsed dicts."""
+    the kept ones), everything else as parsed dicts. With `workers` (workers.py; the writer starts them
+    for a large raw file on a machine with cores to spare) a slim pass runs its regions in them: same
+    result."""
+    if slim and workers is not None:
+        got = workers.read_selected(path)
+        if got is not None:
+            return got
     rx = _HIT_SLIM if slim else _HIT_FULL
     src = Source(path)
     regions = regions_of(src)
@@ -170,29 +178,36 @@ def read_selected(path: Path, slim: bool = True) -> tuple[dict, list, dict, "Ful
             tail = region
             continue
         n += 1
-        spans = [(s, e) for _, s, e in _hits(region, rx)]
         if drops is not None:
             drops.scan(region)
-        for b in range(0, len(spans), _BATCH):  # a batch at a time: one batch's dicts alive at once
-            part = spans[b:b + _BATCH]
-            got = _loads_each(region, part)
-            if slim:
-                for i, e in enumerate(got):
-                    if isinstance(e, dict) and e.get("ph") == "X" and e.get("cat") in GPU_WORK_CATS:
-                        got[i] = GpuWork(e, n, *part[i])
-            events.extend(got)
-            del got
+        for e, span in pass1_region(region, rx):
+            events.append(e if span is None else GpuWork(e, n, *span))
     if drops is not None:
         drops.settle()
     return head, events, tail, drops
 
 
-def resolve_slim(path: Path, kept: list, corr: set, ext: set) -> tuple[list[dict], list[bytes]]:
-    """Pass 2 of a slim trace: `kept` with each `GpuWork` replaced by its parsed event (args slimmed),
-    and the bytes of the host events `host_link_kept` would keep, in file order. Raises `Fallback`
-    when the file changed since pass 1."""
-    from .writer import _slim_args
+def pass1_region(region: bytes, rx: re.Pattern = _HIT_SLIM) -> list[tuple[dict, tuple[int, int] | None]]:
+    """The events of one region that pass 1 reads, parsed, in order: (event, None), or for GPU work of a
+    slim pass (event, its (start, end) in the region) — a `GpuWork` stub is made of it."""
+    out = []
+    spans = [(s, e) for _, s, e in _hits(region, rx)]
+    slim = rx is _HIT_SLIM
+    for b in range(0, len(spans), _BATCH):  # a batch at a time: one batch's dicts alive at once
+        part = spans[b:b + _BATCH]
+        for e, span in zip(_loads_each(region, part), part):
+            if slim and isinstance(e, dict) and e.get("ph") == "X" and e.get("cat") in GPU_WORK_CATS:
+                out.append((e, span))
+            else:
+                out.append((e, None))
+    return out
 
+
+def resolve_slim(path: Path, kept: list, corr: set, ext: set, workers: "Workers | None" = None
+                 ) -> tuple[list[dict], list[bytes]]:
+    """Pass 2 of a slim trace: `kept` with each `GpuWork` replaced by its parsed event (args slimmed),
+    and the bytes of the host events `host_link_kept` would keep, in file order (one or more events per
+    item). Raises `Fallback` when the file changed since pass 1."""
     want: dict[int, list[GpuWork]] = {}
     for e in kept:
         if isinstance(e, GpuWork):
@@ -202,6 +217,10 @@ def resolve_slim(path: Path, kept: list, corr: set, ext: set) -> tuple[list[dict
     if want or corr or ext:
         corr_b = {str(c).encode() for c in corr}
         ext_b = {str(x).encode() for x in ext}
+        if workers is not None:
+            if workers.resolve_slim(path, dict(want), corr_b, ext_b, parsed, links):
+                return [parsed[id(e)] if isinstance(e, GpuWork) else e for e in kept], links
+            parsed, links = {}, []
         regions = regions_of(Source(path))
         next(regions)
         n = -1
@@ -210,17 +229,31 @@ def resolve_slim(path: Path, kept: list, corr: set, ext: set) -> tuple[list[dict
                 continue
             n += 1
             stubs = want.pop(n, None) or []
-            for b in range(0, len(stubs), _BATCH):
-                part = stubs[b:b + _BATCH]
-                for w, e in zip(part, _loads_each(region, [(w.start, w.end) for w in part])):
-                    if not isinstance(e, dict) or e.get("ts") != w.get("ts") or e.get("cat") != w.cat:
-                        raise Fallback
-                    parsed[id(w)] = _slim_args(e)
-            if corr_b or ext_b:
-                links.extend(_host_link_bytes(region, corr_b, ext_b))
+            got, blob = pass2_region(region, [(w.start, w.end, w.get("ts"), w.cat) for w in stubs], corr_b, ext_b)
+            for w, e in zip(stubs, got):
+                parsed[id(w)] = e
+            if blob:
+                links.append(blob)
         if want:
             raise Fallback
     return [parsed[id(e)] if isinstance(e, GpuWork) else e for e in kept], links
+
+
+def pass2_region(region: bytes, stubs: list[tuple], corr_b: set, ext_b: set) -> tuple[list[dict], bytes]:
+    """Pass 2 on one region: the kept GPU events (`stubs`: (start, end, ts, cat) from pass 1) parsed, args
+    slimmed, and the bytes of the launches / ops to keep, joined by `,\\n` (b"" when none). Raises
+    `Fallback` when an event is not what pass 1 saw there."""
+    from .writer import _slim_args
+
+    got = []
+    for b in range(0, len(stubs), _BATCH):
+        part = stubs[b:b + _BATCH]
+        for w, e in zip(part, _loads_each(region, [(w[0], w[1]) for w in part])):
+            if not isinstance(e, dict) or e.get("ts") != w[2] or e.get("cat") != w[3]:
+                raise Fallback
+            got.append(_slim_args(e))
+    blob = b",\n".join(_host_link_bytes(region, corr_b, ext_b)) if corr_b or ext_b else b""
+    return got, blob
 
 
 def _flow_key_bytes(ev: bytes) -> tuple:

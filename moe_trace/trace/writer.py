@@ -30,6 +30,7 @@ from .format import (COUNTER_CAT, GPU_USER_ANNOTATION, GPU_WORK_CATS, META_KEY, 
                      worker_name)
 from .export import (FULL_READ_CATS, SLIM_READ_CATS, FullDrops, all_events, dumps_events, host_link_kept,
                      is_raw_path, joined, read_selected, resolve_slim, slim_select)
+from .workers import workers_for
 from .fastpath import Fallback
 from .io import atomic_write, load_json, no_gc, write_under_free_name
 from .metadata import encode_nonfinite
@@ -62,13 +63,23 @@ def write_trace(raw: dict | str | os.PathLike, run: RunData, steps: list[dict], 
 
 
 def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel, overwrite) -> Path:
+    pool = workers_for(raw) if slim and is_raw_path(raw) and Path(raw).is_file() else None
+    if pool is None:
+        return _write_trace_with(raw, run, steps, out_path, slim=slim, process=process, compresslevel=compresslevel,
+                                 overwrite=overwrite, workers=None)
+    with pool:  # worker processes for the two slim passes (workers.py), stopped before the file is written
+        return _write_trace_with(raw, run, steps, out_path, slim=slim, process=process, compresslevel=compresslevel,
+                                 overwrite=overwrite, workers=pool)
+
+
+def _write_trace_with(raw, run, steps, out_path, *, slim, process, compresslevel, overwrite, workers) -> Path:
     path = None
     if is_raw_path(raw):
         path = Path(raw)
         if not path.is_file():
             raise TraceError(f"raw trace {path} does not exist; pass the file export_chrome_trace wrote or its dict")
         try:  # the byte path (export.py): only metadata, annotations and GPU events are parsed
-            head, selected, tail, drops = read_selected(path, slim)
+            head, selected, tail, drops = read_selected(path, slim, workers)
             trace = {**head, **tail}
         except Fallback:
             path = None
@@ -94,7 +105,9 @@ def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel, ove
         kept = [e for e in kept if e.get("ph") != "M" or e.get("pid") in live]
         if path is not None:  # pass 2: parse the kept GPU events, copy their launches' and ops' bytes
             try:
-                kept, links = resolve_slim(path, kept, corr, ext)
+                kept, links = resolve_slim(path, kept, corr, ext, workers)
+                if workers is not None:
+                    workers.close()
             except Fallback:
                 raise TraceError(f"raw trace {raw} changed while it was being written; re-export it") from None
             body = [dumps_events(kept, _ORJSON_OPTS), b",\n".join(links)]

@@ -1,0 +1,330 @@
+"""Worker processes for the slim export's two passes over a large raw Kineto file.
+
+The passes (export.py) spend their time in Python per event (~2-3 µs an event: a 150 MB raw trace of
+an OLMoE generate on an H200 took ~4 s), and each region of whole events is independent of the others.
+So on a machine with cores to spare the parent reads the regions as before and hands them, in turn, to
+`python -m moe_trace.trace.workers` subprocesses (fresh interpreters that import only this package's
+trace modules: no torch, no CUDA, the user's `__main__` is never re-run), and takes their results back
+in region order: the same events, the same order, the same bytes as the serial passes. Any problem with
+a worker (it cannot start, dies, answers nonsense) makes the caller run the serial pass instead; a
+layout the fast path does not know raises `Fallback` as it does serially.
+
+How many: `MOE_TRACE_EXPORT_WORKERS` (0 = never), else up to 8, one per spare core (the cores this
+process may run on, divided among the ranks of a torchrun job on the node, less one for the parent),
+for raw files of at least `MIN_BYTES`.
+
+Wire format, both ways: an 12-byte header (JSON length, blob length), a JSON object, a byte blob.
+"""
+from __future__ import annotations
+
+import os
+import select
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from queue import Queue
+from typing import Iterator
+
+import orjson
+
+MIN_BYTES = 48 << 20
+MAX_WORKERS = 8
+#: seconds a worker may take to start (it says "ready") and to answer one region
+START_TIMEOUT = 20.0
+ANSWER_TIMEOUT = 300.0
+_HEAD = struct.Struct(">IQ")
+
+
+class WorkerFailed(Exception):
+    """A worker could not do its part: the caller runs the serial pass."""
+
+
+def export_workers(size: int) -> int:
+    """How many worker processes a slim pass over a raw file of `size` bytes uses (0: serial)."""
+    env = os.environ.get("MOE_TRACE_EXPORT_WORKERS", "").strip()
+    if env:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            return 0
+    if size < MIN_BYTES:
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks = 1
+    n = min(MAX_WORKERS, cpus // ranks - 1)
+    return n if n >= 2 else 0
+
+
+def workers_for(path: Path) -> "Workers | None":
+    try:
+        n = export_workers(Path(path).stat().st_size)
+    except OSError:
+        return None
+    return Workers(n) if n else None
+
+
+def _send(fh, head: dict, blob: bytes = b"") -> None:
+    h = orjson.dumps(head)
+    for part in (_HEAD.pack(len(h), len(blob)), h, blob):
+        view = memoryview(part)
+        while view:  # the parent's pipes are unbuffered: a write may take only part
+            n = fh.write(view)
+            view = view[n:] if n is not None else view[len(view):]
+    fh.flush()
+
+
+def _read_exact(fh, n: int) -> bytes:
+    parts, left = [], n
+    while left:
+        got = fh.read(left)
+        if not got:
+            raise EOFError
+        parts.append(got)
+        left -= len(got)
+    return b"".join(parts)
+
+
+def _recv(fh, timeout: float | None = None) -> tuple[dict, bytes] | None:
+    """One message, or None at a clean end of the stream. With `timeout`, `fh` is an unbuffered pipe
+    (no bytes wait in a Python buffer that `select` cannot see)."""
+    if timeout is not None and not select.select([fh], [], [], timeout)[0]:
+        raise TimeoutError
+    first = fh.read(_HEAD.size)
+    if not first:
+        return None
+    raw = first + (_read_exact(fh, _HEAD.size - len(first)) if len(first) < _HEAD.size else b"")
+    hl, bl = _HEAD.unpack(raw)
+    h = _read_exact(fh, hl)
+    blob = _read_exact(fh, bl) if bl else b""
+    return orjson.loads(h), blob
+
+
+class Workers:
+    """A few worker subprocesses; `read_selected` / `resolve_slim` run export's passes through them."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "Workers":
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        try:
+            for _ in range(self.n):
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "moe_trace.trace.workers"], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=root, close_fds=True, bufsize=0))
+            for p in self.procs:  # each says it is ready: a python that cannot run us never hangs the export
+                got = _recv(p.stdout, START_TIMEOUT)
+                if not got or got[0].get("ready") != 1:
+                    raise EOFError
+        except (OSError, EOFError, ValueError):
+            self.close()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the pipes (each worker then exits); they are reaped in a daemon thread, not waited for."""
+        procs, self.procs = self.procs, []
+        for p in procs:
+            for f in (p.stdin, p.stdout):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        if procs:
+            threading.Thread(target=_reap, args=(procs,), name="moe-trace-export-reap", daemon=True).start()
+
+    def _map(self, tasks: Iterator[tuple[dict, bytes]]) -> Iterator[tuple[dict, bytes]]:
+        """Results of `tasks` in order, task i done by worker i mod n. A feeder thread writes the tasks
+        (and runs the iterator, i.e. reads the file) while this thread reads the results in order; each
+        worker answers its tasks in the order it got them, so this never deadlocks."""
+        if len(self.procs) != self.n:
+            raise WorkerFailed
+        sent: Queue = Queue()
+        problem: list[BaseException] = []
+
+        def feed():
+            try:
+                for i, (head, blob) in enumerate(tasks):
+                    _send(self.procs[i % self.n].stdin, head, blob)
+                    sent.put(i)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
+                problem.append(exc)
+            finally:
+                sent.put(None)
+
+        t = threading.Thread(target=feed, name="moe-trace-export-feed", daemon=True)
+        t.start()
+        procs = list(self.procs)
+        done = False
+        try:
+            while True:
+                i = sent.get()
+                if i is None:
+                    break
+                try:
+                    got = _recv(procs[i % self.n].stdout, ANSWER_TIMEOUT)
+                except (OSError, EOFError, ValueError):  # TimeoutError is an OSError
+                    got = None
+                if got is None or "error" in got[0]:
+                    raise WorkerFailed
+                yield got
+            done = not problem
+        finally:
+            if not done:  # answers may be left in the pipes (or the feeder blocked on them): never reuse
+                self.close()
+            t.join()
+        if problem:
+            if isinstance(problem[0], (OSError, ValueError)) and not _is_layout(problem[0]):
+                raise WorkerFailed
+            raise problem[0]
+
+    def _regions(self, path: Path, meta: dict) -> Iterator[bytes]:
+        from .fastpath import regions_of
+        from .io import Source
+
+        regions = regions_of(Source(path))
+        meta["head"] = next(regions)
+        for region in regions:
+            if isinstance(region, dict):
+                meta["tail"] = region
+            else:
+                yield region
+
+    def read_selected(self, path: Path):
+        """export.read_selected(path, slim=True) through the workers; None when they failed."""
+        from .export import GpuWork
+
+        meta: dict = {"tail": {}}
+        events: list = []
+        try:
+            for n, (res, _) in enumerate(self._map(({"op": "pass1"}, r) for r in self._regions(path, meta))):
+                if res.get("fallback"):
+                    from .fastpath import Fallback
+
+                    raise Fallback
+                if not isinstance(res.get("events"), list) or not isinstance(res.get("gpu"), list):
+                    raise WorkerFailed
+                gpu = {i: (s, e) for i, s, e in res["gpu"]}
+                for i, ev in enumerate(res["events"]):
+                    span = gpu.get(i)
+                    events.append(ev if span is None else GpuWork(ev, n, *span))
+        except WorkerFailed:
+            return None
+        return meta["head"], events, meta["tail"], None
+
+    def resolve_slim(self, path: Path, want: dict, corr_b: set, ext_b: set, parsed: dict, links: list) -> bool:
+        """The per-region part of export.resolve_slim through the workers (fills `parsed` and `links`);
+        False when they failed. Raises Fallback as the serial pass does."""
+        from .fastpath import Fallback
+
+        if len(self.procs) != self.n:
+            return False
+        sets = orjson.dumps({"corr": [b.decode() for b in corr_b], "ext": [b.decode() for b in ext_b]})
+        stubs_of: list = []
+
+        def tasks():
+            for n, region in enumerate(self._regions(path, {})):
+                stubs = want.pop(n, None) or []
+                stubs_of.append(stubs)
+                head = {"op": "pass2", "stubs": [(w.start, w.end, w.get("ts"), w.cat) for w in stubs]}
+                if n < self.n:
+                    head["sets"] = True
+                    yield head, sets + b"\0" + region
+                else:
+                    yield head, region
+
+        try:
+            for n, (res, blob) in enumerate(self._map(tasks())):
+                if res.get("fallback"):
+                    raise Fallback
+                kept = res.get("kept")
+                if not isinstance(kept, list) or len(kept) != len(stubs_of[n]):
+                    raise WorkerFailed
+                for w, e in zip(stubs_of[n], kept):
+                    parsed[id(w)] = e
+                stubs_of[n] = None
+                if blob:
+                    links.append(blob)
+        except WorkerFailed:
+            return False
+        if want:
+            raise Fallback
+        return True
+
+
+def _reap(procs: list) -> None:
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _stub_fields(e: dict) -> dict:
+    """What a `GpuWork` stub reads of a GPU event (present keys only, so absent stays absent)."""
+    out = {k: e[k] for k in ("cat", "pid", "tid", "ts", "dur") if k in e}
+    args = e.get("args")
+    if isinstance(args, dict):
+        out["args"] = {k: args[k] for k in ("correlation", "External id") if k in args}
+    return out
+
+
+def _is_layout(exc: BaseException) -> bool:
+    from .fastpath import Fallback
+
+    return isinstance(exc, Fallback)
+
+
+def _serve() -> None:
+    """The worker's loop: one task in, one answer out, until its stdin closes."""
+    from .export import _HIT_SLIM, pass1_region, pass2_region
+    from .fastpath import Fallback
+    from .io import no_gc
+
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    _send(out, {"ready": 1})
+    corr_b: set = set()
+    ext_b: set = set()
+    with no_gc():
+        while True:
+            got = _recv(inp)
+            if got is None:
+                return
+            head, blob = got
+            try:
+                if head.get("op") == "pass1":
+                    evs = pass1_region(blob, _HIT_SLIM)
+                    _send(out, {"events": [e if s is None else _stub_fields(e) for e, s in evs],
+                                "gpu": [(i, s[0], s[1]) for i, (_, s) in enumerate(evs) if s is not None]})
+                elif head.get("op") == "pass2":
+                    if head.get("sets"):
+                        cut = blob.index(b"\0")
+                        sets = orjson.loads(blob[:cut])
+                        blob = blob[cut + 1:]
+                        corr_b = {x.encode() for x in sets["corr"]}
+                        ext_b = {x.encode() for x in sets["ext"]}
+                    kept, links = pass2_region(blob, [tuple(s) for s in head["stubs"]], corr_b, ext_b)
+                    _send(out, {"kept": kept}, links)
+                else:
+                    _send(out, {"error": "unknown op"})
+            except Fallback:
+                _send(out, {"fallback": True})
+            except Exception as exc:  # noqa: BLE001 - the parent runs the serial pass
+                _send(out, {"error": type(exc).__name__})
+
+
+if __name__ == "__main__":
+    _serve()

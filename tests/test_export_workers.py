@@ -1,0 +1,159 @@
+"""The slim export's worker processes (moe_trace/trace/workers.py): on a GPU-heavy raw trace (the
+committed H200 recording, replicated) the passes run through worker subprocesses write exactly the
+file the serial passes write; a worker that cannot start, dies or hangs never changes the file or
+hangs the export (the serial pass runs); a damaged raw file gets the serial path's answer; and how
+many workers a machine gets follows its spare cores and the ranks sharing the node."""
+from __future__ import annotations
+
+import gzip
+import re
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from benchmarks.export_memory import build_raw
+from moe_trace.analysis import RunData
+from moe_trace.errors import TraceError
+from moe_trace.trace import export, write_trace
+from moe_trace.trace import workers as workers_mod
+from tests.test_trace_fixtures import tmpdir
+
+
+@pytest.fixture(scope="module")
+def raw():
+    d = tmpdir("export_workers")
+    spec = build_raw(d / "raw.json", 0, copies=5)  # ~12 MB: 3 regions of the fast path
+    return d, spec
+
+
+def _write(d, spec, name, workers: int, monkeypatch, raw_path=None):
+    monkeypatch.setenv("MOE_TRACE_EXPORT_WORKERS", str(workers))
+    run = RunData.from_dict(spec["run"])
+    return write_trace(raw_path or d / "raw.json", run, spec["steps"], d / name, slim=True, process=spec["process"])
+
+
+def _without_start_time(path) -> bytes:
+    return re.sub(rb'"started_at":[0-9.e+]+', b"", gzip.decompress(path.read_bytes()))
+
+
+class _Count:
+    def __init__(self, monkeypatch):
+        self.used = {"read_selected": 0, "resolve_slim": 0}
+        for name in self.used:
+            orig = getattr(workers_mod.Workers, name)
+
+            def wrapped(self_, *a, _orig=orig, _name=name, **k):
+                got = _orig(self_, *a, **k)
+                if got not in (None, False):
+                    self.used[_name] += 1
+                return got
+
+            monkeypatch.setattr(workers_mod.Workers, name, wrapped)
+
+
+def test_workers_write_the_file_the_serial_passes_write(raw, monkeypatch):
+    d, spec = raw
+    serial = _write(d, spec, "serial.pt.trace.json.gz", 0, monkeypatch)
+    count = _Count(monkeypatch)
+    pooled = _write(d, spec, "pooled.pt.trace.json.gz", 2, monkeypatch)
+    assert count.used == {"read_selected": 1, "resolve_slim": 1}  # both passes went through the workers
+    assert _without_start_time(pooled) == _without_start_time(serial)
+    events = orjson.loads(gzip.decompress(pooled.read_bytes()))["traceEvents"]
+    assert sum(e.get("cat") == "kernel" for e in events) > 0 and sum(e.get("cat") == "cpu_op" for e in events) > 0
+
+
+def test_the_serial_pass_runs_when_workers_cannot_start_or_die(raw, monkeypatch):
+    d, spec = raw
+    serial = _write(d, spec, "serial2.pt.trace.json.gz", 0, monkeypatch)
+    real_popen = subprocess.Popen
+    for argv in (["-c", "pass"],                                      # exits at once
+                 ["-c", "import sys; sys.stdout.write('x'); sys.stdout.flush()"],  # speaks nonsense
+                 ["-c", "import time; time.sleep(30)"]):               # never says it is ready
+        monkeypatch.setattr(workers_mod, "START_TIMEOUT", 1.0)
+        monkeypatch.setattr(workers_mod.subprocess, "Popen",
+                            lambda cmd, *a, _argv=argv, **k: real_popen([sys.executable, *_argv], *a, **k))
+        count = _Count(monkeypatch)
+        out = _write(d, spec, "fallback.pt.trace.json.gz", 2, monkeypatch)
+        assert count.used == {"read_selected": 0, "resolve_slim": 0}, argv
+        assert _without_start_time(out) == _without_start_time(serial), argv
+    monkeypatch.setattr(workers_mod.subprocess, "Popen", real_popen)
+
+
+def test_a_worker_dying_in_the_middle_gives_the_serial_result(raw, monkeypatch):
+    d, spec = raw
+    serial = _write(d, spec, "serial3.pt.trace.json.gz", 0, monkeypatch)
+    real_recv = workers_mod._recv
+    calls = {"n": 0}
+
+    def flaky(fh, timeout=None):
+        got = real_recv(fh, timeout)
+        if got is not None and "events" in got[0]:
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second region's answer never comes
+                raise EOFError
+        return got
+
+    monkeypatch.setattr(workers_mod, "_recv", flaky)
+    out = _write(d, spec, "dying.pt.trace.json.gz", 2, monkeypatch)
+    assert calls["n"] >= 2
+    assert _without_start_time(out) == _without_start_time(serial)
+
+
+def test_a_damaged_raw_file_gets_the_serial_answer(raw, monkeypatch):
+    d, spec = raw
+    data = (d / "raw.json").read_bytes()
+    k = data.index(b'"cat": "kernel"', len(data) // 2)
+    bad = d / "damaged.json"
+    bad.write_bytes(data[:k] + b'"cat": "kernel", "ts": [}' + data[k + 15:])
+    answers = []
+    for n in (0, 2):
+        with pytest.raises(TraceError) as err:
+            _write(d, spec, f"damaged{n}.pt.trace.json.gz", n, monkeypatch, raw_path=bad)
+        answers.append(str(err.value))
+    assert answers[0] == answers[1]
+
+
+def test_a_worker_answers_a_region_as_the_serial_pass(raw):
+    """The worker process itself (no mocking): pass 1 and pass 2 of one region over the pipe."""
+    d, _ = raw
+    data = (d / "raw.json").read_bytes()
+    from moe_trace.trace.fastpath import regions_of
+    from moe_trace.trace.io import Source
+
+    region = next(r for r in regions_of(Source(d / "raw.json")) if isinstance(r, bytes))
+    with workers_mod.Workers(1) as pool:
+        assert len(pool.procs) == 1
+        (p1, _), = pool._map(iter([({"op": "pass1"}, region)]))
+        serial = export.pass1_region(region)
+        assert len(p1["events"]) == len(serial)
+        assert [tuple(g) for g in p1["gpu"]] == [(i, *s) for i, (_, s) in enumerate(serial) if s is not None]
+        stubs = [(s[0], s[1], e.get("ts"), e.get("cat")) for e, s in serial if s is not None][:50]
+        corr = sorted({str(e["args"]["correlation"]).encode() for e, s in serial if s is not None
+                       and isinstance(e.get("args", {}).get("correlation"), int)})[:40]
+        sets = orjson.dumps({"corr": [c.decode() for c in corr], "ext": []})
+        (p2, blob), = pool._map(iter([({"op": "pass2", "stubs": stubs, "sets": True}, sets + b"\0" + region)]))
+        kept, links = export.pass2_region(region, stubs, set(corr), set())
+        assert p2["kept"] == kept and blob == links and links
+    assert data  # the file is untouched
+
+
+@pytest.mark.parametrize("cpus, ranks, size, env, expected", [
+    (16, None, 150 << 20, None, 8),     # an H200 box: 8 workers
+    (16, "8", 150 << 20, None, 0),      # 8 torchrun ranks share the node: 16 // 8 - 1 = 1 -> serial
+    (16, "2", 150 << 20, None, 7),
+    (2, None, 150 << 20, None, 0),      # the CI box: no core to spare
+    (16, None, 10 << 20, None, 0),      # small raw file: not worth starting processes
+    (2, None, 10 << 20, "3", 3),        # forced
+    (16, None, 150 << 20, "0", 0),      # switched off
+    (16, None, 150 << 20, "many", 0),   # unreadable -> off
+])
+def test_how_many_workers(monkeypatch, cpus, ranks, size, env, expected):
+    monkeypatch.setattr(workers_mod.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    for k, v in (("LOCAL_WORLD_SIZE", ranks), ("MOE_TRACE_EXPORT_WORKERS", env)):
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v)
+    assert workers_mod.export_workers(size) == expected
