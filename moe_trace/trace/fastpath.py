@@ -56,22 +56,6 @@ def parse(src: Source, agg: Aggregate) -> dict:
     return meta
 
 
-def event_batches(src: Source):
-    """The top-level metadata keys, then lists of the events (dicts), a few MB of JSON at a time, then a
-    dict of the keys after the array. Raises Fallback for layouts it does not recognise."""
-    regions = regions_of(src)
-    yield next(regions)
-    for region in regions:
-        if isinstance(region, dict):
-            yield region
-            continue
-        try:
-            events = orjson.loads(b"[" + region + b"]")
-        except orjson.JSONDecodeError:
-            raise Fallback from None
-        yield events
-
-
 def regions_of(src: Source):
     """The top-level keys before `traceEvents` (a dict), then byte regions of whole events separated by
     `,\\n` (each a valid JSON array body), then the keys after the events array (a dict)."""

@@ -22,15 +22,23 @@ import orjson
 from moe_trace.checks import output_file
 from moe_trace.errors import ConfigError, TraceError
 
-from . import fastpath, ijson_path
+from . import fastpath, ijson_path, merge_bytes
 from .io import Source, no_gc, os_problem
 from .reader import read_metadata, trace_files
 
 from .format import GPU_CATS as _GPU_CATS, HOST_CATS as _HOST_CATS, MERGED_PREFIX, MERGED_SCHEMA, META_KEY
 
 
-def merge_traces(inputs: str | os.PathLike | Iterable[str | os.PathLike], out_path: str | os.PathLike) -> Path:
-    """Merge a directory of traces (recursively) or a list of trace files into `out_path`."""
+_SUMMARY_SLACK = 64 << 10  # room for the pid maps (~60 bytes per pid) in front of the events
+
+# which path re-mapped the regions of the last merge_traces call (tests check the byte path is used)
+LAST_STATS: dict[str, int] = {}
+
+
+def merge_traces(inputs: str | os.PathLike | Iterable[str | os.PathLike], out_path: str | os.PathLike, *,
+                 byte_path: bool = True) -> Path:
+    """Merge a directory of traces (recursively) or a list of trace files into `out_path`.
+    `byte_path=False` re-maps every event through orjson dicts (the reference path; same events)."""
     out = output_file(out_path, "merge output")  # checked before any input is read
     if isinstance(inputs, (str, os.PathLike)):
         files = trace_files(inputs)
@@ -93,12 +101,42 @@ def merge_traces(inputs: str | os.PathLike | Iterable[str | os.PathLike], out_pa
     parts = []
     run_ids: set = set()
 
+    LAST_STATS.update(byte_regions=0, split_regions=0, event_regions=0, ijson_batches=0)
+
     def events_iter():
+        parser = merge_bytes.Parser() if merge_bytes.AVAILABLE and byte_path else None
         for k, info in enumerate(infos):
-            offset = (info["base"] - min_base) / 1000.0 if info["base"] is not None and min_base is not None else 0.0
+            offset_ns = info["base"] - min_base if info["base"] is not None and min_base is not None else 0
+            offset = offset_ns / 1000.0
             pids = _PidMap(info["label"], next_pid)
-            for batch in _event_batches(info["path"]):
-                yield _remap_batch(batch, pids, offset, k, nfiles)
+
+            def fast(region: bytes):
+                """([bytes of the re-mapped events], count) for a region, or None: the per-event path."""
+                got = merge_bytes.remap_region(region, parser, pids, offset_ns, k, nfiles)
+                if got is not None:
+                    LAST_STATS["byte_regions"] += 1
+                    return [got[0]], got[1]
+                cut = merge_bytes.metadata_cut(region)
+                if cut is None:
+                    return None
+                try:  # Kineto's metadata events first: they take the per-event path, the rest the byte path
+                    head = orjson.loads(b"[" + region[:cut[0]] + b"]")
+                except orjson.JSONDecodeError:
+                    return None
+                parts = [_dump_lines(_remap_batch(head, pids, offset, k, nfiles))]
+                got = merge_bytes.remap_region(region[cut[1]:], parser, pids, offset_ns, k, nfiles)
+                if got is None:
+                    try:
+                        tail = orjson.loads(b"[" + region[cut[1]:] + b"]")
+                    except orjson.JSONDecodeError:
+                        raise fastpath.Fallback from None
+                    LAST_STATS["event_regions"] += 1
+                    return parts + [_dump_lines(_remap_batch(tail, pids, offset, k, nfiles))], len(head) + len(tail)
+                LAST_STATS["split_regions"] += 1
+                return [p for p in parts if p] + [got[0]], len(head) + got[1]
+
+            for batch in _event_batches(info["path"], fast if parser is not None else None):
+                yield batch if isinstance(batch, (bytes, memoryview)) else _remap_batch(batch, pids, offset, k, nfiles)
             names = pids.names()
             pid_names.update(names)
             files_summary.append({"path": str(info["path"]), "label": info["label"], "dist_rank": info["rank"],
@@ -117,42 +155,62 @@ def merge_traces(inputs: str | os.PathLike | Iterable[str | os.PathLike], out_pa
                 {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0,
                  "args": {"sort_index": pids.sort_index[pid]}})]
 
-    # the summary needs the pid maps pass 2 builds: events go to a scratch file first
+    # the summary needs the pid maps pass 2 builds: room for it before the events (its RunData parts are
+    # known now; the pid maps take a few dozen bytes per pid)
+    reserve = len(orjson.dumps([i["mt"] for i in infos], option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS,
+                               default=str)) + sum(len(str(i["path"])) for i in infos) * 2 + 400 * nfiles + _SUMMARY_SLACK
     with no_gc():
         return _write_merged(out, events_iter, lambda: {
             "schema": MERGED_SCHEMA, "base_time_ns": min_base, "files": files_summary, "parts": parts,
             **({"run_id": next(iter(run_ids))} if len(run_ids) == 1 else {}),
-            "pid_names": {str(k): v for k, v in pid_names.items()}})
+            "pid_names": {str(k): v for k, v in pid_names.items()}}, reserve)
 
 
-def _write_merged(out: Path, events_iter, summary_fn) -> Path:
-    """Events go to a scratch file first, so the summary (built while they are written) can lead the file."""
+def _write_merged(out: Path, events_iter, summary_fn, reserve: int = 0) -> Path:
+    """The summary (built while the events are written) leads the file. Plain output: the events follow
+    `reserve` bytes of spaces that the summary overwrites at the end (JSON allows whitespace there); gzip
+    output, or a summary larger than `reserve`: the events go to a scratch file that is copied behind it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     scratch = out.with_name(out.name + f".events{os.getpid()}")
     dumps = orjson.dumps
     opts = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+    gz = out.name.endswith(".gz")
+    lead = b"{\n" + b" " * max(reserve, 0) + b'\n"traceEvents": [\n'
     try:
-        with open(scratch, "wb") as fh:
+        with open(tmp if not gz else scratch, "wb") as fh:
+            if not gz:
+                fh.write(lead)
             first = True
             for batch in events_iter():
                 if not batch:
                     continue
-                fh.write((b"" if first else b",\n") + _dump_lines(batch))
+                fh.write(b"" if first else b",\n")
+                fh.write(batch if isinstance(batch, (bytes, memoryview)) else _dump_lines(batch))
                 first = False
-        head = b'{\n"moe_trace": ' + dumps(summary_fn(), option=opts) + b',\n"traceEvents": [\n'
-        with open(tmp, "wb") as fh:
-            sink = gzip.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=3, mtime=0) \
-                if out.name.endswith(".gz") else fh
-            try:
-                sink.write(head)
-                with open(scratch, "rb") as src:
-                    while chunk := src.read(4 << 20):
-                        sink.write(chunk)
-                sink.write(b"\n]\n}\n")
-            finally:
-                if sink is not fh:
-                    sink.close()
+            summary = b'"moe_trace": ' + dumps(summary_fn(), option=opts) + b","
+            if not gz:
+                fh.write(b"\n]\n}\n")
+                if 0 < reserve and len(summary) <= reserve:
+                    fh.seek(2)
+                    fh.write(summary)
+        if gz or len(summary) > reserve:
+            if not gz:
+                os.replace(tmp, scratch)
+            with open(tmp, "wb") as fh:
+                sink = gzip.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=3, mtime=0) if gz else fh
+                try:
+                    sink.write(b"{\n" + summary + b'\n"traceEvents": [\n')
+                    with open(scratch, "rb") as src:
+                        if not gz:
+                            src.seek(len(lead))
+                        while chunk := src.read(4 << 20):
+                            sink.write(chunk)
+                    if gz:
+                        sink.write(b"\n]\n}\n")
+                finally:
+                    if sink is not fh:
+                        sink.close()
         os.replace(tmp, out)
     except OSError as exc:
         raise TraceError(f"cannot write the merged trace {out} ({exc.strerror or exc}); pass a writable path "
@@ -164,17 +222,31 @@ def _write_merged(out: Path, events_iter, summary_fn) -> Path:
     return out
 
 
-def _event_batches(path: Path):
-    """The events of one input, a few MB of JSON at a time (fast path; ijson for other layouts)."""
+def _event_batches(path: Path, fast=None):
+    """The events of one input, a few MB of JSON at a time: per region of the fast path's splitter either
+    `fast(region)`'s re-mapped bytes (when it returns (bytes, n)) or the parsed events (a list); ijson
+    for other layouts."""
     try:
         src = Source(path, False)
         done = 0  # events already handed over when the fast path gives up: ijson skips them
         try:
-            for item in fastpath.event_batches(src):
-                if isinstance(item, dict):  # the metadata before / after the events array
+            regions = fastpath.regions_of(src)
+            next(regions)  # the metadata before the events array
+            for region in regions:
+                if isinstance(region, dict):  # the keys after the array
                     continue
-                done += len(item)
-                yield item
+                got = fast(region) if fast is not None else None
+                if got is not None:
+                    done += got[1]
+                    yield from got[0]
+                    continue
+                try:
+                    events = orjson.loads(b"[" + region + b"]")
+                except orjson.JSONDecodeError:
+                    raise fastpath.Fallback from None
+                LAST_STATS["event_regions"] = LAST_STATS.get("event_regions", 0) + 1
+                done += len(events)
+                yield events
             return
         except fastpath.Fallback:
             pass
@@ -186,6 +258,7 @@ def _event_batches(path: Path):
                 if done >= len(batch):
                     done -= len(batch)
                     continue
+                LAST_STATS["ijson_batches"] = LAST_STATS.get("ijson_batches", 0) + 1
                 yield batch[done:]
                 done = 0
         finally:
