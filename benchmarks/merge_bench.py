@@ -8,17 +8,22 @@ subprocess (imports excluded; CPU = user + sys of all threads, `resource.getrusa
   analyze      moe_trace.analyze(DIR)
   merge        moe_trace.merge_traces(DIR, OUT)
 
-in rounds (analyze, merge, analyze, merge, ...), and prints each run, then medians and the per-round
-ratio merge / analyze (the box is shared: ratios from one round are the figure to compare).
+  merge@base   the same merge, imported from another checkout (`--baseline DIR`, e.g. the commit before
+               a change: `git archive REV | tar -x -C DIR`), for an interleaved before / after
 
-    python benchmarks/merge_bench.py --mb 150 --ranks 2 --repeat 5 [--workdir DIR --reuse] [--gz]
+in rounds (analyze, merge[, merge@base], analyze, merge, ...), and prints each run (CPU split into user
+and sys: writing the output is mostly sys), then medians and the per-round ratio to analyze (the box is
+shared: ratios from one round are the figure to compare).
 
-benchmarks/merge_byte_path.py measures, region by region, why merge is slower than analyze.
+    python benchmarks/merge_bench.py --mb 150 --ranks 2 --repeat 5 [--workdir DIR --reuse] [--gz] [--baseline DIR]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -34,6 +39,7 @@ warnings.simplefilter("ignore")
 what, src, out = sys.argv[1:4]
 from moe_trace.trace import analyze, merge_traces
 hwm0, cpu0 = _probe()
+sys0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime
 t0 = time.perf_counter()
 if what == "analyze":
     analyze(src, progress=False)
@@ -41,7 +47,8 @@ else:
     merge_traces(src, out)
 dt = time.perf_counter() - t0
 hwm, cpu = _probe()
-print(json.dumps({"wall": dt, "cpu": cpu - cpu0, "peak_mib": hwm / 1024, "base_mib": hwm0 / 1024}))
+print(json.dumps({"wall": dt, "cpu": cpu - cpu0, "sys": resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys0,
+                  "peak_mib": hwm / 1024, "base_mib": hwm0 / 1024}))
 """
 
 
@@ -70,10 +77,18 @@ def generate(work: Path, mb: float, ranks: int) -> int:
     return total
 
 
-def child(what: str, src: Path, out: Path) -> dict | None:
-    from benchmarks.trace_parse_bench import _PROBE, _child
+def child(what: str, src: Path, out: Path, root: Path = ROOT) -> dict | None:
+    """One measurement in a fresh interpreter that imports moe_trace from `root`."""
+    from benchmarks.trace_parse_bench import _PROBE
 
-    return _child(_PROBE + _CHILD, what, str(src), str(out))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _PROBE + _CHILD, what, str(src), str(out)], capture_output=True,
+                          text=True, env=env, cwd=root)
+    if proc.returncode != 0:
+        print(f"  ({what} failed: {(proc.stderr.strip().splitlines() or [proc.returncode])[-1]})")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--reuse", action="store_true", help="reuse the inputs already in --workdir")
     ap.add_argument("--gz", action="store_true", help="write the merged file gzip-compressed")
+    ap.add_argument("--baseline", default=None, help="another checkout whose merge runs as merge@base")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -98,20 +114,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generated {args.ranks} files, {size / 1e6:.0f} MB in {time.perf_counter() - t0:.0f} s")
     mb = size / 1e6
     out = work / ("merged.json.gz" if args.gz else "merged.json")
-    whats = ["analyze", "merge"]
+    whats = ["analyze", "merge"] + (["merge@base"] if args.baseline else [])
     res: dict[str, list[dict]] = {w: [] for w in whats}
     for rnd in range(args.repeat):
         for w in whats:
-            r = child(w, src, out)
+            root = Path(args.baseline).resolve() if w == "merge@base" else ROOT
+            r = child(w.split("@")[0], src, out, root)
             if r:
                 res[w].append(r)
-                print(f"round {rnd} {w:<9} wall {r['wall']:6.2f} s  cpu {r['cpu']:6.2f} s  "
+                print(f"round {rnd} {w:<10} wall {r['wall']:6.2f} s  cpu {r['cpu']:6.2f} s (sys {r['sys']:5.2f})  "
                       f"peak {r['peak_mib']:5.0f} MiB (imports {r['base_mib']:.0f})", flush=True)
     print(f"\ninput {mb:.0f} MB ({len(list(src.glob('*.pt.trace.json')))} files); medians of {args.repeat}:")
-    med = {w: {k: statistics.median(x[k] for x in v) for k in ("wall", "cpu", "peak_mib")} for w, v in res.items() if v}
+    med = {w: {k: statistics.median(x[k] for x in v) for k in ("wall", "cpu", "sys", "peak_mib")}
+           for w, v in res.items() if v}
     for w, m in med.items():
-        print(f"  {w:<9} wall {m['wall']:6.2f} s  cpu {m['cpu']:6.2f} s  {mb / m['cpu']:5.0f} MB per CPU s  "
-              f"peak {m['peak_mib']:5.0f} MiB")
+        print(f"  {w:<10} wall {m['wall']:6.2f} s  cpu {m['cpu']:6.2f} s (sys {m['sys']:5.2f})  "
+              f"{mb / m['cpu']:5.0f} MB per CPU s  peak {m['peak_mib']:5.0f} MiB")
     if "analyze" in med:
         for w in med:
             if w != "analyze":

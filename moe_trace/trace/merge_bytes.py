@@ -49,6 +49,8 @@ _WS[[9, 10, 13, 32]] = True
 _DIGIT = np.full(256, -1, np.int64)
 _DIGIT[48:58] = np.arange(10)
 _POW10 = 10 ** np.arange(19, dtype=np.int64)
+_IN_NUMBER = np.zeros(256, bool)
+_IN_NUMBER[list(b"0123456789.eE+-")] = True
 _CLOSE = b"]" + b" " * 64  # gathers past the region's end read spaces
 _MAX_INT_DIGITS = 15
 _MAX_SPAN = 24  # whitespace + comma after a value that can be re-used as room
@@ -115,6 +117,15 @@ def _find(buf: bytes, needle: bytes) -> np.ndarray:
     return pos
 
 
+def _skip_ws(a: np.ndarray, s: np.ndarray, most: int) -> np.ndarray:
+    for _ in range(most):
+        w = _WS[a[s]]
+        if not w.any():
+            break
+        s = s + w
+    return s
+
+
 def _digit_run(a: np.ndarray, s: np.ndarray, live: np.ndarray, most: int) -> tuple[np.ndarray, np.ndarray]:
     """(value, number of digits) of the decimal digits at `s` in the rows where `live` (at most `most`)."""
     val = np.zeros(len(s), np.int64)
@@ -133,28 +144,31 @@ class _Values:
     """The plain non-negative decimal values after the keys at `pos` (numpy, column by column)."""
 
     def __init__(self, a: np.ndarray, pos: np.ndarray, keylen: int, frac: bool):
-        s = pos + keylen
-        for _ in range(4):
-            s = s + _WS[a[s]]
+        s = _skip_ws(a, pos + keylen, 4)
         ok = a[s] == 58  # ':'
-        s = s + 1
-        for _ in range(8):
-            s = s + _WS[a[s]]
+        s = _skip_ws(a, s + 1, 8)
         val, nd = _digit_run(a, s, np.ones(len(s), bool), _MAX_INT_DIGITS + 1)
         ok &= (nd >= 1) & (nd <= _MAX_INT_DIGITS)
-        ok &= (a[s] != 48) | (nd == 1)  # no leading zero (simdjson already rejects it)
+        ok &= (a[s] != 48) | (nd == 1)  # no leading zero (msgspec already rejects it)
         end = s + nd
-        fd = np.zeros(len(s), np.int64)
+        fd = None
         if frac:
             dot = a[end] == 46
             fv, fd = _digit_run(a, end + 1, dot, 4)
             ok &= ~dot | ((fd >= 1) & (fd <= 3))
             val = val * 1000 + fv * _POW10[3 - np.minimum(fd, 3)]  # in thousandths
             end = end + np.where(dot, fd + 1, 0)
-        # after the number: whitespace, one comma, whitespace (room for a longer value), then `"` or `}`
-        p = end.copy()
-        comma = np.zeros(len(s), bool)
-        comma_end = end.copy()
+        # the JSON is valid, so the number ends here unless it goes on (more decimals, an exponent)
+        ok &= ~_IN_NUMBER[a[end]]
+        self.ok = bool(ok.all())
+        self.a, self.start, self.end, self.value, self.decimals = a, s, end, val, fd
+
+    def room(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For `rows`: (has a comma, end of the comma, start of the next token) of the whitespace, one comma
+        and whitespace after the number (room for a longer value); next token not `"` or `}`: no room."""
+        a, p = self.a, self.end[rows]
+        comma = np.zeros(len(p), bool)
+        comma_end = p.copy()
         for _ in range(_MAX_SPAN):
             c = a[p]
             isc = (c == 44) & ~comma
@@ -165,10 +179,8 @@ class _Values:
             p = p + step
             comma_end = np.where(isc, p, comma_end)
         last = a[p]
-        ok &= np.where(comma, last == 34, last == 125)  # a key follows the comma, or the object ends
-        self.ok = bool(ok.all())
-        self.start, self.end, self.comma, self.comma_end, self.room = s, end, comma, comma_end, p
-        self.value = val
+        ok = np.where(comma, last == 34, last == 125)  # a key follows the comma, or the object ends
+        return comma, comma_end, np.where(ok, p, 0)
 
 
 def _key_values(buf: bytearray, a: np.ndarray, key: bytes, count: int, frac: bool) -> _Values | None:
@@ -181,41 +193,53 @@ def _key_values(buf: bytearray, a: np.ndarray, key: bytes, count: int, frac: boo
 
 
 def _digits(x: np.ndarray) -> np.ndarray:
-    nd = np.ones(len(x), np.int64)
-    for k in range(1, 19):
-        nd += x >= _POW10[k]
-    return nd
+    return np.maximum(np.searchsorted(_POW10, x, side="right"), 1)
 
 
 def _write(out: np.ndarray, v: _Values, new: np.ndarray, frac: bool) -> bool:
     """Write `new` (ints; thousandths when `frac`: up to 3 decimals, trailing zeros dropped) over the values
-    in place; False if one does not fit. Rows are written in groups of one layout (new length, old width,
-    decimals, comma), column by column: a few groups per region."""
+    in place, padded with spaces; a longer one moves the comma after it into the whitespace that follows.
+    False if one does not fit. Rows are written in groups of one layout (new length, width overwritten,
+    decimals, comma moved), column by column: a few groups per region."""
     ip = new // 1000 if frac else new
     nd = _digits(ip)
     if frac:
         f = new % 1000
         fdn = np.where(f == 0, 0, np.where(f % 100 == 0, 1, np.where(f % 10 == 0, 2, 3)))
+        fdn = np.maximum(fdn, v.decimals)  # as many decimals as before (Kineto's 3): one layout for all rows
         length = nd + fdn + (fdn > 0)
     else:
         fdn = np.zeros(len(new), np.int64)
         length = nd
-    if bool((length + v.comma > v.room - v.start).any()):
-        return False
-    old = v.comma_end - v.start  # the old number (and comma): overwritten with the new one + spaces
-    key = ((length * 128 + old) * 4 + fdn) * 2 + v.comma
+    width = v.end - v.start
+    comma = np.zeros(len(new), bool)
+    grow = np.flatnonzero(length > width)
+    if len(grow):
+        c, c_end, nxt = v.room(grow)
+        if bool((length[grow] + c > nxt - v.start[grow]).any()):
+            return False
+        width[grow] = c_end - v.start[grow]
+        comma[grow] = c
+    key = ((length * 128 + width) * 4 + fdn) * 2 + comma
     groups = [None] if key.min() == key.max() else np.unique(key).tolist()
     for g in groups:
         if g is None:
             rows, g = slice(None), int(key[0])
         else:
             rows = np.flatnonzero(key == g)
-        comma, g = g & 1, g >> 1
+        moved, g = g & 1, g >> 1
         fd, g = g & 3, g >> 2
-        width, ln = g % 128, g // 128
+        wd, ln = g % 128, g // 128
         s, x = v.start[rows], ip[rows]
         nd_g = ln - (fd + 1 if fd else 0)
-        for j in range(nd_g):
+        lead = 0  # leading digits that stay as they are (a ts moved by a few ms keeps most of its digits)
+        if frac and wd == ln and not moved:
+            was = v.value[rows] // 1000
+            k = 0
+            while k < nd_g and not bool((was // _POW10[k] == x // _POW10[k]).all()):
+                k += 1
+            lead = nd_g - k
+        for j in range(lead, nd_g):
             out[s + j] = (x // _POW10[nd_g - 1 - j]) % 10 + 48
         if fd:
             fr = f[rows]
@@ -223,10 +247,10 @@ def _write(out: np.ndarray, v: _Values, new: np.ndarray, frac: bool) -> bool:
             for q in range(fd):
                 out[s + nd_g + 1 + q] = (fr // _POW10[2 - q]) % 10 + 48
         j = ln
-        if comma:
+        if moved:
             out[s + ln] = 44
             j += 1
-        for j in range(j, width):
+        for j in range(j, wd):
             out[s + j] = 32
     return True
 
