@@ -1,5 +1,8 @@
 """A byte-level `merge` prototype, measured region by region against merge's per-event path (not used by merge).
 
+Superseded by merge's byte path (moe_trace/trace/merge_bytes.py: msgspec + numpy instead of Python's
+`re` + SQLite); kept to reproduce the figures in docs/benchmarks.md, "merge vs analyze".
+
 Question (issue 12): can `moe-trace merge` re-map events without building a Python object per event,
 to get near `analyze`'s throughput? This prototype splits each region of whole events (the reader's
 `fastpath.regions_of`) with one regular expression at the head of every event in Kineto's key order
