@@ -60,9 +60,19 @@ def _rss_of(pid) -> int:
         return 0
 
 
+def _cmdline(pid) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def rss() -> int:
-    """RSS of this process plus its child processes (the export's worker processes count too)."""
+    """RSS of this process plus its child processes (the export's worker processes count too). A child
+    that has not exec'd yet (its command line is still ours) shares our pages: it is not counted again."""
     total = _rss_of("self")
+    me = _cmdline("self")
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
@@ -74,7 +84,7 @@ def rss() -> int:
                 kids.update(f.read().split())
         except OSError:
             pass
-    return total + sum(_rss_of(k) for k in kids)
+    return total + sum(_rss_of(k) for k in kids if _cmdline(k) != me)
 
 
 class PeakRSS:
@@ -171,24 +181,34 @@ def run_tb_handler(model, inputs, gen, device, tmp: Path) -> dict:
             "file_bytes_json": uncompressed_size(f)}
 
 
-def run_kineto_serial(model, inputs, gen, device, tmp: Path) -> dict:
-    """kineto with the export's passes in this process only (no worker processes: trace/workers.py)."""
-    old = os.environ.get("MOE_TRACE_EXPORT_WORKERS")
-    os.environ["MOE_TRACE_EXPORT_WORKERS"] = "0"
+def _with_workers(value: str):
+    """run_kineto with MOE_TRACE_EXPORT_WORKERS=value (trace/workers.py)."""
+    def run(model, inputs, gen, device, tmp: Path) -> dict:
+        old = os.environ.get("MOE_TRACE_EXPORT_WORKERS")
+        os.environ["MOE_TRACE_EXPORT_WORKERS"] = value
+        try:
+            return run_kineto(model, inputs, gen, device, tmp)
+        finally:
+            if old is None:
+                os.environ.pop("MOE_TRACE_EXPORT_WORKERS", None)
+            else:
+                os.environ["MOE_TRACE_EXPORT_WORKERS"] = old
+    return run
+
+
+def _spare_workers() -> str:
     try:
-        return run_kineto(model, inputs, gen, device, tmp)
-    finally:
-        if old is None:
-            os.environ.pop("MOE_TRACE_EXPORT_WORKERS", None)
-        else:
-            os.environ["MOE_TRACE_EXPORT_WORKERS"] = old
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return str(max(2, min(8, cpus - 1)))
 
 
-VARIANTS = {"kineto": run_kineto, "tb_handler": run_tb_handler}
-#: --with-serial adds it (A/B/C): the effect of the export's worker processes in the same run
-OPTIONAL = {"kineto_serial": run_kineto_serial}
-
-
+#: kineto: moe-trace's default (export worker processes only where they fit, trace/workers.py);
+#: kineto_serial: the export's passes in this process only; kineto_workers: up to 8 worker processes
+#: whatever the raw size; tb_handler: plain torch.profiler + tensorboard_trace_handler
+VARIANTS = {"kineto": run_kineto, "tb_handler": run_tb_handler, "kineto_serial": _with_workers("0"),
+            "kineto_workers": _with_workers(_spare_workers())}
 def build(name, layers, device, tiny):
     if tiny:
         from moe_trace.models import build_tiny_model
@@ -199,7 +219,8 @@ def build(name, layers, device, tiny):
     return build_reference_model(name, num_hidden_layers=layers, dtype=torch.bfloat16, device=device).eval()
 
 
-def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers, extra=()) -> dict:
+def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers,
+               names=("kineto", "tb_handler"), warmup=True) -> dict:
     torch.manual_seed(0)
     model = build(model_name, layers, device, tiny)
     vocab = model.config.get_text_config().vocab_size
@@ -207,12 +228,12 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     tmp = Path(tempfile.mkdtemp(prefix="moe_kspeed_"))
-    variants = {**VARIANTS, **{k: OPTIONAL[k] for k in extra}}
+    variants = {k: VARIANTS[k] for k in names}
     res: dict[str, list[dict]] = {v: [] for v in variants}
     names = list(variants)
     try:
         with torch.no_grad():
-            for v in names:  # warm-up
+            for v in names if warmup else ():  # warm-up
                 variants[v](model, inputs, gen, device, tmp)
             for rep in range(reps):
                 order = names[rep % len(names):] + names[:rep % len(names)]  # rotating order
@@ -248,9 +269,9 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
         device.startswith("cuda") else "cpu",
         "median": med, "ratio_total": med["kineto"]["total"] / med["tb_handler"]["total"],
         "ratio_cpu": med["kineto"]["cpu"] / med["tb_handler"]["cpu"],
-        **({"ratio_total_serial": med["kineto_serial"]["total"] / med["tb_handler"]["total"],
-            "ratio_workers_over_serial": med["kineto"]["total"] / med["kineto_serial"]["total"]}
-           if "kineto_serial" in med else {}),
+        "ratio_over_tb_handler": {v: med[v]["total"] / med["tb_handler"]["total"] for v in med},
+        **({"ratio_workers_over_serial": med["kineto_workers"]["total"] / med["kineto_serial"]["total"]}
+           if "kineto_serial" in med and "kineto_workers" in med else {}),
         "ratios_per_rep": [k["total"] / t["total"] for k, t in zip(res["kineto"], res["tb_handler"])],
         "threads": torch.get_num_threads(),
         "after_stop_max_s": max(after) if after else None,
@@ -278,9 +299,9 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
           f"{summary['after_stop_max_s']}; export peak / raw trace: {summary['export_peak_over_raw']}; "
           f"slim file / plain file: {summary['slim_over_plain_bytes']:.3f}; same tokens: {same} "
           f"(each variant with itself: {same_within})", flush=True)
-    if "ratio_total_serial" in summary:
-        print(f"kineto with in-process passes only / tb_handler: x{summary['ratio_total_serial']:.3f}; kineto with "
-              f"export workers / in-process: x{summary['ratio_workers_over_serial']:.3f}", flush=True)
+    print("total / tb_handler total: " + ", ".join(f"{v} x{r:.3f}" for v, r in summary["ratio_over_tb_handler"].items())
+          + (f"; kineto_workers / kineto_serial: x{summary['ratio_workers_over_serial']:.3f}"
+             if "ratio_workers_over_serial" in summary else ""), flush=True)
     return summary
 
 
@@ -297,8 +318,9 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", default=None, help="append one JSON line per case here")
-    ap.add_argument("--with-serial", action="store_true",
-                    help="also run kineto with the export's passes in-process only (MOE_TRACE_EXPORT_WORKERS=0)")
+    ap.add_argument("--variants", default="kineto,tb_handler",
+                    help=f"comma list of {', '.join(VARIANTS)} (must hold kineto and tb_handler)")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up round (long cases only)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (1 on a shared CPU box: a busy core stalls every 2-thread op)")
     args = ap.parse_args(argv)
@@ -309,7 +331,7 @@ def main(argv=None):
         [("custom", dict(model=args.model, batch=args.batch, prompt=args.prompt, new=args.new))]
     for label, c in todo:
         s = bench_case(label, c["model"], c["batch"], c["prompt"], c["new"], args.reps, device, args.tiny, args.layers,
-                       extra=("kineto_serial",) if args.with_serial else ())
+                       names=tuple(args.variants.split(",")), warmup=not args.no_warmup)
         if args.json:
             with open(args.json, "a") as fh:
                 fh.write(json.dumps(s, default=str) + "\n")

@@ -73,8 +73,8 @@ def test_slim_parses_only_the_gpu_events_it_keeps(raw3, monkeypatch):
     del selected, stubs
 
     seen = []
-    real = writer_mod._slim_args
-    monkeypatch.setattr(writer_mod, "_slim_args", lambda e: seen.append(e.get("cat")) or real(e))
+    real = export.slim_args
+    monkeypatch.setattr(export, "slim_args", lambda e: seen.append(e.get("cat")) or real(e))
     out = _events(write_trace(raw, run, spec["steps"], d / "s.json.gz", process=spec["process"]))
     kept_gpu = sum(1 for e in out if e.get("cat") in GPU_WORK_CATS)
     assert sum(1 for c in seen if c in GPU_WORK_CATS) == kept_gpu < n_gpu

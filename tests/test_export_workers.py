@@ -126,28 +126,34 @@ def test_a_worker_answers_a_region_as_the_serial_pass(raw):
     with workers_mod.Workers(1) as pool:
         assert len(pool.procs) == 1
         (p1, _), = pool._map(iter([({"op": "pass1"}, region)]))
-        serial = export.pass1_region(region)
-        assert len(p1["events"]) == len(serial)
-        assert [tuple(g) for g in p1["gpu"]] == [(i, *s) for i, (_, s) in enumerate(serial) if s is not None]
-        stubs = [(s[0], s[1], e.get("ts"), e.get("cat")) for e, s in serial if s is not None][:50]
-        corr = sorted({str(e["args"]["correlation"]).encode() for e, s in serial if s is not None
-                       and isinstance(e.get("args", {}).get("correlation"), int)})[:40]
-        sets = orjson.dumps({"corr": [c.decode() for c in corr], "ext": []})
-        (p2, blob), = pool._map(iter([({"op": "pass2", "stubs": stubs, "sets": True}, sets + b"\0" + region)]))
+        serial = export.pass1_region(region, export._HIT_SLIM, lambda e, span: (e, span))
+        gpu = [(i, *x[1]) for i, x in enumerate(serial) if type(x) is tuple]
+        assert len(p1["events"]) == len(serial) and [tuple(g) for g in p1["gpu"]] == gpu and gpu
+        for i, s, e in gpu:  # the stub's fields are the event's
+            ev = serial[i][0]
+            assert p1["events"][i]["ts"] == ev["ts"] and p1["events"][i]["cat"] == ev["cat"]
+        stubs = [(x[1][0], x[1][1], x[0].get("ts"), x[0].get("cat")) for x in serial if type(x) is tuple][:50]
+        corr = sorted({str(x[0]["args"]["correlation"]).encode() for x in serial if type(x) is tuple
+                       and isinstance(x[0].get("args", {}).get("correlation"), int)})[:40]
+        workers_mod._send(pool.procs[0].stdin, {"op": "sets"},
+                          orjson.dumps({"corr": [c.decode() for c in corr], "ext": []}))
+        (p2, blob), = pool._map(iter([({"op": "pass2", "stubs": stubs}, region)]))
         kept, links = export.pass2_region(region, stubs, set(corr), set())
-        assert p2["kept"] == kept and blob == links and links
+        assert p2["kept"] == [len(k) for k in kept] and blob == b"".join(kept) + links and links
     assert data  # the file is untouched
 
 
 @pytest.mark.parametrize("cpus, ranks, size, env, expected", [
-    (16, None, 150 << 20, None, 8),     # an H200 box: 8 workers
-    (16, "8", 150 << 20, None, 0),      # 8 torchrun ranks share the node: 16 // 8 - 1 = 1 -> serial
-    (16, "2", 150 << 20, None, 7),
-    (2, None, 150 << 20, None, 0),      # the CI box: no core to spare
-    (16, None, 10 << 20, None, 0),      # small raw file: not worth starting processes
+    (16, None, 1200 << 20, None, 8),    # an H200 box, a 1.2 GB raw trace (512 new tokens): 8 workers
+    (16, None, 150 << 20, None, 0),     # 150 MB: 2 workers would add more than half the raw size
+    (16, None, 256 << 20, None, 2),     # from 256 MB on
+    (16, None, 400 << 20, None, 3),
+    (16, "8", 1200 << 20, None, 0),     # 8 torchrun ranks share the node: 16 // 8 - 1 = 1 -> serial
+    (16, "2", 1200 << 20, None, 7),
+    (2, None, 1200 << 20, None, 0),     # the CI box: no core to spare
     (2, None, 10 << 20, "3", 3),        # forced
-    (16, None, 150 << 20, "0", 0),      # switched off
-    (16, None, 150 << 20, "many", 0),   # unreadable -> off
+    (16, None, 1200 << 20, "0", 0),     # switched off
+    (16, None, 1200 << 20, "many", 0),  # unreadable -> off
 ])
 def test_how_many_workers(monkeypatch, cpus, ranks, size, env, expected):
     monkeypatch.setattr(workers_mod.os, "sched_getaffinity", lambda pid: set(range(cpus)))

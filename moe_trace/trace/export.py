@@ -34,14 +34,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import orjson
 
 from .fastpath import Fallback, _SEP, regions_of
-from .format import GPU_USER_ANNOTATION, GPU_WORK_CATS, NAME_PREFIX, PROFILER_STEP_PREFIX, SLIM_CATS, USER_ANNOTATION
+from .format import (GPU_USER_ANNOTATION, GPU_WORK_CATS, NAME_PREFIX, PROFILER_STEP_PREFIX, SLIM_CATS, SLIM_GPU_ARGS,
+                     USER_ANNOTATION)
 from .io import Source
 from .workers import Workers
+
+#: how the writer serializes events
+ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 #: host events a slim trace keeps for its kernels: the launch (by correlation) and the op (by External id)
 RUNTIME_CATS = frozenset({"cuda_runtime", "cuda_driver"})
@@ -180,32 +184,33 @@ def read_selected(path: Path, slim: bool = True, workers: "Workers | None" = Non
         n += 1
         if drops is not None:
             drops.scan(region)
-        for e, span in pass1_region(region, rx):
-            events.append(e if span is None else GpuWork(e, n, *span))
+        events.extend(pass1_region(region, rx, lambda e, span, n=n: GpuWork(e, n, *span)))
     if drops is not None:
         drops.settle()
     return head, events, tail, drops
 
 
-def pass1_region(region: bytes, rx: re.Pattern = _HIT_SLIM) -> list[tuple[dict, tuple[int, int] | None]]:
-    """The events of one region that pass 1 reads, parsed, in order: (event, None), or for GPU work of a
-    slim pass (event, its (start, end) in the region) — a `GpuWork` stub is made of it."""
+def pass1_region(region: bytes, rx: re.Pattern = _HIT_SLIM, stub: Callable | None = None) -> list:
+    """The events of one region that pass 1 reads, parsed, in order. For a slim pass, each GPU kernel /
+    memcpy / memset becomes `stub(event, (start, end))` (its bytes' place in the region) while its batch
+    is parsed, so that only one batch of full GPU dicts is ever alive."""
     out = []
     spans = [(s, e) for _, s, e in _hits(region, rx)]
-    slim = rx is _HIT_SLIM
+    slim = rx is _HIT_SLIM and stub is not None
     for b in range(0, len(spans), _BATCH):  # a batch at a time: one batch's dicts alive at once
         part = spans[b:b + _BATCH]
         for e, span in zip(_loads_each(region, part), part):
             if slim and isinstance(e, dict) and e.get("ph") == "X" and e.get("cat") in GPU_WORK_CATS:
-                out.append((e, span))
+                out.append(stub(e, span))
             else:
-                out.append((e, None))
+                out.append(e)
     return out
 
 
 def resolve_slim(path: Path, kept: list, corr: set, ext: set, workers: "Workers | None" = None
-                 ) -> tuple[list[dict], list[bytes]]:
-    """Pass 2 of a slim trace: `kept` with each `GpuWork` replaced by its parsed event (args slimmed),
+                 ) -> tuple[list, list[bytes]]:
+    """Pass 2 of a slim trace: `kept` with each `GpuWork` replaced by its event, args slimmed, serialized
+    (bytes; `dumps_events` writes them as they are),
     and the bytes of the host events `host_link_kept` would keep, in file order (one or more events per
     item). Raises `Fallback` when the file changed since pass 1."""
     want: dict[int, list[GpuWork]] = {}
@@ -239,19 +244,27 @@ def resolve_slim(path: Path, kept: list, corr: set, ext: set, workers: "Workers 
     return [parsed[id(e)] if isinstance(e, GpuWork) else e for e in kept], links
 
 
-def pass2_region(region: bytes, stubs: list[tuple], corr_b: set, ext_b: set) -> tuple[list[dict], bytes]:
-    """Pass 2 on one region: the kept GPU events (`stubs`: (start, end, ts, cat) from pass 1) parsed, args
-    slimmed, and the bytes of the launches / ops to keep, joined by `,\\n` (b"" when none). Raises
-    `Fallback` when an event is not what pass 1 saw there."""
-    from .writer import _slim_args
+def slim_args(e: dict) -> dict:
+    """A GPU event with only the args a slim trace keeps (`SLIM_GPU_ARGS`)."""
+    if e.get("cat") in SLIM_CATS and e.get("cat") != GPU_USER_ANNOTATION and isinstance(e.get("args"), dict):
+        e = dict(e, args={k: v for k, v in e["args"].items() if k in SLIM_GPU_ARGS})
+    return e
 
+
+def pass2_region(region: bytes, stubs: list[tuple], corr_b: set, ext_b: set) -> tuple[list[bytes], bytes]:
+    """Pass 2 on one region: the kept GPU events (`stubs`: (start, end, ts, cat) from pass 1) parsed, args
+    slimmed and serialized as the writer writes them (bytes: a kept kernel costs its output bytes, not a
+    dict, until the file is written), and the bytes of the launches / ops to keep, joined by `,\\n`
+    (b"" when none). Raises `Fallback` when an event is not what pass 1 saw there."""
+    dumps = orjson.dumps
     got = []
     for b in range(0, len(stubs), _BATCH):
         part = stubs[b:b + _BATCH]
         for w, e in zip(part, _loads_each(region, [(w[0], w[1]) for w in part])):
             if not isinstance(e, dict) or e.get("ts") != w[2] or e.get("cat") != w[3]:
                 raise Fallback
-            got.append(_slim_args(e))
+            # a copy of the exact size: orjson's result keeps a buffer of at least 4 KB (72 k kernels: 290 MB)
+            got.append(memoryview(dumps(slim_args(e), option=ORJSON_OPTS)).tobytes())
     blob = b",\n".join(_host_link_bytes(region, corr_b, ext_b)) if corr_b or ext_b else b""
     return got, blob
 
@@ -356,7 +369,7 @@ def slim_select(selected: Iterable[dict]) -> tuple[list[dict], set, set]:
     """Of the M / annotation / GPU events: what a slim trace keeps (M events of live pids are
     filtered by the caller), and the correlations and External ids of its GPU work (to keep each
     kernel's launch and launching op)."""
-    from .writer import _kernels_under_moe_ranges, _slim_args
+    from .writer import _kernels_under_moe_ranges
 
     kept = []
     for e in selected:
@@ -369,7 +382,7 @@ def slim_select(selected: Iterable[dict]) -> tuple[list[dict], set, set]:
         elif ph == "X":
             cat = e.get("cat")
             if cat in SLIM_CATS:
-                kept.append(_slim_args(e))
+                kept.append(slim_args(e))
             elif cat == USER_ANNOTATION and _keep_annotation(e):
                 kept.append(e)
     kept = _kernels_under_moe_ranges(kept)
@@ -426,19 +439,25 @@ def all_events(path: Path, drops: FullDrops | None = None) -> Iterator[bytes]:
             yield region
 
 
-def dumps_events(events: Iterable[dict], option: int) -> bytes:
-    """The events serialized one per line, separated by `,\\n`. Joined a batch at a time: orjson gives
-    each `dumps` result a buffer of at least 4 KB, so a list of all of them would take ~4 KB an event."""
-    out, batch = [], []
+def dumps_events(events: Iterable, option: int) -> bytes:
+    """The events serialized one per line, separated by `,\\n` (an event already serialized, bytes, as it
+    is)."""
+    return b",\n".join(dumps_batches(events, option))
+
+
+def dumps_batches(events: Iterable, option: int) -> Iterator[bytes]:
+    """`dumps_events` a batch at a time (each part whole events; `joined` puts `,\\n` between parts):
+    orjson gives each `dumps` result a buffer of at least 4 KB, so a list of all of them would take
+    ~4 KB an event, and a writer that streams its parts never holds the whole output twice."""
+    batch = []
     dumps = orjson.dumps
     for e in events:
-        batch.append(dumps(e, option=option))
+        batch.append(e if type(e) is bytes else dumps(e, option=option))
         if len(batch) == _BATCH:
-            out.append(b",\n".join(batch))
+            yield b",\n".join(batch)
             batch = []
     if batch:
-        out.append(b",\n".join(batch))
-    return b",\n".join(out)
+        yield b",\n".join(batch)
 
 
 def joined(parts: Iterable[bytes]) -> Iterator[bytes]:

@@ -74,6 +74,9 @@ HOST_CATS = frozenset({"cpu_op", USER_ANNOTATION, "cuda_runtime", "cuda_driver",
 READ_CATS = GPU_CATS | {USER_ANNOTATION, COUNTER_CAT}
 #: categories kept by a slim trace (plus M metadata, counters and the moe_trace / ProfilerStep ranges)
 SLIM_CATS = GPU_CATS
+#: GPU-event args a slim trace keeps (what HTA and our reader use); launch geometry, registers,
+#: occupancy and queue fields are dropped: they are most of a kernel event's bytes.
+SLIM_GPU_ARGS = frozenset({"device", "stream", "correlation", "External id", "bytes"})
 
 # -- file names -----------------------------------------------------------------------------------------
 TRACE_SUFFIXES = (".pt.trace.json", ".pt.trace.json.gz")

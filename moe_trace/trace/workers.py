@@ -11,7 +11,9 @@ layout the fast path does not know raises `Fallback` as it does serially.
 
 How many: `MOE_TRACE_EXPORT_WORKERS` (0 = never), else up to 8, one per spare core (the cores this
 process may run on, divided among the ranks of a torchrun job on the node, less one for the parent),
-for raw files of at least `MIN_BYTES`.
+and no more than fit in half the raw file's size at `WORKER_BYTES` each (a worker's peak RSS is
+~60 MB; the serial export's own peak is ~0.9x the raw file): from a 256 MB raw file on. Memory and
+speed, measured: docs/benchmarks.md ("export worker processes").
 
 Wire format, both ways: an 12-byte header (JSON length, blob length), a JSON object, a byte blob.
 """
@@ -29,8 +31,11 @@ from typing import Iterator
 
 import orjson
 
-MIN_BYTES = 48 << 20
 MAX_WORKERS = 8
+#: a worker's peak RSS, rounded up (measured ~60 MB on a 150 MB H200 trace); the workers together may
+#: add at most WORKER_SHARE of the raw file's size to the export's peak
+WORKER_BYTES = 64 << 20
+WORKER_SHARE = 0.5
 #: seconds a worker may take to start (it says "ready") and to answer one region
 START_TIMEOUT = 20.0
 ANSWER_TIMEOUT = 300.0
@@ -49,8 +54,6 @@ def export_workers(size: int) -> int:
             return max(0, int(env))
         except ValueError:
             return 0
-    if size < MIN_BYTES:
-        return 0
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -59,7 +62,7 @@ def export_workers(size: int) -> int:
         ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
         ranks = 1
-    n = min(MAX_WORKERS, cpus // ranks - 1)
+    n = min(MAX_WORKERS, cpus // ranks - 1, int(size * WORKER_SHARE // WORKER_BYTES))
     return n if n >= 2 else 0
 
 
@@ -107,6 +110,21 @@ def _recv(fh, timeout: float | None = None) -> tuple[dict, bytes] | None:
     return orjson.loads(h), blob
 
 
+#: a worker imports only the trace modules it runs (export, fastpath, io, format, errors): package stubs
+#: stand in for `moe_trace` and `moe_trace.trace`, whose __init__ would import numpy and the analysis
+#: (a worker is then ~13 MB instead of ~35 MB)
+_BOOT = """
+import sys, types
+root = sys.argv[1]
+for name, sub in (("moe_trace", "/moe_trace"), ("moe_trace.trace", "/moe_trace/trace")):
+    m = types.ModuleType(name)
+    m.__path__ = [root + sub]
+    sys.modules[name] = m
+from moe_trace.trace.workers import _serve
+_serve()
+"""
+
+
 class Workers:
     """A few worker subprocesses; `read_selected` / `resolve_slim` run export's passes through them."""
 
@@ -116,11 +134,11 @@ class Workers:
 
     def __enter__(self) -> "Workers":
         root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        env = dict(os.environ)
         try:
             for _ in range(self.n):
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "moe_trace.trace.workers"], stdin=subprocess.PIPE,
+                    [sys.executable, "-c", _BOOT, root], stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=root, close_fds=True, bufsize=0))
             for p in self.procs:  # each says it is ready: a python that cannot run us never hangs the export
                 got = _recv(p.stdout, START_TIMEOUT)
@@ -238,25 +256,28 @@ class Workers:
             for n, region in enumerate(self._regions(path, {})):
                 stubs = want.pop(n, None) or []
                 stubs_of.append(stubs)
-                head = {"op": "pass2", "stubs": [(w.start, w.end, w.get("ts"), w.cat) for w in stubs]}
-                if n < self.n:
-                    head["sets"] = True
-                    yield head, sets + b"\0" + region
-                else:
-                    yield head, region
+                yield {"op": "pass2", "stubs": [(w.start, w.end, w.get("ts"), w.cat) for w in stubs]}, region
 
+        try:
+            for p in self.procs:  # the workers are idle (pass 1 is done): this cannot block on an answer
+                _send(p.stdin, {"op": "sets"}, sets)
+        except (OSError, ValueError):
+            self.close()
+            return False
         try:
             for n, (res, blob) in enumerate(self._map(tasks())):
                 if res.get("fallback"):
                     raise Fallback
-                kept = res.get("kept")
-                if not isinstance(kept, list) or len(kept) != len(stubs_of[n]):
+                lens = res.get("kept")
+                if not isinstance(lens, list) or len(lens) != len(stubs_of[n]) or sum(lens) > len(blob):
                     raise WorkerFailed
-                for w, e in zip(stubs_of[n], kept):
-                    parsed[id(w)] = e
+                at = 0
+                for w, k in zip(stubs_of[n], lens):
+                    parsed[id(w)] = blob[at:at + k]
+                    at += k
                 stubs_of[n] = None
-                if blob:
-                    links.append(blob)
+                if at < len(blob):
+                    links.append(blob[at:])
         except WorkerFailed:
             return False
         if want:
@@ -271,6 +292,13 @@ def _reap(procs: list) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+class _Stub:
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict):
+        self.fields = fields
 
 
 def _stub_fields(e: dict) -> dict:
@@ -304,20 +332,33 @@ def _serve() -> None:
             if got is None:
                 return
             head, blob = got
+            got = None
             try:
                 if head.get("op") == "pass1":
-                    evs = pass1_region(blob, _HIT_SLIM)
-                    _send(out, {"events": [e if s is None else _stub_fields(e) for e, s in evs],
-                                "gpu": [(i, s[0], s[1]) for i, (_, s) in enumerate(evs) if s is not None]})
+                    spans: list = []
+
+                    def stub(e, span, spans=spans):
+                        spans.append(span)
+                        return _Stub(_stub_fields(e))
+
+                    evs = pass1_region(blob, _HIT_SLIM, stub)
+                    del blob
+                    gpu, k = [], 0
+                    for i, e in enumerate(evs):
+                        if type(e) is _Stub:
+                            gpu.append((i, *spans[k]))
+                            evs[i] = e.fields
+                            k += 1
+                    _send(out, {"events": evs, "gpu": gpu})
+                elif head.get("op") == "sets":  # before a worker's first pass-2 region; no answer
+                    sets = orjson.loads(blob)
+                    del blob
+                    corr_b = {x.encode() for x in sets["corr"]}
+                    ext_b = {x.encode() for x in sets["ext"]}
+                    continue
                 elif head.get("op") == "pass2":
-                    if head.get("sets"):
-                        cut = blob.index(b"\0")
-                        sets = orjson.loads(blob[:cut])
-                        blob = blob[cut + 1:]
-                        corr_b = {x.encode() for x in sets["corr"]}
-                        ext_b = {x.encode() for x in sets["ext"]}
                     kept, links = pass2_region(blob, [tuple(s) for s in head["stubs"]], corr_b, ext_b)
-                    _send(out, {"kept": kept}, links)
+                    _send(out, {"kept": [len(k) for k in kept]}, b"".join(kept) + links)
                 else:
                     _send(out, {"error": "unknown op"})
             except Fallback:

@@ -26,21 +26,18 @@ from moe_trace.analysis import RunData
 from moe_trace.errors import TraceError
 
 from .format import (COUNTER_CAT, GPU_USER_ANNOTATION, GPU_WORK_CATS, META_KEY, NAME_PREFIX, PROFILER_STEP_PREFIX,
-                     SCHEMA, SLIM_CATS, STEP_RE, USER_ANNOTATION, counter_name, expert_key, trace_file_name,
+                     SCHEMA, SLIM_CATS, SLIM_GPU_ARGS, STEP_RE, USER_ANNOTATION, counter_name, expert_key, trace_file_name,
                      worker_name)
-from .export import (FULL_READ_CATS, SLIM_READ_CATS, FullDrops, all_events, dumps_events, host_link_kept,
-                     is_raw_path, joined, read_selected, resolve_slim, slim_select)
+from .export import (FULL_READ_CATS, ORJSON_OPTS as _ORJSON_OPTS, SLIM_READ_CATS, FullDrops, all_events, dumps_batches,
+                     dumps_events, host_link_kept, is_raw_path, joined, read_selected, resolve_slim,
+                     slim_select)
 from .workers import workers_for
 from .fastpath import Fallback
 from .io import atomic_write, load_json, no_gc, write_under_free_name
 from .metadata import encode_nonfinite
 
-#: GPU-event args a slim trace keeps (what HTA and our reader use); launch geometry, registers,
-#: occupancy and queue fields are dropped: they are most of a kernel event's bytes.
-SLIM_GPU_ARGS = frozenset({"device", "stream", "correlation", "External id", "bytes"})
 _DEVICE_RE = re.compile(r"^([a-z_]+)(?::(\d+))?$")
 
-_ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 __all__ = ["write_trace", "write_run_traces", "write_chrome_trace", "device_pid", "no_gc", "SCHEMA", "COUNTER_CAT",
            "SLIM_CATS", "SLIM_GPU_ARGS"]
@@ -110,7 +107,7 @@ def _write_trace_with(raw, run, steps, out_path, *, slim, process, compresslevel
                     workers.close()
             except Fallback:
                 raise TraceError(f"raw trace {raw} changed while it was being written; re-export it") from None
-            body = [dumps_events(kept, _ORJSON_OPTS), b",\n".join(links)]
+            body = itertools.chain(dumps_batches(kept, _ORJSON_OPTS), links)  # streamed into the file
         else:
             body = [dumps_events(kept, _ORJSON_OPTS),
                     dumps_events([e for e in events if isinstance(e, dict) and host_link_kept(e, corr, ext)],
@@ -123,7 +120,8 @@ def _write_trace_with(raw, run, steps, out_path, *, slim, process, compresslevel
             drops = FullDrops.of_events(events)
             body = [dumps_events([e for e in events if not (isinstance(e, dict) and drops.dropped(e))], _ORJSON_OPTS)]
         meta_events = selected
-    named = {e.get("pid") for e in meta_events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    named = {e.get("pid") for e in meta_events
+             if type(e) is dict and e.get("ph") == "M" and e.get("name") == "process_name"}
     extra_meta = []
     for pid in sorted(gpu_pids - named):
         extra_meta.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": f"GPU {pid}"}})
@@ -335,10 +333,6 @@ def _kernels_under_moe_ranges(events: list[dict]) -> list[dict]:
     return [e for e in events if e.get("cat") not in GPU_WORK_CATS or inside(e)]
 
 
-def _slim_args(e: dict) -> dict:
-    if e.get("cat") in SLIM_CATS and e.get("cat") != GPU_USER_ANNOTATION and isinstance(e.get("args"), dict):
-        e = dict(e, args={k: v for k, v in e["args"].items() if k in SLIM_GPU_ARGS})
-    return e
 
 
 def _process_info(process: dict | None, trace: dict, host_pid) -> dict:
