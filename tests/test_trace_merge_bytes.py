@@ -179,3 +179,59 @@ def test_per_event_path_alone_without_msgspec(monkeypatch):
     assert M.LAST_STATS["byte_regions"] == 0 and M.LAST_STATS["event_regions"] == 2
     names = {e["args"]["name"] for e in json.loads(out.read_bytes())["traceEvents"] if e.get("name") == "process_name"}
     assert names == {"rank0 host", "rank0 GPU 0", "rank1 host", "rank1 GPU 0"}
+
+
+def _random_events(rng, rank: int, n: int) -> list:
+    """Kineto-like events with one of many odd shapes or layouts every ~30 (raw strings for what json.dumps
+    cannot write: duplicate keys)."""
+    host = 4000 + rank
+    out = [{"ph": "M", "name": "process_labels", "pid": 0, "tid": 0, "args": {"labels": "GPU 0"}}]
+    t = 1_000_000.0
+    for i in range(n):
+        t += rng.choice([0.5, 1.125, 2.0, 3.001, 0.004])
+        if rng.random() > 0.03:
+            cat, pid = rng.choice([("cpu_op", host), ("cuda_runtime", host), ("kernel", 0), ("gpu_memcpy", 0)])
+            if rng.random() < 0.3:
+                out.append({"ph": rng.choice("sf"), "id": i, "pid": pid, "tid": 7, "ts": round(t, 3), "cat": "ac2g",
+                            "name": "ac2g"})
+            else:
+                out.append({"ph": "X", "cat": cat, "name": rng.choice(["a", HOSTILE, "é中"]), "pid": pid, "tid": 7,
+                            "ts": round(t, 3), "dur": 1.5, "args": {"External id": i, "s": HOSTILE}})
+            continue
+        ts = rng.choice([round(t, 3), int(t), round(t, 1), round(t, 5), str(round(t, 3))])
+        pid = rng.choice([host, 0, 1, 12345678, "Spans", -1])
+        cat = rng.choice(["cpu_op", "kernel", "user_annotation", "ac2g", "odd", None])
+        ph = rng.choice(["X", "i", "C", "s", "f", "b", "M"])
+        ev = {"ph": ph, **({"cat": cat} if cat else {}), "name": rng.choice(["a", HOSTILE, 'q"pid']),
+              "pid": pid, "tid": rng.choice([1, 7, "x"]), "ts": ts}
+        if ph in ("s", "f", "b"):
+            ev = {"ph": ph, "id": rng.choice([i, i * 1000, 7, f"{i:x}"]), **{k: v for k, v in ev.items() if k != "ph"}}
+        if rng.random() < 0.5:
+            ev["args"] = rng.choice([{"pid": 5, "ts": 6}, {"a": [{"ph": "X", "pid": 1, "ts": 2}]}, {"id": 3}])
+        if rng.random() < 0.2:
+            ev.pop(rng.choice(["pid", "ts", "cat", "ph"]), None)
+        if rng.random() < 0.1:
+            ev["bind_id"] = i
+        layout = rng.random()
+        if layout < 0.3:
+            out.append(orjson.dumps(ev).decode())
+        elif layout < 0.5 and "pid" in ev:  # a duplicate key (the last one wins)
+            text = json.dumps(ev, indent=4)
+            out.append(text[:-1].rstrip() + f',\n    "pid": {rng.choice([3, host])}\n}}')
+        else:
+            out.append(ev)
+    return out
+
+
+@needs_msgspec
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_events_both_paths_agree(monkeypatch, seed):
+    import random
+
+    rng = random.Random(seed)
+    d = tmpdir(f"merge_bytes_random_{seed}")
+    _write_ranks(d, [_random_events(rng, r, 600) for r in range(3)], shift_ns=rng.choice([1_234_567, 1_000_000, 999]))
+    monkeypatch.setattr(M, "Source", lambda p, progress=False: Source(p, progress, chunk=rng.choice([2048, 8192])))
+    fast, slow, stats = _both(d, f"random{seed}")
+    _assert_same(fast, slow)
+    assert stats["byte_regions"] + stats["split_regions"] > 0, stats
