@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         for w in whats:
             root = Path(args.baseline).resolve() if w == "merge@base" else ROOT
             r = child(w.split("@")[0], src, out, root)
+            out.unlink(missing_ok=True)  # every merge writes a new file (none to replace)
             if r:
                 res[w].append(r)
                 print(f"round {rnd} {w:<10} wall {r['wall']:6.2f} s  cpu {r['cpu']:6.2f} s (sys {r['sys']:5.2f})  "

@@ -235,3 +235,15 @@ def test_random_events_both_paths_agree(monkeypatch, seed):
     fast, slow, stats = _both(d, f"random{seed}")
     _assert_same(fast, slow)
     assert stats["byte_regions"] + stats["split_regions"] > 0, stats
+
+
+def test_uncached_writer_writes_every_byte(tmp_path):
+    from moe_trace.trace.io import Uncached
+
+    data = [os.urandom(n) for n in (1, 70_000, 5, 200_000, 65_536, 3)] * 5
+    with open(tmp_path / "x.bin", "wb") as fh:
+        sink = Uncached(fh, every=64 << 10)
+        for d in data:
+            assert sink.write(d) == len(d)
+        sink.write(memoryview(b"tail"))
+    assert (tmp_path / "x.bin").read_bytes() == b"".join(data) + b"tail"

@@ -23,7 +23,7 @@ from moe_trace.checks import output_file
 from moe_trace.errors import ConfigError, TraceError
 
 from . import fastpath, ijson_path, merge_bytes
-from .io import Source, no_gc, os_problem
+from .io import Source, Uncached, no_gc, os_problem
 from .reader import read_metadata, trace_files
 
 from .format import GPU_CATS as _GPU_CATS, HOST_CATS as _HOST_CATS, MERGED_PREFIX, MERGED_SCHEMA, META_KEY
@@ -179,14 +179,15 @@ def _write_merged(out: Path, events_iter, summary_fn, reserve: int = 0) -> Path:
     lead = b"{\n" + b" " * max(reserve, 0) + b'\n"traceEvents": [\n'
     try:
         with open(tmp if not gz else scratch, "wb") as fh:
+            sink = Uncached(fh)
             if not gz:
-                fh.write(lead)
+                sink.write(lead)
             first = True
             for batch in events_iter():
                 if not batch:
                     continue
-                fh.write(b"" if first else b",\n")
-                fh.write(batch if isinstance(batch, (bytes, memoryview)) else _dump_lines(batch))
+                sink.write(b"" if first else b",\n")
+                sink.write(batch if isinstance(batch, (bytes, memoryview)) else _dump_lines(batch))
                 first = False
             summary = b'"moe_trace": ' + dumps(summary_fn(), option=opts) + b","
             if not gz:
