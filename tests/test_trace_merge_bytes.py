@@ -246,4 +246,6 @@ def test_uncached_writer_writes_every_byte(tmp_path):
         for d in data:
             assert sink.write(d) == len(d)
         sink.write(memoryview(b"tail"))
+        sink.close()
+        assert sink._fd is not None  # fdatasync + posix_fadvise worked here (the tmp file system has them)
     assert (tmp_path / "x.bin").read_bytes() == b"".join(data) + b"tail"

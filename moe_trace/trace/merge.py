@@ -180,15 +180,18 @@ def _write_merged(out: Path, events_iter, summary_fn, reserve: int = 0) -> Path:
     try:
         with open(tmp if not gz else scratch, "wb") as fh:
             sink = Uncached(fh)
-            if not gz:
-                sink.write(lead)
-            first = True
-            for batch in events_iter():
-                if not batch:
-                    continue
-                sink.write(b"" if first else b",\n")
-                sink.write(batch if isinstance(batch, (bytes, memoryview)) else _dump_lines(batch))
-                first = False
+            try:
+                if not gz:
+                    sink.write(lead)
+                first = True
+                for batch in events_iter():
+                    if not batch:
+                        continue
+                    sink.write(b"" if first else b",\n")
+                    sink.write(batch if isinstance(batch, (bytes, memoryview)) else _dump_lines(batch))
+                    first = False
+            finally:
+                sink.close()
             summary = b'"moe_trace": ' + dumps(summary_fn(), option=opts) + b","
             if not gz:
                 fh.write(b"\n]\n}\n")
