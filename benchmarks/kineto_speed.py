@@ -16,9 +16,14 @@ until the generate starts), `generate` (the generate itself, synced) and `stop_t
 end until the trace is on disk: the profiler's stop, its save and, for kineto, moe-trace's writer).
 ``--threads N`` sets torch's intra-op threads (1 on a shared CPU box).
 
-Both variants sample the process RSS every 2 ms from the end of the generate until the trace is on
-disk: ``export_peak_mb`` = peak RSS minus RSS when the generate returned; compared with the size of
+``after_stop_peak_mb`` = the same from the profiler's stop on (kineto: from the block's return, ~10 ms
+after; plain: inside its on_trace_ready), i.e. what the export itself adds beyond torch's own stop,
+which both variants pay. ``export_peak_mb`` = the peak RSS from the end of the generate until the trace is on disk (the
+kernel's high-water mark, reset when the generate returns, so C++ holding the GIL hides nothing; plus
+the export worker processes' peaks) minus RSS when the generate returned; compared with the size of
 the raw trace (tb_handler's file, uncompressed Kineto JSON). Bytes per generated token for each file.
+(Figures before 2026-12-02 03:10 sampled RSS from a Python thread, which cannot run while torch's
+profiler stop or Kineto's save holds the GIL: they miss those phases' peaks.)
 
     python benchmarks/kineto_speed.py --tiny --layers 8 --new 48 --reps 5 --threads 1   # the CPU box case
     python benchmarks/kineto_speed.py --cases olmoe64,qwen3 --reps 5               # H200
@@ -87,30 +92,79 @@ def rss() -> int:
     return total + sum(_rss_of(k) for k in kids if _cmdline(k) != me)
 
 
+def _status_kb(pid, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _children() -> set:
+    kids = set()
+    try:
+        for t in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{t}/children") as f:
+                    kids.update(f.read().split())
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return kids
+
+
 class PeakRSS:
-    """Samples RSS in a thread between start() and stop(); `peak - base` in bytes."""
+    """Peak RSS between start() and stop(), in bytes over the RSS at start().
+
+    The kernel's own high-water mark (VmHWM, reset at start() through /proc/self/clear_refs), so the
+    peak is exact even while C++ code (torch's profiler stop, Kineto's JSON save) holds the GIL and no
+    Python thread can sample; plus the peaks of child processes (the export's workers: their VmHWM,
+    read by a sampling thread while they live; a child that has not exec'd yet shares our pages and is
+    not counted). Without clear_refs (not Linux, no permission) it falls back to sampling RSS."""
 
     def __init__(self, interval: float = 0.002):
         self.interval = interval
         self.base = self.peak = 0
         self._stop = threading.Event()
         self._t = None
+        self._hwm = False
+        self._kids: dict[str, int] = {}
 
     def start(self):
-        self.base = self.peak = rss()
+        self.base = self.peak = _rss_of("self")
+        self._kids = {}
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            self._hwm = _status_kb("self", "VmHWM:") > 0
+        except OSError:
+            self._hwm = False
         self._stop.clear()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
 
+    def _sample(self):
+        me = _cmdline("self")
+        for k in _children():
+            if _cmdline(k) != me:
+                self._kids[k] = max(self._kids.get(k, 0), _status_kb(k, "VmHWM:"))
+        if not self._hwm:
+            self.peak = max(self.peak, _rss_of("self"))
+
     def _run(self):
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss())
+            self._sample()
 
     def stop(self) -> int:
         self._stop.set()
         self._t.join()
-        self.peak = max(self.peak, rss())
-        return self.peak - self.base
+        self._sample()
+        own = _status_kb("self", "VmHWM:") if self._hwm else self.peak
+        return max(own, self.peak) + sum(self._kids.values()) - self.base
 
 
 def sync(device):
@@ -140,17 +194,21 @@ def run_kineto(model, inputs, gen, device, tmp: Path) -> dict:
         t_gen = time.perf_counter()
         mem.start()
     t_block = time.perf_counter()
+    peak = mem.stop()  # generate end -> profiler stopped (torch's own stop, as in plain's __exit__)
+    mem2 = PeakRSS()
+    mem2.start()       # the block returned ~10 ms after the profiler stopped: moe-trace's export from here
     files = run.trace_files  # waits for the writer
     t_disk = time.perf_counter()
     cpu = time.process_time() - c0
-    peak = mem.stop()
+    after = mem2.stop()
+    peak = max(peak, after + mem2.base - mem.base)
     timings = getattr(run, "export_timings", None) or {}
     stopped = timings.get("profiler_stopped")
     f = files[0]
     return {"total": t_disk - t0, "block": t_block - t0, "cpu": cpu, "enter": t_in - t0, "generate": t_gen - t_in,
             "stop_to_disk": t_disk - t_gen,
             "after_stop": (t_block - stopped) if stopped else None, "tokens": out,
-            "export_peak_mb": peak / 2 ** 20, "file_bytes": f.stat().st_size,
+            "export_peak_mb": peak / 2 ** 20, "after_stop_peak_mb": after / 2 ** 20, "file_bytes": f.stat().st_size,
             "file_bytes_json": uncompressed_size(f), "timings": timings}
 
 
@@ -165,7 +223,16 @@ def run_tb_handler(model, inputs, gen, device, tmp: Path) -> dict:
     sync(device)
     c0 = time.process_time()
     t0 = time.perf_counter()
-    with profile(activities=acts, on_trace_ready=tensorboard_trace_handler(str(logdir))):
+    handler = tensorboard_trace_handler(str(logdir))
+    in_handler = {}
+
+    def on_ready(prof):  # called after the profiler stopped: the export's own peak from here
+        in_handler["peak"] = PeakRSS()
+        in_handler["peak"].start()
+        handler(prof)
+        in_handler["after"] = in_handler["peak"].stop()
+
+    with profile(activities=acts, on_trace_ready=on_ready):
         t_in = time.perf_counter()
         out = model.generate(**inputs, **gen)
         sync(device)
@@ -177,7 +244,8 @@ def run_tb_handler(model, inputs, gen, device, tmp: Path) -> dict:
     f = next(logdir.glob("*.pt.trace.json*"))
     return {"total": t_disk - t0, "block": t_disk - t0, "cpu": cpu, "enter": t_in - t0, "generate": t_gen - t_in,
             "stop_to_disk": t_disk - t_gen, "after_stop": None, "tokens": out,
-            "export_peak_mb": peak / 2 ** 20, "file_bytes": f.stat().st_size,
+            "export_peak_mb": peak / 2 ** 20, "after_stop_peak_mb": in_handler.get("after", 0) / 2 ** 20,
+            "file_bytes": f.stat().st_size,
             "file_bytes_json": uncompressed_size(f)}
 
 
@@ -254,6 +322,7 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
             torch.cuda.empty_cache()
     tok = batch * new
     med = {v: {k: statistics.median(r[k] for r in rs) for k in ("total", "cpu", "block", "enter", "generate", "stop_to_disk", "export_peak_mb",
+                                                               "after_stop_peak_mb",
                                                                "file_bytes", "file_bytes_json")}
            for v, rs in res.items()}
     after = [r["after_stop"] for r in res["kineto"] if r["after_stop"] is not None]
@@ -277,6 +346,7 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
         "after_stop_max_s": max(after) if after else None,
         "raw_trace_mb": raw_mb,
         "export_peak_over_raw": med["kineto"]["export_peak_mb"] / raw_mb if raw_mb else None,
+        "after_stop_peak_over_raw": med["kineto"]["after_stop_peak_mb"] / raw_mb if raw_mb else None,
         "bytes_per_token": {"kineto_file": med["kineto"]["file_bytes"] / tok,
                             "kineto_json": med["kineto"]["file_bytes_json"] / tok,
                             "tb_handler_json": med["tb_handler"]["file_bytes_json"] / tok},
@@ -287,16 +357,17 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
     }
     print(f"\n## {label}: {summary['model']} batch {batch} prompt {prompt} new {new}, reps {reps}, {summary['device']}")
     print("| variant | total s (median) | process CPU s | enter s | generate s | stop to disk s | block s | "
-          "export peak MB | file MB | json MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "export peak MB | after-stop peak MB | file MB | json MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for v in names:
         m = med[v]
         print(f"| {v} | {m['total']:.3f} | {m['cpu']:.3f} | {m['enter']:.3f} | {m['generate']:.3f} | "
-              f"{m['stop_to_disk']:.3f} | {m['block']:.3f} | {m['export_peak_mb']:.1f} | "
+              f"{m['stop_to_disk']:.3f} | {m['block']:.3f} | {m['export_peak_mb']:.1f} | {m['after_stop_peak_mb']:.1f} | "
               f"{m['file_bytes'] / 1e6:.2f} | {m['file_bytes_json'] / 1e6:.2f} |")
     print(f"kineto / tb_handler total: x{summary['ratio_total']:.3f} (process CPU x{summary['ratio_cpu']:.3f}, "
           f"per rep {', '.join(f'{x:.2f}' for x in summary['ratios_per_rep'])}); block after profiler stop (max): "
-          f"{summary['after_stop_max_s']}; export peak / raw trace: {summary['export_peak_over_raw']}; "
+          f"{summary['after_stop_max_s']}; export peak / raw trace: {summary['export_peak_over_raw']} (after the "
+          f"profiler stopped: {summary['after_stop_peak_over_raw']}); "
           f"slim file / plain file: {summary['slim_over_plain_bytes']:.3f}; same tokens: {same} "
           f"(each variant with itself: {same_within})", flush=True)
     print("total / tb_handler total: " + ", ".join(f"{v} x{r:.3f}" for v, r in summary["ratio_over_tb_handler"].items())

@@ -285,3 +285,35 @@ def test_profiler_range_writes_what_record_function_writes(tmp_path):
     outer, inner = got["moe_trace/decode/L000/experts"], got["inner_rf"]
     assert outer["ts"] <= inner["ts"] and inner["ts"] + inner["dur"] <= outer["ts"] + outer["dur"]
     assert sum(e.get("name") == "moe_trace/decode#7" for e in ev) == 1
+
+
+@pytest.mark.parametrize("with_stack", [False, True])
+def test_own_profiler_stops_with_trace_only_where_torch_has_it(tiny, tmp_path, monkeypatch, with_stack):
+    """moe-trace's own profiler skips torch's per-event objects at its stop (torch >= 2.13 `trace_only`;
+    benchmarks/profiler_stop_cost.py), not with with_stack (torch would turn it off with a warning), and
+    the trace still holds every step's ranges."""
+    import warnings
+
+    import torch
+    import torch.profiler
+
+    import moe_trace
+
+    seen = []
+    real = torch.profiler.profile
+
+    def spy(*a, **k):
+        cfg = k.get("experimental_config")
+        seen.append(getattr(cfg, "trace_only", None))
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.profiler, "profile", spy)
+    has = "trace_only" in (torch._C._profiler._ExperimentalConfig.__init__.__doc__ or "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "Disabling trace_only" warning
+        with torch.no_grad(), moe_trace.profile(tiny, mode="kineto", logdir=tmp_path, with_stack=with_stack) as run:
+            _generate(tiny, 2)
+    assert seen == [True if has and not with_stack else None]
+    names = [e.get("name", "") for e in _read(run.trace_files[0])["traceEvents"]]
+    steps = sum(bool(re.match(r"^moe_trace/(prefill|decode)#\d+$", n)) for n in names)
+    assert steps >= 2 and sum(n.startswith("ProfilerStep#") for n in names) == steps
