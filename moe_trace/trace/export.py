@@ -210,9 +210,9 @@ def pass1_region(region: bytes, rx: re.Pattern = _HIT_SLIM, stub: Callable | Non
 def resolve_slim(path: Path, kept: list, corr: set, ext: set, workers: "Workers | None" = None
                  ) -> tuple[list, list[bytes]]:
     """Pass 2 of a slim trace: `kept` with each `GpuWork` replaced by its event, args slimmed, serialized
-    (bytes; `dumps_events` writes them as they are),
-    and the bytes of the host events `host_link_kept` would keep, in file order (one or more events per
-    item). Raises `Fallback` when the file changed since pass 1."""
+    (bytes; `dumps_events` writes them as they are), and the bytes of the host events `host_link_kept`
+    would keep, in file order (one or more events per item). Raises `Fallback` when the file changed
+    since pass 1."""
     want: dict[int, list[GpuWork]] = {}
     for e in kept:
         if isinstance(e, GpuWork):

@@ -204,7 +204,7 @@ class Workers:
                 self.close()
             t.join()
         if problem:
-            if isinstance(problem[0], (OSError, ValueError)) and not _is_layout(problem[0]):
+            if isinstance(problem[0], (OSError, ValueError)):  # a pipe closed under the feeder (Fallback is neither)
                 raise WorkerFailed
             raise problem[0]
 
@@ -308,12 +308,6 @@ def _stub_fields(e: dict) -> dict:
     if isinstance(args, dict):
         out["args"] = {k: args[k] for k in ("correlation", "External id") if k in args}
     return out
-
-
-def _is_layout(exc: BaseException) -> bool:
-    from .fastpath import Fallback
-
-    return isinstance(exc, Fallback)
 
 
 def _serve() -> None:

@@ -9,6 +9,7 @@ after a small header of metadata keys, which keeps the file readable by HTA (it 
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -31,13 +32,12 @@ from .format import (COUNTER_CAT, GPU_USER_ANNOTATION, GPU_WORK_CATS, META_KEY, 
 from .export import (FULL_READ_CATS, ORJSON_OPTS as _ORJSON_OPTS, SLIM_READ_CATS, FullDrops, all_events, dumps_batches,
                      dumps_events, host_link_kept, is_raw_path, joined, read_selected, resolve_slim,
                      slim_select)
-from .workers import workers_for
 from .fastpath import Fallback
 from .io import atomic_write, load_json, no_gc, write_under_free_name
 from .metadata import encode_nonfinite
+from .workers import workers_for
 
 _DEVICE_RE = re.compile(r"^([a-z_]+)(?::(\d+))?$")
-
 
 __all__ = ["write_trace", "write_run_traces", "write_chrome_trace", "device_pid", "no_gc", "SCHEMA", "COUNTER_CAT",
            "SLIM_CATS", "SLIM_GPU_ARGS"]
@@ -61,10 +61,7 @@ def write_trace(raw: dict | str | os.PathLike, run: RunData, steps: list[dict], 
 
 def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel, overwrite) -> Path:
     pool = workers_for(raw) if slim and is_raw_path(raw) and Path(raw).is_file() else None
-    if pool is None:
-        return _write_trace_with(raw, run, steps, out_path, slim=slim, process=process, compresslevel=compresslevel,
-                                 overwrite=overwrite, workers=None)
-    with pool:  # worker processes for the two slim passes (workers.py), stopped before the file is written
+    with pool or contextlib.nullcontext():  # worker processes for the two slim passes (workers.py)
         return _write_trace_with(raw, run, steps, out_path, slim=slim, process=process, compresslevel=compresslevel,
                                  overwrite=overwrite, workers=pool)
 
@@ -331,8 +328,6 @@ def _kernels_under_moe_ranges(events: list[dict]) -> list[dict]:
         return i >= 0 and iv[i][0] <= ts and end <= iv[i][1]
 
     return [e for e in events if e.get("cat") not in GPU_WORK_CATS or inside(e)]
-
-
 
 
 def _process_info(process: dict | None, trace: dict, host_pid) -> dict:
