@@ -125,20 +125,19 @@ def test_a_worker_answers_a_region_as_the_serial_pass(raw):
     region = next(r for r in regions_of(Source(d / "raw.json")) if isinstance(r, bytes))
     with workers_mod.Workers(1) as pool:
         assert len(pool.procs) == 1
-        (p1, _), = pool._map(iter([({"op": "pass1"}, region)]))
-        serial = export.pass1_region(region, export._HIT_SLIM, lambda e, span: (e, span))
-        gpu = [(i, *x[1]) for i, x in enumerate(serial) if type(x) is tuple]
-        assert len(p1["events"]) == len(serial) and [tuple(g) for g in p1["gpu"]] == gpu and gpu
-        for i, s, e in gpu:  # the stub's fields are the event's
-            ev = serial[i][0]
-            assert p1["events"][i]["ts"] == ev["ts"] and p1["events"][i]["cat"] == ev["cat"]
-        stubs = [(x[1][0], x[1][1], x[0].get("ts"), x[0].get("cat")) for x in serial if type(x) is tuple][:50]
-        corr = sorted({str(x[0]["args"]["correlation"]).encode() for x in serial if type(x) is tuple
-                       and isinstance(x[0].get("args", {}).get("correlation"), int)})[:40]
+        (p1, blob1), = pool._map(iter([({"op": "pass1"}, region)]))
+        serial, gpu, heads, index = export.pass1_region(region)
+        assert p1["events"] == serial and [tuple(g) for g in p1["gpu"]] == gpu and gpu
+        hl = p1["heads_bytes"]
+        assert export.decode_heads(blob1[:hl]) == heads and {h.cat for h in heads} <= {"kernel", "gpu_memcpy", "gpu_memset"}
+        assert blob1[hl:] == index.to_bytes() and len(index.rt_at) and len(index.op_at)
+        stubs = [(i, h.ts, h.cat) for (pos, i), h in zip(gpu, heads)][:50]
+        corr = sorted({h.args.correlation for h in heads if isinstance(h.args.correlation, int)})[:40]
         workers_mod._send(pool.procs[0].stdin, {"op": "sets"},
-                          orjson.dumps({"corr": [c.decode() for c in corr], "ext": []}))
-        (p2, blob), = pool._map(iter([({"op": "pass2", "stubs": stubs}, region)]))
-        kept, links = export.pass2_region(region, stubs, set(corr), set())
+                          orjson.dumps({"corr": [str(c) for c in corr], "ext": []}))
+        (p2, blob), = pool._map(iter([({"op": "pass2", "stubs": stubs, "region_bytes": len(region)},
+                                       region + index.to_bytes())]))
+        kept, links = export.pass2_region(region, stubs, set(corr), set(), index)
         assert p2["kept"] == [len(k) for k in kept] and blob == b"".join(kept) + links and links
     assert data  # the file is untouched
 

@@ -317,3 +317,53 @@ def test_own_profiler_stops_with_trace_only_where_torch_has_it(tiny, tmp_path, m
     names = [e.get("name", "") for e in _read(run.trace_files[0])["traceEvents"]]
     steps = sum(bool(re.match(r"^moe_trace/(prefill|decode)#\d+$", n)) for n in names)
     assert steps >= 2 and sum(n.startswith("ProfilerStep#") for n in names) == steps
+
+
+@pytest.mark.parametrize("damage", ["cat_number", "cat_list", "args_string", "corr_string", "ext_list", "ph_number",
+                                    "not_an_object", "bad_utf8_in_a_dropped_op", "huge_id"])
+def test_odd_raw_events_give_the_object_paths_answer_or_one_error(damage):
+    """A slim export's msgspec heads refuse what they do not know (the region goes to the object path):
+    the file written equals the one written from the parsed dict, or both are refused with a TraceError."""
+    from moe_trace.errors import TraceError
+
+    d = tmpdir(f"kexport_odd_{damage}")
+    raw = gpu_raw_with_ops()
+    ev = raw["traceEvents"]
+    op = next(i for i, e in enumerate(ev) if e.get("cat") == "cpu_op" and e["name"] == "aten::empty")
+    launch = next(i for i, e in enumerate(ev) if e.get("cat") == "cuda_runtime")
+    kernel = next(i for i, e in enumerate(ev) if e.get("cat") == "kernel")
+    if damage == "cat_number":
+        ev[op]["cat"] = 7
+    elif damage == "cat_list":
+        ev[op]["cat"] = ["cpu_op"]
+    elif damage == "args_string":
+        ev[op]["args"] = "External id"
+    elif damage == "corr_string":
+        ev[launch]["args"]["correlation"] = str(ev[launch]["args"]["correlation"])
+    elif damage == "ext_list":
+        ev[op]["args"]["External id"] = [1]
+    elif damage == "ph_number":
+        ev[op]["ph"] = 1
+    elif damage == "not_an_object":
+        ev.insert(op, [1, 2])
+    elif damage == "huge_id":
+        ev[kernel]["args"]["External id"] = ev[op]["args"]["External id"] = 2 ** 70
+    text = json.dumps(raw, indent=2).encode()
+    if damage == "bad_utf8_in_a_dropped_op":
+        text = text.replace(b'"aten::empty"', b'"aten::\xff"', 1)
+    raw_path = d / "raw.json"
+    raw_path.write_bytes(text)
+    run, steps = make_run(device="cuda:0")
+    if damage == "bad_utf8_in_a_dropped_op":  # not JSON: one error
+        with pytest.raises(TraceError):
+            write_trace(raw_path, run, steps, d / "bytes.pt.trace.json.gz", process=dict(PROCESS))
+        return
+    if damage == "huge_id":  # no JSON writer takes an int beyond 64 bits: one error, not a TypeError
+        with pytest.raises(TraceError, match="cannot be written as JSON"):
+            write_trace(json.loads(text), run, steps, d / "obj.pt.trace.json", process=dict(PROCESS))
+    # the object path on a file reads it with orjson (which reads an int beyond 64 bits as a float)
+    by_obj = write_trace(orjson.loads(text), run, steps, d / "obj.pt.trace.json", process=dict(PROCESS))
+    by_bytes = write_trace(raw_path, run, steps, d / "bytes.pt.trace.json.gz", process=dict(PROCESS))
+    a, b = _read(by_obj), _read(by_bytes)
+    assert _canon(a["traceEvents"]) == _canon(b["traceEvents"])
+    assert any(e.get("cat") == "kernel" for e in b["traceEvents"])

@@ -1,24 +1,25 @@
 """The byte path of `write_trace`: a raw Kineto file becomes a moe-trace file without parsing it whole.
 
 torch.profiler's `export_chrome_trace` writes events separated by `},\\n{` (reader's fastpath).
-Two streaming passes over the raw file (chunks of a few MB, never the whole file in memory):
+Two streaming passes over the raw file (regions of whole events, a few MB each; never the whole file
+in memory). A slim trace's passes decode each region with msgspec (C): strict JSON, and for each
+event only its head (`_Head`: ph, cat, pid, tid, ts, dur and the args' `correlation` /
+`External id`) becomes a small struct, alive for that region only; everything else is validated and
+skipped. No dict is built for an event the slim trace drops.
 
-1. regular expressions find the few events the writer must read: metadata (`M`), user annotations
-   and GPU activity (kernels, memcpy, memset, GPU annotations); only these are parsed (orjson, a batch
-   of events per call). This gives the step ranges the counters are anchored to, the host pid, the
-   process names and, for a slim trace, which kernels it keeps and their `correlation` /
-   `External id`. A slim pass keeps each kernel / memcpy / memset only as a `GpuWork` stub (pid, tid,
-   ts, dur, the two ids and where its bytes are), never as a dict: most of them are dropped.
-2. the output is written while the file is read again: a full trace copies every event's bytes
-   as they are; a slim trace parses the kept GPU events from their bytes (`resolve_slim`) and copies,
-   for every kept kernel, its runtime launch event (`cuda_runtime`/`cuda_driver` with the kernel's
-   correlation) and the `cpu_op` that launched it (the kernel's External id). Host events are found
-   by a regular expression over the chunk and their two ids read from their bytes; a dropped
-   `cpu_op`, `cuda_runtime` or `python_function` event is never parsed into Python objects.
-   Serialized events are joined a batch at a time (`dumps_events`). Peak memory: see
+1. pass 1 (`pass1_region`) gives the events the writer must read: metadata (`M`) and user
+   annotations, parsed (orjson, from their bytes), and every GPU kernel / memcpy / memset as the
+   fields of its head only (`GpuWork`: pid, tid, ts, dur, the two ids, and where it is). This gives
+   the step ranges the counters are anchored to, the host pid, the process names and which kernels
+   a slim trace keeps (`slim_select`: inside a MoE range) with their correlations / External ids.
+2. pass 2 (`pass2_region`, while the output is written) parses the kept GPU events from their bytes
+   and copies, for every kept kernel, the bytes of its runtime launch event (`cuda_runtime` /
+   `cuda_driver` with the kernel's correlation) and of the `cpu_op` that launched it (the kernel's
+   External id). Serialized events are joined a batch at a time (`dumps_batches`). Peak memory: see
    docs/benchmarks.md ("export memory"); benchmarks/export_memory.py measures it.
 
-A full trace copies every raw event except two kinds that no viewer can place (`full_drops`):
+A full trace's passes use regular expressions (only annotations and flow ends are read) and copy
+every raw event except two kinds that no viewer can place (`full_drops`):
 flow events (`s`/`t`/`f`) whose other end is not in the file — Kineto writes a flow end `f` on
 host runtime calls that launch nothing (`cudaOccupancy*`, `cudaDeviceGetAttribute`, ...) and a
 flow start on launches whose kernel fell outside the window; catapult warns "Found flow phase f ...
@@ -26,21 +27,33 @@ but no flow start found" for each, Perfetto counts `flow_end_without_start` — 
 `overhead` events with a pid outside 0..2^32-1 (`Activity Buffer Request`, pid -1), which
 Perfetto's `CoerceToUint32` puts on pid 0, the GPU 0 process. A slim trace keeps no flows.
 
-A layout this path does not recognise raises `fastpath.Fallback`; `write_trace` then loads the
-file with orjson and runs the same selection on dicts (`slim_select`), so both paths write the same
-events (tests/test_kineto_export.py compares them).
+A layout this path does not recognise (a region that is not strict JSON, an event that is not an
+object, a `ph` / `cat` that is not a string, `args` that are not an object; or msgspec missing)
+raises `fastpath.Fallback`; `write_trace` then loads the file with orjson and runs the same selection
+on dicts (`slim_select`, `host_link_kept`), so both paths write the same events
+(tests/test_kineto_export.py compares them).
 """
 from __future__ import annotations
 
+import operator
 import re
+import struct
+from array import array
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Union
 
 import orjson
+
+try:  # a core dependency; without it a slim export takes the object path (Fallback)
+    import msgspec
+except ImportError:  # pragma: no cover - a platform with no msgspec wheel
+    msgspec = None
 
 from .fastpath import Fallback, _SEP, regions_of
 from .format import (GPU_USER_ANNOTATION, GPU_WORK_CATS, NAME_PREFIX, PROFILER_STEP_PREFIX, SLIM_CATS, SLIM_GPU_ARGS,
                      USER_ANNOTATION)
+from moe_trace.errors import TraceError
+
 from .io import Source
 from .workers import Workers
 
@@ -72,11 +85,7 @@ def _hit_re(cats) -> re.Pattern:
 #: what pass 1 parses: M events, user annotations and (slim) GPU activity
 SLIM_READ_CATS = SLIM_CATS | {USER_ANNOTATION}
 FULL_READ_CATS = frozenset({USER_ANNOTATION})
-_HIT_SLIM = _hit_re(SLIM_READ_CATS)
 _HIT_FULL = _hit_re(FULL_READ_CATS)
-_HOST = re.compile(rb'"cat"\s*:\s*"(' + b"|".join(c.encode() for c in sorted(HOST_LINK_CATS)) + rb')"')
-_EXT = re.compile(rb'"External id"\s*:\s*(-?[0-9]+)')
-_CORR = re.compile(rb'"correlation"\s*:\s*(-?[0-9]+)')
 
 
 def _bounds(piece: bytes, p: int) -> tuple[int, int]:
@@ -110,57 +119,155 @@ def _hits(piece: bytes, rx: re.Pattern) -> Iterator[tuple[bytes, int, int]]:
 #: events parsed (or serialized) per orjson call: bounds the transient dicts and buffers of a region
 _BATCH = 512
 
+_UNSET = msgspec.UNSET if msgspec is not None else object()
+_ID = Union[int, float, str, bool, None]  # hashable JSON values; anything else: Fallback
 
-def _loads_each(region: bytes, spans: list[tuple[int, int]]) -> list:
-    """The values of `region[s:e]` for each span (one orjson call; each span holds one event)."""
-    try:
-        got = orjson.loads(b"[" + b",".join([region[s:e] for s, e in spans]) + b"]")
-    except orjson.JSONDecodeError:
-        raise Fallback from None
-    if len(got) != len(spans):
+if msgspec is not None:
+    class _Ids(msgspec.Struct, gc=False):
+        correlation: _ID = _UNSET
+        external: _ID = msgspec.field(default=_UNSET, name="External id")
+
+    class _Head(msgspec.Struct, gc=False):
+        """What pass 1 reads of every event (a GPU kernel's head is all slim's selection needs; a launch's
+        or op's head gives its place in the `HostIndex`); absent keys stay UNSET."""
+        ph: Union[str, None] = _UNSET
+        cat: Union[str, None] = _UNSET
+        pid: Any = _UNSET
+        tid: Any = _UNSET
+        ts: Any = _UNSET
+        dur: Any = _UNSET
+        args: _Ids = msgspec.field(default_factory=_Ids)
+
+    _HEADS = msgspec.json.Decoder(list[_Head])
+    _RAWS = msgspec.json.Decoder(list[msgspec.Raw])  # each event's bytes (views of the region: no copy)
+    _ENCODE = msgspec.json.Encoder().encode
+
+_CAT = operator.attrgetter("cat")
+_PH = operator.attrgetter("ph")
+
+
+def _decode(decoder, region: bytes) -> list:
+    """`decoder` applied to `[region]`; Fallback when it is not strict JSON of the layout the heads read
+    (msgspec validates the UTF-8 of the strings it reads, not of those it skips: checked here)."""
+    if msgspec is None:
         raise Fallback
-    return got
+    try:
+        if not region.isascii():
+            region.decode("utf-8")
+        return decoder.decode(b"[" + region + b"]")
+    except (msgspec.DecodeError, UnicodeDecodeError):  # a ValidationError is a DecodeError
+        raise Fallback from None
+
+
+def _loads_raws(raws: list) -> list:
+    """The events of `raws` (msgspec.Raw or bytes) parsed, one orjson call."""
+    try:
+        return orjson.loads(b"[" + b",".join(raws) + b"]")
+    except orjson.JSONDecodeError:  # pragma: no cover - msgspec read the same bytes as strict JSON
+        raise Fallback from None
+
+
+def encode_heads(heads: list) -> bytes:
+    """GPU heads of pass 1 as JSON (a worker's answer; `decode_heads` gives them back, absent keys absent)."""
+    return _ENCODE(heads)
+
+
+def decode_heads(blob: bytes) -> list:
+    return _decode(_HEADS, blob[1:-1]) if blob != b"[]" else []
+
+
+class HostIndex:
+    """Where a region's launches and ops are, from pass 1's heads, so that pass 2 does not read every head
+    again: (index in the region, correlation) of each `cuda_runtime` / `cuda_driver` X event and (index,
+    External id) of each `cpu_op` X event whose id is an int (no other id can be kept: `_linked`)."""
+
+    __slots__ = ("size", "rt_at", "rt_corr", "op_at", "op_ext")
+    _LENS = struct.Struct("<5Q")
+
+    def __init__(self, size: int, rt_at=(), rt_corr=(), op_at=(), op_ext=()):
+        self.size = size  # events in the region (pass 2 finds the same number, or the file changed)
+        try:
+            self.rt_at, self.rt_corr, self.op_at, self.op_ext = (array("q", a) for a in (rt_at, rt_corr, op_at, op_ext))
+        except OverflowError:  # an id beyond 64 bits: the object path compares it
+            raise Fallback from None
+
+    @classmethod
+    def of(cls, heads: list, at: list[int]) -> "HostIndex":
+        """The index of the events `heads[i]`, i in `at` (those with a host-link cat)."""
+        rt_at, rt_corr, op_at, op_ext = [], [], [], []
+        for i in at:
+            h = heads[i]
+            if h.ph == "X":
+                if h.cat == "cpu_op":
+                    x = h.args.external
+                    if type(x) is int:
+                        op_at.append(i)
+                        op_ext.append(x)
+                else:
+                    x = h.args.correlation
+                    if type(x) is int:
+                        rt_at.append(i)
+                        rt_corr.append(x)
+        return cls(len(heads), rt_at, rt_corr, op_at, op_ext)
+
+    def hits(self, corr: set, ext: set) -> list[int]:
+        """Indices of the events whose id is in `corr` (launches) / `ext` (ops), in region order."""
+        got = [i for i, c in zip(self.rt_at, self.rt_corr) if c in corr]
+        got += [i for i, x in zip(self.op_at, self.op_ext) if x in ext]
+        got.sort()
+        return got
+
+    def to_bytes(self) -> bytes:
+        arrays = (self.rt_at, self.rt_corr, self.op_at, self.op_ext)
+        return self._LENS.pack(self.size, *map(len, arrays)) + b"".join(a.tobytes() for a in arrays)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "HostIndex":
+        size, *lens = cls._LENS.unpack_from(blob)
+        if cls._LENS.size + 8 * sum(lens) != len(blob):
+            raise ValueError("host index of the wrong size")
+        out, at = [], cls._LENS.size
+        for n in lens:
+            a = array("q")
+            a.frombytes(blob[at:at + 8 * n])
+            out.append(a)
+            at += 8 * n
+        return cls(size, *out)
 
 
 class GpuWork:
     """A GPU kernel / memcpy / memset (`ph` X) of a slim pass 1: only what slim's selection reads (pid, tid,
-    ts, dur, correlation, External id) and where its bytes are (region number, start, end); the kept ones
-    are parsed in pass 2 (`resolve_slim`), the dropped ones never become dicts that outlive their region.
-    `get` / `[]` answer like the event's dict for the keys `slim_select` reads."""
+    ts, dur, correlation, External id: the event's `_Head`) and where it is (region number, index of the
+    event in the region); the kept ones are parsed in pass 2 (`resolve_slim`), the dropped ones never
+    become dicts. `get` / `[]` answer like the event's dict for the keys `slim_select` reads."""
 
-    __slots__ = ("cat", "pid", "tid", "ts", "dur", "corr", "ext", "region", "start", "end")
-    _MISSING = object()
+    __slots__ = ("cat", "pid", "tid", "ts", "dur", "corr", "ext", "region", "index")
 
-    def __init__(self, e: dict, region: int, start: int, end: int):
-        m = self._MISSING
-        self.cat = e.get("cat")
-        self.pid = e.get("pid", m)
-        self.tid = e.get("tid", m)
-        self.ts = e.get("ts", m)
-        self.dur = e.get("dur", m)
-        args = e.get("args")
-        args = args if isinstance(args, dict) else {}
-        self.corr = args.get("correlation")
-        self.ext = args.get("External id")
-        self.region, self.start, self.end = region, start, end
+    def __init__(self, h, region: int, index: int):
+        self.cat, self.pid, self.tid, self.ts, self.dur = h.cat, h.pid, h.tid, h.ts, h.dur
+        a = h.args
+        self.corr = None if a.correlation is _UNSET else a.correlation
+        self.ext = None if a.external is _UNSET else a.external
+        self.region, self.index = region, index
 
     def get(self, key: str, default=None):
         if key == "ph":
             return "X"
-        v = getattr(self, key, self._MISSING) if key in ("cat", "pid", "tid", "ts", "dur") else self._MISSING
-        return default if v is self._MISSING else v
+        v = getattr(self, key, _UNSET) if key in ("cat", "pid", "tid", "ts", "dur") else _UNSET
+        return default if v is _UNSET else v
 
     def __getitem__(self, key: str):
-        v = self.get(key, self._MISSING)
-        if v is self._MISSING:
+        v = self.get(key, _UNSET)
+        if v is _UNSET:
             raise KeyError(key)
         return v
 
 
 def read_selected(path: Path, slim: bool = True, workers: "Workers | None" = None
-                  ) -> tuple[dict, list, dict, "FullDrops | None"]:
+                  ) -> tuple[dict, list, dict, "FullDrops | list[HostIndex]"]:
     """Pass 1: (metadata before traceEvents, the M / annotation (/ GPU, for slim) events in file order,
-    keys after the array, and for a full trace what it drops: `FullDrops`). For a slim trace the GPU
+    keys after the array, and for a full trace what it drops: `FullDrops`; for a slim one each region's
+    `HostIndex`). For a slim trace the GPU
     kernels / memcpys / memsets come as `GpuWork` stubs (selection reads them; `resolve_slim` parses
     the kept ones), everything else as parsed dicts. With `workers` (workers.py; the writer starts them
     for a large raw file on a machine with cores to spare) a slim pass runs its regions in them: same
@@ -169,50 +276,88 @@ def read_selected(path: Path, slim: bool = True, workers: "Workers | None" = Non
         got = workers.read_selected(path)
         if got is not None:
             return got
-    rx = _HIT_SLIM if slim else _HIT_FULL
     src = Source(path)
     regions = regions_of(src)
     head = next(regions)
     tail: dict = {}
     events: list = []
     drops = None if slim else FullDrops()
+    extra: list = []
     n = -1
     for region in regions:
         if isinstance(region, dict):
             tail = region
             continue
         n += 1
-        if drops is not None:
+        if slim:
+            evs, gpu, heads, index = pass1_region(region)
+            events.extend(stubbed(evs, gpu, heads, n))
+            extra.append(index)
+        else:
             drops.scan(region)
-        events.extend(pass1_region(region, rx, lambda e, span, n=n: GpuWork(e, n, *span)))
+            events.extend(_annotations(region))
     if drops is not None:
         drops.settle()
-    return head, events, tail, drops
+    return head, events, tail, drops if drops is not None else extra
 
 
-def pass1_region(region: bytes, rx: re.Pattern = _HIT_SLIM, stub: Callable | None = None) -> list:
-    """The events of one region that pass 1 reads, parsed, in order. For a slim pass, each GPU kernel /
-    memcpy / memset becomes `stub(event, (start, end))` (its bytes' place in the region) while its batch
-    is parsed, so that only one batch of full GPU dicts is ever alive."""
+def stubbed(events: list, gpu: list, heads: list, n: int) -> list:
+    """`pass1_region`'s answer for region `n` with a `GpuWork` in each GPU event's place."""
+    for (pos, index), h in zip(gpu, heads):
+        events[pos] = GpuWork(h, n, index)
+    return events
+
+
+def _annotations(region: bytes) -> list:
+    """A full pass 1 on one region: its M events and user annotations, parsed, in order."""
+    spans = [(s, e) for _, s, e in _hits(region, _HIT_FULL)]
     out = []
-    spans = [(s, e) for _, s, e in _hits(region, rx)]
-    slim = rx is _HIT_SLIM and stub is not None
-    for b in range(0, len(spans), _BATCH):  # a batch at a time: one batch's dicts alive at once
-        part = spans[b:b + _BATCH]
-        for e, span in zip(_loads_each(region, part), part):
-            if slim and isinstance(e, dict) and e.get("ph") == "X" and e.get("cat") in GPU_WORK_CATS:
-                out.append(stub(e, span))
-            else:
-                out.append(e)
+    for b in range(0, len(spans), _BATCH):
+        out.extend(_loads_raws([region[s:e] for s, e in spans[b:b + _BATCH]]))
     return out
 
 
-def resolve_slim(path: Path, kept: list, corr: set, ext: set, workers: "Workers | None" = None
+def pass1_region(region: bytes) -> tuple[list, list[tuple[int, int]], list, HostIndex]:
+    """Slim pass 1 on one region: (the events it reads, in order, with None in each GPU kernel / memcpy /
+    memset's place; (position in that list, index of the event in the region) of each of those; their
+    `_Head`s; the region's `HostIndex`). M events and user annotations are parsed from their bytes, a
+    batch at a time."""
+    heads = _decode(_HEADS, region)
+    # C-level scans over every head; Python only for the events pass 1 reads and the host links
+    cats = list(map(_CAT, heads))
+    sel = [i for i, c in enumerate(cats) if c in SLIM_READ_CATS]
+    meta = [i for i, ph in enumerate(map(_PH, heads)) if ph == "M"]
+    index = HostIndex.of(heads, [i for i, c in enumerate(cats) if c in HOST_LINK_CATS])
+    del cats
+    if meta:
+        sel = sorted(set(sel).union(meta))
+    out: list = []
+    gpu: list = []
+    gpu_heads: list = []
+    parse: list = []  # (position in out, index in the region)
+    for i in sel:
+        h = heads[i]
+        if h.ph == "X" and h.cat in GPU_WORK_CATS:
+            gpu.append((len(out), i))
+            gpu_heads.append(h)
+        else:
+            parse.append((len(out), i))
+        out.append(None)
+    if parse:
+        raws = _decode(_RAWS, region)
+        for b in range(0, len(parse), _BATCH):
+            part = parse[b:b + _BATCH]
+            for (pos, _), e in zip(part, _loads_raws([raws[i] for _, i in part])):
+                out[pos] = e
+    return out, gpu, gpu_heads, index
+
+
+def resolve_slim(path: Path, kept: list, corr: set, ext: set, index: list, workers: "Workers | None" = None
                  ) -> tuple[list, list[bytes]]:
     """Pass 2 of a slim trace: `kept` with each `GpuWork` replaced by its event, args slimmed, serialized
     (bytes; `dumps_events` writes them as they are), and the bytes of the host events `host_link_kept`
     would keep, in file order (one or more events per item). Raises `Fallback` when the file changed
-    since pass 1."""
+    since pass 1. `index`: pass 1's `HostIndex` of each region."""
     want: dict[int, list[GpuWork]] = {}
     for e in kept:
         if isinstance(e, GpuWork):
@@ -220,10 +365,8 @@ def resolve_slim(path: Path, kept: list, corr: set, ext: set, workers: "Workers 
     parsed: dict[int, dict] = {}
     links: list[bytes] = []
     if want or corr or ext:
-        corr_b = {str(c).encode() for c in corr}
-        ext_b = {str(x).encode() for x in ext}
         if workers is not None:
-            if workers.resolve_slim(path, dict(want), corr_b, ext_b, parsed, links):
+            if workers.resolve_slim(path, dict(want), corr, ext, index, parsed, links):
                 return [parsed[id(e)] if isinstance(e, GpuWork) else e for e in kept], links
             parsed, links = {}, []
         regions = regions_of(Source(path))
@@ -234,7 +377,9 @@ def resolve_slim(path: Path, kept: list, corr: set, ext: set, workers: "Workers 
                 continue
             n += 1
             stubs = want.pop(n, None) or []
-            got, blob = pass2_region(region, [(w.start, w.end, w.get("ts"), w.cat) for w in stubs], corr_b, ext_b)
+            if n >= len(index):
+                raise Fallback
+            got, blob = pass2_region(region, [(w.index, w.get("ts"), w.cat) for w in stubs], corr, ext, index[n])
             for w, e in zip(stubs, got):
                 parsed[id(w)] = e
             if blob:
@@ -251,22 +396,33 @@ def slim_args(e: dict) -> dict:
     return e
 
 
-def pass2_region(region: bytes, stubs: list[tuple], corr_b: set, ext_b: set) -> tuple[list[bytes], bytes]:
-    """Pass 2 on one region: the kept GPU events (`stubs`: (start, end, ts, cat) from pass 1) parsed, args
+def pass2_region(region: bytes, stubs: list[tuple], corr: set, ext: set, index: HostIndex
+                 ) -> tuple[list[bytes], bytes]:
+    """Pass 2 on one region: the kept GPU events (`stubs`: (index, ts, cat) from pass 1) parsed, args
     slimmed and serialized as the writer writes them (bytes: a kept kernel costs its output bytes, not a
-    dict, until the file is written), and the bytes of the launches / ops to keep, joined by `,\\n`
-    (b"" when none). Raises `Fallback` when an event is not what pass 1 saw there."""
+    dict, until the file is written), and the bytes of the launches / ops to keep (pass 1's `index` of
+    the region), joined by `,\n` (b"" when none). Raises `Fallback` when an event is not what pass 1
+    saw there."""
     dumps = orjson.dumps
+    raws = _decode(_RAWS, region)
+    if len(raws) != index.size:
+        raise Fallback
     got = []
     for b in range(0, len(stubs), _BATCH):
         part = stubs[b:b + _BATCH]
-        for w, e in zip(part, _loads_each(region, [(w[0], w[1]) for w in part])):
-            if not isinstance(e, dict) or e.get("ts") != w[2] or e.get("cat") != w[3]:
+        for w, e in zip(part, _loads_raws([raws[w[0]] for w in part])):
+            if not isinstance(e, dict) or e.get("ts") != w[1] or e.get("cat") != w[2]:
                 raise Fallback
             # a copy of the exact size: orjson's result keeps a buffer of at least 4 KB (72 k kernels: 290 MB)
             got.append(memoryview(dumps(slim_args(e), option=ORJSON_OPTS)).tobytes())
-    blob = b",\n".join(_host_link_bytes(region, corr_b, ext_b)) if corr_b or ext_b else b""
-    return got, blob
+    hits = index.hits(corr, ext) if corr or ext else []
+    return got, b",\n".join([raws[i] for i in hits])
+
+
+def _linked(cat: str, correlation, external, corr: set, ext: set) -> bool:
+    """`host_link_kept`'s test on one host event's cat and ids (an id is a plain int or no match)."""
+    x = external if cat == "cpu_op" else correlation
+    return type(x) is int and x in (ext if cat == "cpu_op" else corr)
 
 
 def _flow_key_bytes(ev: bytes) -> tuple:
@@ -405,24 +561,12 @@ def slim_select(selected: Iterable[dict]) -> tuple[list[dict], set, set]:
 def host_link_kept(e: dict, corr: set, ext: set) -> bool:
     """A host event a slim trace keeps: the launch of a kept kernel, or the op that launched one."""
     cat = e.get("cat")
-    if cat not in HOST_LINK_CATS or e.get("ph") != "X":
+    if not isinstance(cat, str) or cat not in HOST_LINK_CATS or e.get("ph") != "X":
         return False
-    args = e.get("args") or {}
-    if cat == "cpu_op":
-        return args.get("External id") in ext
-    return args.get("correlation") in corr
-
-
-def _host_link_bytes(region: bytes, corr_b: set, ext_b: set) -> Iterator[bytes]:
-    for cat, s, e in _hits(region, _HOST):
-        if cat == b"cpu_op":
-            m = _EXT.search(region, s, e)
-            if m and m.group(1) in ext_b:
-                yield region[s:e]
-        else:
-            m = _CORR.search(region, s, e)
-            if m and m.group(1) in corr_b:
-                yield region[s:e]
+    args = e.get("args")
+    if not isinstance(args, dict):
+        return False
+    return _linked(cat, args.get("correlation"), args.get("External id"), corr, ext)
 
 
 def all_events(path: Path, drops: FullDrops | None = None) -> Iterator[bytes]:
@@ -452,7 +596,11 @@ def dumps_batches(events: Iterable, option: int) -> Iterator[bytes]:
     batch = []
     dumps = orjson.dumps
     for e in events:
-        batch.append(e if type(e) is bytes else dumps(e, option=option))
+        try:
+            batch.append(e if type(e) is bytes else dumps(e, option=option))
+        except TypeError as exc:  # e.g. an int beyond 64 bits in a raw event's args
+            raise TraceError(f"an event of the trace cannot be written as JSON ({exc}); the raw trace holds a "
+                             "value JSON writers refuse: re-export it, or check your ranges' args") from None
         if len(batch) == _BATCH:
             yield b",\n".join(batch)
             batch = []

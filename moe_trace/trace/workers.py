@@ -222,41 +222,49 @@ class Workers:
 
     def read_selected(self, path: Path):
         """export.read_selected(path, slim=True) through the workers; None when they failed."""
-        from .export import GpuWork
+        from .export import HostIndex, decode_heads, stubbed
 
         meta: dict = {"tail": {}}
         events: list = []
+        index: list = []
         try:
-            for n, (res, _) in enumerate(self._map(({"op": "pass1"}, r) for r in self._regions(path, meta))):
+            for n, (res, blob) in enumerate(self._map(({"op": "pass1"}, r) for r in self._regions(path, meta))):
                 if res.get("fallback"):
                     from .fastpath import Fallback
 
                     raise Fallback
                 if not isinstance(res.get("events"), list) or not isinstance(res.get("gpu"), list):
                     raise WorkerFailed
-                gpu = {i: (s, e) for i, s, e in res["gpu"]}
-                for i, ev in enumerate(res["events"]):
-                    span = gpu.get(i)
-                    events.append(ev if span is None else GpuWork(ev, n, *span))
-        except WorkerFailed:
+                gpu, hl = res["gpu"], res.get("heads_bytes")
+                if not isinstance(hl, int) or not 0 <= hl <= len(blob):
+                    raise WorkerFailed
+                heads = decode_heads(blob[:hl])
+                index.append(HostIndex.from_bytes(blob[hl:]))
+                if len(heads) != len(gpu) or not all(isinstance(g, list) and len(g) == 2 for g in gpu):
+                    raise WorkerFailed
+                events.extend(stubbed(res["events"], gpu, heads, n))
+        except (WorkerFailed, ValueError):  # ValueError: a HostIndex of the wrong size
             return None
-        return meta["head"], events, meta["tail"], None
+        return meta["head"], events, meta["tail"], index
 
-    def resolve_slim(self, path: Path, want: dict, corr_b: set, ext_b: set, parsed: dict, links: list) -> bool:
+    def resolve_slim(self, path: Path, want: dict, corr: set, ext: set, index: list, parsed: dict, links: list) -> bool:
         """The per-region part of export.resolve_slim through the workers (fills `parsed` and `links`);
         False when they failed. Raises Fallback as the serial pass does."""
         from .fastpath import Fallback
 
         if len(self.procs) != self.n:
             return False
-        sets = orjson.dumps({"corr": [b.decode() for b in corr_b], "ext": [b.decode() for b in ext_b]})
+        sets = orjson.dumps({"corr": [str(c) for c in corr], "ext": [str(x) for x in ext]})  # ints of any size
         stubs_of: list = []
 
         def tasks():
             for n, region in enumerate(self._regions(path, {})):
                 stubs = want.pop(n, None) or []
                 stubs_of.append(stubs)
-                yield {"op": "pass2", "stubs": [(w.start, w.end, w.get("ts"), w.cat) for w in stubs]}, region
+                if n >= len(index):
+                    raise Fallback
+                yield {"op": "pass2", "stubs": [(w.index, w.get("ts"), w.cat) for w in stubs],
+                       "region_bytes": len(region)}, region + index[n].to_bytes()
 
         try:
             for p in self.procs:  # the workers are idle (pass 1 is done): this cannot block on an answer
@@ -294,32 +302,16 @@ def _reap(procs: list) -> None:
             p.wait()
 
 
-class _Stub:
-    __slots__ = ("fields",)
-
-    def __init__(self, fields: dict):
-        self.fields = fields
-
-
-def _stub_fields(e: dict) -> dict:
-    """What a `GpuWork` stub reads of a GPU event (present keys only, so absent stays absent)."""
-    out = {k: e[k] for k in ("cat", "pid", "tid", "ts", "dur") if k in e}
-    args = e.get("args")
-    if isinstance(args, dict):
-        out["args"] = {k: args[k] for k in ("correlation", "External id") if k in args}
-    return out
-
-
 def _serve() -> None:
     """The worker's loop: one task in, one answer out, until its stdin closes."""
-    from .export import _HIT_SLIM, pass1_region, pass2_region
+    from .export import HostIndex, encode_heads, pass1_region, pass2_region
     from .fastpath import Fallback
     from .io import no_gc
 
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     _send(out, {"ready": 1})
-    corr_b: set = set()
-    ext_b: set = set()
+    corr: set = set()
+    ext: set = set()
     with no_gc():
         while True:
             got = _recv(inp)
@@ -329,29 +321,19 @@ def _serve() -> None:
             got = None
             try:
                 if head.get("op") == "pass1":
-                    spans: list = []
-
-                    def stub(e, span, spans=spans):
-                        spans.append(span)
-                        return _Stub(_stub_fields(e))
-
-                    evs = pass1_region(blob, _HIT_SLIM, stub)
+                    evs, gpu, heads, index = pass1_region(blob)
                     del blob
-                    gpu, k = [], 0
-                    for i, e in enumerate(evs):
-                        if type(e) is _Stub:
-                            gpu.append((i, *spans[k]))
-                            evs[i] = e.fields
-                            k += 1
-                    _send(out, {"events": evs, "gpu": gpu})
+                    heads = encode_heads(heads)
+                    _send(out, {"events": evs, "gpu": gpu, "heads_bytes": len(heads)}, heads + index.to_bytes())
                 elif head.get("op") == "sets":  # before a worker's first pass-2 region; no answer
                     sets = orjson.loads(blob)
                     del blob
-                    corr_b = {x.encode() for x in sets["corr"]}
-                    ext_b = {x.encode() for x in sets["ext"]}
+                    corr, ext = {int(c) for c in sets["corr"]}, {int(x) for x in sets["ext"]}
                     continue
                 elif head.get("op") == "pass2":
-                    kept, links = pass2_region(blob, [tuple(s) for s in head["stubs"]], corr_b, ext_b)
+                    at = head["region_bytes"]
+                    kept, links = pass2_region(blob[:at], [tuple(s) for s in head["stubs"]], corr, ext,
+                                               HostIndex.from_bytes(blob[at:]))
                     _send(out, {"kept": [len(k) for k in kept]}, b"".join(kept) + links)
                 else:
                     _send(out, {"error": "unknown op"})

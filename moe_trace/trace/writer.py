@@ -73,7 +73,7 @@ def _write_trace_with(raw, run, steps, out_path, *, slim, process, compresslevel
         if not path.is_file():
             raise TraceError(f"raw trace {path} does not exist; pass the file export_chrome_trace wrote or its dict")
         try:  # the byte path (export.py): only metadata, annotations and GPU events are parsed
-            head, selected, tail, drops = read_selected(path, slim, workers)
+            head, selected, tail, drops = read_selected(path, slim, workers)  # slim: a HostIndex per region
             trace = {**head, **tail}
         except Fallback:
             path = None
@@ -99,7 +99,7 @@ def _write_trace_with(raw, run, steps, out_path, *, slim, process, compresslevel
         kept = [e for e in kept if e.get("ph") != "M" or e.get("pid") in live]
         if path is not None:  # pass 2: parse the kept GPU events, copy their launches' and ops' bytes
             try:
-                kept, links = resolve_slim(path, kept, corr, ext, workers)
+                kept, links = resolve_slim(path, kept, corr, ext, drops, workers)
                 if workers is not None:
                     workers.close()
             except Fallback:
@@ -147,7 +147,8 @@ def _write_trace_with(raw, run, steps, out_path, *, slim, process, compresslevel
 
 def _selected(e: dict, slim: bool) -> bool:
     """The events the writer reads (export.read_selected finds the same ones in bytes)."""
-    return e.get("ph") == "M" or e.get("cat") in (SLIM_READ_CATS if slim else FULL_READ_CATS)
+    cat = e.get("cat")
+    return e.get("ph") == "M" or (isinstance(cat, str) and cat in (SLIM_READ_CATS if slim else FULL_READ_CATS))
 
 
 def _no_rank_keys(obj: Any) -> Any:
