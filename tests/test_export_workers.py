@@ -162,3 +162,117 @@ def test_how_many_workers(monkeypatch, cpus, ranks, size, env, expected):
         else:
             monkeypatch.setenv(k, v)
     assert workers_mod.export_workers(size) == expected
+
+
+def _grow(src: bytes, tmp, final, piece: int = 1 << 20, pause: float = 0.01) -> None:
+    """Write `src` as Kineto's save does: `<final>.tmp` in order, a piece at a time, then rename it."""
+    import os
+    import time
+
+    with open(tmp, "wb") as fh:
+        for k in range(0, len(src), piece):
+            fh.write(src[k:k + piece])
+            fh.flush()
+            time.sleep(pause)
+    os.replace(tmp, final)
+
+
+def _same_pass1(a, b) -> None:
+    (ha, ea, ta, ia), (hb, eb, tb, ib) = a, b
+    assert ha == hb and ta == tb and len(ea) == len(eb) > 0
+    for x, y in zip(ea, eb):
+        if isinstance(x, export.GpuWork):
+            assert isinstance(y, export.GpuWork)
+            assert [getattr(x, s) for s in x.__slots__] == [getattr(y, s) for s in y.__slots__]
+        else:
+            assert x == y
+    assert [i.to_bytes() for i in ia] == [i.to_bytes() for i in ib]
+
+
+@pytest.mark.parametrize("where", ["tmp_then_rename", "final_name", "after_the_save"])
+def test_a_follower_reads_the_raw_file_while_it_is_written(raw, tmp_path, where):
+    """`Follower`: pass 1 on a file that grows a MB at a time (4 MB chunks of the fast path arrive in
+    pieces) equals pass 1 on the finished file; also when the writer uses the final name directly, and
+    when the follower only looks after the save."""
+    import threading
+
+    d, _ = raw
+    data = (d / "raw.json").read_bytes()
+    final = tmp_path / "raw0.json"
+    tmp = tmp_path / "raw0.json.tmp"
+    if where == "after_the_save":
+        final.write_bytes(data)
+        f = workers_mod.Follower(final).start()
+    else:
+        f = workers_mod.Follower(final).start()
+        assert f is not None
+        t = threading.Thread(target=_grow, args=(data, tmp if where == "tmp_then_rename" else final, final))
+        t.start()
+        t.join()
+    got = f.finish(True)
+    assert got is not None
+    _same_pass1(got, export.read_selected(final, True, None))
+
+
+def test_a_follower_that_fails_leaves_the_pass_to_the_writer(raw, tmp_path):
+    d, _ = raw
+    final = tmp_path / "raw0.json"
+    f = workers_mod.Follower(final).start()
+    f.pool.procs[0].kill()  # dies before the save
+    final.write_bytes((d / "raw.json").read_bytes())
+    assert f.finish(True) is None
+    f = workers_mod.Follower(final).start()
+    assert f.finish(False) is None  # the save raised: nothing is read
+    damaged = tmp_path / "raw1.json"  # a layout the fast path refuses: the writer's own pass says why
+    damaged.write_bytes(b'{"traceEvents": 5}')
+    f = workers_mod.Follower(damaged).start()
+    assert f.finish(True) is None
+
+
+def test_a_kineto_run_uses_the_followers_pass_1(tmp_path, monkeypatch):
+    """End to end: the writer gets pass 1 from the follower (the run's timings say so), and the file
+    equals the one written from the same raw file with the writer's own pass 1."""
+    import torch
+
+    import moe_trace
+    from moe_trace.models import build_tiny_model, example_inputs
+    from moe_trace.trace import writer as writer_mod
+
+    monkeypatch.delenv("MOE_TRACE_EXPORT_WORKERS", raising=False)
+    monkeypatch.setattr(workers_mod, "follow_enabled", lambda: True)
+    seen = {}
+    real = writer_mod.write_run_traces
+
+    def spy(raws, run, steps, logdir, **k):
+        seen["pass1"] = k.get("pass1")
+        out = real(raws, run, steps, logdir, **k)
+        seen["again"] = real(raws, run, steps, tmp_path / "again", **dict(k, pass1=None))
+        return out
+
+    monkeypatch.setattr(writer_mod, "write_run_traces", spy)
+    m = build_tiny_model("olmoe").eval()
+    with torch.no_grad(), moe_trace.profile(m, mode="kineto", logdir=tmp_path / "run") as run:
+        m.generate(**example_inputs(m), max_new_tokens=3, do_sample=False)
+    files = run.trace_files
+    assert seen["pass1"] and run.export_timings["pass1_followed"] > 0
+    a = orjson.loads(gzip.decompress(files[0].read_bytes()))
+    b = orjson.loads(gzip.decompress(seen["again"][0].read_bytes()))
+    assert a["traceEvents"] == b["traceEvents"] and len(a["traceEvents"]) > 10
+
+
+@pytest.mark.parametrize("cpus, ranks, env, expected", [
+    (16, None, None, True),    # an H200 box: the follower runs during the save
+    (2, None, None, False),    # the CI box: no core idle during the save
+    (16, "8", None, False),    # 8 ranks on 16 cores
+    (16, "4", None, True),
+    (2, None, "3", True),      # workers asked for
+    (16, None, "0", False),    # all worker processes off
+])
+def test_when_a_follower_runs(monkeypatch, cpus, ranks, env, expected):
+    monkeypatch.setattr(workers_mod.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    for k, v in (("LOCAL_WORLD_SIZE", ranks), ("MOE_TRACE_EXPORT_WORKERS", env)):
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v)
+    assert workers_mod.follow_enabled() is expected

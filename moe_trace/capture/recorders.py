@@ -455,16 +455,29 @@ class KinetoRecorder:
         def work():
             go.wait()
             try:
+                from moe_trace.trace.workers import Follower, follow_enabled
                 from moe_trace.trace.writer import write_run_traces
 
+                pass1 = {}
                 if self._stopped_prof is not None:
                     path = self._tmpdir / f"raw{len(self._raw_traces)}.json"
-                    self._stopped_prof.export_chrome_trace(str(path))
+                    # slim pass 1 in a worker process while torch writes the raw file (workers.Follower)
+                    follower = Follower(path).start() if self.slim and follow_enabled() else None
+                    saved = False
+                    try:
+                        self._stopped_prof.export_chrome_trace(str(path))
+                        saved = True
+                    finally:
+                        self.timings["saved"] = time.perf_counter()
+                        got = follower.finish(saved) if follower is not None else None
+                    if got is not None:
+                        pass1[path] = got
                     self._stopped_prof = None
                     self._raw_traces.append(path)
-                self.timings["saved"] = time.perf_counter()
+                self.timings["saved"] = self.timings.get("saved") or time.perf_counter()
+                self.timings["pass1_followed"] = time.perf_counter() if pass1 else 0.0
                 self.trace_files += write_run_traces(self._raw_traces, run_data, steps, self.logdir, slim=self.slim,
-                                                     process=process, started_at=started_at)
+                                                     process=process, started_at=started_at, pass1=pass1)
                 self.timings["written"] = time.perf_counter()
             except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
                 self._error = exc

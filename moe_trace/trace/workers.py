@@ -1,13 +1,14 @@
-"""Worker processes for the slim export's two passes over a large raw Kineto file.
+"""Worker processes for the slim export's passes over a large raw Kineto file, and the `Follower`.
 
-The passes (export.py) spend their time in Python per event (~2-3 µs an event: a 150 MB raw trace of
-an OLMoE generate on an H200 took ~4 s), and each region of whole events is independent of the others.
-So on a machine with cores to spare the parent reads the regions as before and hands them, in turn, to
-`python -m moe_trace.trace.workers` subprocesses (fresh interpreters that import only this package's
+The passes (export.py) cost Python per event and each region of whole events is independent of the
+others. So on a machine with cores to spare the parent reads the regions as before and hands them, in
+turn, to `python -c <bootstrap>` subprocesses (fresh interpreters that import only this package's
 trace modules: no torch, no CUDA, the user's `__main__` is never re-run), and takes their results back
 in region order: the same events, the same order, the same bytes as the serial passes. Any problem with
 a worker (it cannot start, dies, answers nonsense) makes the caller run the serial pass instead; a
-layout the fast path does not know raises `Fallback` as it does serially.
+layout the fast path does not know raises `Fallback` as it does serially. A `Follower` is one such
+worker that runs pass 1 on the raw file while torch's save is still writing it (docs/trace-format.md,
+"Pass 1 while torch writes the file").
 
 How many: `MOE_TRACE_EXPORT_WORKERS` (0 = never), else up to 8, one per spare core (the cores this
 process may run on, divided among the ranks of a torchrun job on the node, less one for the parent),
@@ -39,6 +40,9 @@ WORKER_SHARE = 0.5
 #: seconds a worker may take to start (it says "ready") and to answer one region
 START_TIMEOUT = 20.0
 ANSWER_TIMEOUT = 300.0
+#: cores per rank from which a `Follower` runs by default: it is one more process (~80 MB at its peak,
+#: docs/benchmarks.md) that pays off only where a core is idle during the save
+FOLLOW_CORES = 4
 _HEAD = struct.Struct(">IQ")
 
 
@@ -46,14 +50,19 @@ class WorkerFailed(Exception):
     """A worker could not do its part: the caller runs the serial pass."""
 
 
-def export_workers(size: int) -> int:
-    """How many worker processes a slim pass over a raw file of `size` bytes uses (0: serial)."""
+def _env_workers() -> int | None:
+    """`MOE_TRACE_EXPORT_WORKERS` as a number (an unreadable value: 0), or None when unset."""
     env = os.environ.get("MOE_TRACE_EXPORT_WORKERS", "").strip()
-    if env:
-        try:
-            return max(0, int(env))
-        except ValueError:
-            return 0
+    if not env:
+        return None
+    try:
+        return max(0, int(env))
+    except ValueError:
+        return 0
+
+
+def _cores_per_rank() -> int:
+    """The cores this process may run on, divided among the torchrun ranks of the node."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -62,8 +71,24 @@ def export_workers(size: int) -> int:
         ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
         ranks = 1
-    n = min(MAX_WORKERS, cpus // ranks - 1, int(size * WORKER_SHARE // WORKER_BYTES))
+    return cpus // ranks
+
+
+def export_workers(size: int) -> int:
+    """How many worker processes a slim pass over a raw file of `size` bytes uses (0: serial)."""
+    env = _env_workers()
+    if env is not None:
+        return env
+    n = min(MAX_WORKERS, _cores_per_rank() - 1, int(size * WORKER_SHARE // WORKER_BYTES))
     return n if n >= 2 else 0
+
+
+def follow_enabled() -> bool:
+    """Whether a `Follower` runs pass 1 during the save: unless worker processes are switched off
+    (`MOE_TRACE_EXPORT_WORKERS=0`), when FOLLOW_CORES or more cores are there per rank (or when
+    `MOE_TRACE_EXPORT_WORKERS` asks for workers)."""
+    env = _env_workers()
+    return env > 0 if env is not None else _cores_per_rank() >= FOLLOW_CORES
 
 
 def workers_for(path: Path) -> "Workers | None":
@@ -222,27 +247,12 @@ class Workers:
 
     def read_selected(self, path: Path):
         """export.read_selected(path, slim=True) through the workers; None when they failed."""
-        from .export import HostIndex, decode_heads, stubbed
-
         meta: dict = {"tail": {}}
         events: list = []
         index: list = []
         try:
             for n, (res, blob) in enumerate(self._map(({"op": "pass1"}, r) for r in self._regions(path, meta))):
-                if res.get("fallback"):
-                    from .fastpath import Fallback
-
-                    raise Fallback
-                if not isinstance(res.get("events"), list) or not isinstance(res.get("gpu"), list):
-                    raise WorkerFailed
-                gpu, hl = res["gpu"], res.get("heads_bytes")
-                if not isinstance(hl, int) or not 0 <= hl <= len(blob):
-                    raise WorkerFailed
-                heads = decode_heads(blob[:hl])
-                index.append(HostIndex.from_bytes(blob[hl:]))
-                if len(heads) != len(gpu) or not all(isinstance(g, list) and len(g) == 2 for g in gpu):
-                    raise WorkerFailed
-                events.extend(stubbed(res["events"], gpu, heads, n))
+                _take_pass1(res, blob, n, events, index)
         except (WorkerFailed, ValueError):  # ValueError: a HostIndex of the wrong size
             return None
         return meta["head"], events, meta["tail"], index
@@ -293,6 +303,147 @@ class Workers:
         return True
 
 
+def _take_pass1(res: dict, blob: bytes, n: int, events: list, index: list) -> None:
+    """Add a worker's pass-1 answer for region `n` (`_pass1_reply`) to `events` and `index`."""
+    from .export import HostIndex, decode_heads, stubbed
+    from .fastpath import Fallback
+
+    if res.get("fallback"):
+        raise Fallback
+    gpu, hl, evs = res.get("gpu"), res.get("heads_bytes"), res.get("events")
+    if not isinstance(hl, int) or not 0 <= hl <= len(blob) or not isinstance(gpu, list) or not isinstance(evs, list):
+        raise WorkerFailed
+    heads = decode_heads(blob[:hl])
+    if len(heads) != len(gpu) or not all(isinstance(g, list) and len(g) == 2 for g in gpu):
+        raise WorkerFailed
+    index.append(HostIndex.from_bytes(blob[hl:]))
+    events.extend(stubbed(evs, gpu, heads, n))
+
+
+def _pass1_reply(region: bytes) -> tuple[dict, bytes]:
+    from .export import encode_heads, pass1_region
+
+    evs, gpu, heads, index = pass1_region(region)
+    heads = encode_heads(heads)
+    return {"events": evs, "gpu": gpu, "heads_bytes": len(heads)}, heads + index.to_bytes()
+
+
+class Follower:
+    """Slim pass 1 on a raw trace WHILE the profiler writes it: one worker process reads the file as it
+    grows (Kineto's `export_chrome_trace` writes `<path>.tmp` in order, then renames it to `<path>`;
+    the C++ save holds the GIL, so the parent could not read it meanwhile). `start` before the save,
+    `finish` after it: pass 1's answer, as `export.read_selected` gives it, or None when the worker
+    failed (the caller then reads the file itself; the raw file is the profiler's own, untouched)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.pool = Workers(1)
+
+    def start(self) -> "Follower | None":
+        self.pool.__enter__()
+        if len(self.pool.procs) != 1:
+            return None
+        try:
+            _send(self.pool.procs[0].stdin, {"op": "follow", "paths": [str(self.path) + ".tmp", str(self.path)]})
+        except (OSError, ValueError):
+            self.pool.close()
+            return None
+        return self
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def finish(self, saved: bool = True):
+        """(head, events, tail, HostIndex per region) of the saved file, or None."""
+        from .fastpath import Fallback
+
+        try:
+            if not saved or len(self.pool.procs) != 1:
+                return None
+            p = self.pool.procs[0]
+            try:
+                _send(p.stdin, {"op": "done", "size": self.path.stat().st_size})
+                got = _recv(p.stdout, ANSWER_TIMEOUT)
+                if not got or not isinstance(got[0].get("regions"), int) or not isinstance(got[0].get("head"), dict):
+                    return None
+                head, tail, events, index = got[0]["head"], got[0].get("tail") or {}, [], []
+                for n in range(got[0]["regions"]):
+                    ans = _recv(p.stdout, ANSWER_TIMEOUT)
+                    if ans is None or "error" in ans[0]:
+                        return None
+                    _take_pass1(*ans, n, events, index)
+            except (OSError, EOFError, ValueError, WorkerFailed, Fallback):
+                return None  # the caller's own pass 1 gives the precise answer (or the Fallback) again
+            return head, events, tail, index
+        finally:
+            self.close()
+
+
+class _GrowingFile:
+    """`io.Source`'s chunks of a file another process is still writing: the same chunks (`CHUNK` bytes
+    each from offset 0, so the same regions as a later `Source` of the whole file), each given once it
+    is complete; `done(size)` says the writer finished."""
+
+    def __init__(self, fh, inp):
+        self.fh, self.inp = fh, inp
+        self.final: int | None = None
+
+    def _wait(self) -> None:
+        """Until the writer's "done" arrives or ~5 ms pass."""
+        if self.final is None and select.select([self.inp], [], [], 0.005)[0]:
+            got = _recv(self.inp)
+            if got is None or got[0].get("op") != "done" or not isinstance(got[0].get("size"), int):
+                raise EOFError
+            self.final = got[0]["size"]
+
+    def chunks(self) -> Iterator[bytes]:
+        from .io import CHUNK
+
+        pos = 0
+        while True:
+            if self.final is None and os.fstat(self.fh.fileno()).st_size - pos < CHUNK:
+                self._wait()
+                continue
+            data = self.fh.read(CHUNK)
+            if not data:
+                if self.final is not None and pos != self.final:
+                    raise EOFError  # the file is not the size the writer saw
+                return
+            pos += len(data)
+            yield data
+
+
+def _follow(paths: list[str], inp, out) -> None:
+    """The worker's side of `Follower`: open the file being written (`paths`: the temporary name, then
+    the final one), pass 1 on each region as it completes, every answer sent after the writer's "done"."""
+    from .fastpath import regions_of
+
+    src = _GrowingFile(None, inp)
+    while src.fh is None:
+        for name in paths if src.final is None else paths[-1:]:
+            try:
+                src.fh = open(name, "rb")
+                break
+            except OSError:
+                if src.final is not None:
+                    raise
+        if src.fh is None:
+            src._wait()
+    with src.fh:
+        regions = regions_of(src)
+        head = next(regions)
+        tail: dict = {}
+        answers = []
+        for region in regions:
+            if isinstance(region, dict):
+                tail = region
+            else:
+                answers.append(_pass1_reply(region))
+    _send(out, {"regions": len(answers), "head": head, "tail": tail})
+    for reply in answers:
+        _send(out, *reply)
+
+
 def _reap(procs: list) -> None:
     for p in procs:
         try:
@@ -304,11 +455,12 @@ def _reap(procs: list) -> None:
 
 def _serve() -> None:
     """The worker's loop: one task in, one answer out, until its stdin closes."""
-    from .export import HostIndex, encode_heads, pass1_region, pass2_region
+    from .export import HostIndex, pass2_region
     from .fastpath import Fallback
     from .io import no_gc
 
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    # stdin unbuffered: a follower selects on it, and a Python buffer could hide a message from select
+    inp, out = sys.stdin.buffer.raw, sys.stdout.buffer
     _send(out, {"ready": 1})
     corr: set = set()
     ext: set = set()
@@ -321,10 +473,10 @@ def _serve() -> None:
             got = None
             try:
                 if head.get("op") == "pass1":
-                    evs, gpu, heads, index = pass1_region(blob)
-                    del blob
-                    heads = encode_heads(heads)
-                    _send(out, {"events": evs, "gpu": gpu, "heads_bytes": len(heads)}, heads + index.to_bytes())
+                    _send(out, *_pass1_reply(blob))
+                elif head.get("op") == "follow":  # one task for the worker's life: then it exits
+                    _follow(head["paths"], inp, out)
+                    return
                 elif head.get("op") == "sets":  # before a worker's first pass-2 region; no answer
                     sets = orjson.loads(blob)
                     del blob

@@ -45,35 +45,38 @@ __all__ = ["write_trace", "write_run_traces", "write_chrome_trace", "device_pid"
 
 def write_trace(raw: dict | str | os.PathLike, run: RunData, steps: list[dict], out_path: str | os.PathLike,
                 *, slim: bool = True, process: dict | None = None, compresslevel: int = 3,
-                overwrite: bool = True) -> Path:
+                overwrite: bool = True, pass1: tuple | None = None) -> Path:
     """Write `raw` (a Chrome-trace dict or the path of one) with moe-trace counters to `out_path`.
 
     `steps`: `{"step", "phase", "tokens", "layers": {layer_index: {"expert_counts", "k_hist"}}}` for
     the steps the profiler recorded. `run`: the whole run's totals. `slim=True` keeps only the
     moe-trace and ProfilerStep ranges, GPU activity (kernels, memcpy, memset, GPU annotations),
     metadata events and the counters. `overwrite=False`: raise FileExistsError instead of replacing
-    an existing file. Returns the path written.
+    an existing file. `pass1`: a slim raw file's pass 1, already done (`workers.Follower`, while the
+    profiler wrote the file). Returns the path written.
     """
     with no_gc():
         return _write_trace(raw, run, steps, out_path, slim=slim, process=process, compresslevel=compresslevel,
-                            overwrite=overwrite)
+                            overwrite=overwrite, pass1=pass1)
 
 
-def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel, overwrite) -> Path:
+def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel, overwrite, pass1) -> Path:
     pool = workers_for(raw) if slim and is_raw_path(raw) and Path(raw).is_file() else None
     with pool or contextlib.nullcontext():  # worker processes for the two slim passes (workers.py)
         return _write_trace_with(raw, run, steps, out_path, slim=slim, process=process, compresslevel=compresslevel,
-                                 overwrite=overwrite, workers=pool)
+                                 overwrite=overwrite, workers=pool, pass1=pass1)
 
 
-def _write_trace_with(raw, run, steps, out_path, *, slim, process, compresslevel, overwrite, workers) -> Path:
+def _write_trace_with(raw, run, steps, out_path, *, slim, process, compresslevel, overwrite, workers,
+                      pass1=None) -> Path:
     path = None
     if is_raw_path(raw):
         path = Path(raw)
         if not path.is_file():
             raise TraceError(f"raw trace {path} does not exist; pass the file export_chrome_trace wrote or its dict")
         try:  # the byte path (export.py): only metadata, annotations and GPU events are parsed
-            head, selected, tail, drops = read_selected(path, slim, workers)  # slim: a HostIndex per region
+            got = pass1 if slim and pass1 is not None else read_selected(path, slim, workers)
+            head, selected, tail, drops = got  # slim: a HostIndex per region in place of drops
             trace = {**head, **tail}
         except Fallback:
             path = None
@@ -174,7 +177,8 @@ def _document(meta: dict, events: Iterable[bytes]) -> Iterator[bytes]:
 
 
 def write_run_traces(raws: list, run: RunData, steps: list[dict], logdir: str | os.PathLike, *, slim: bool = True,
-                     process: dict, started_at: float | None = None, compresslevel: int = 3) -> list[Path]:
+                     process: dict, started_at: float | None = None, compresslevel: int = 3,
+                     pass1: dict | None = None) -> list[Path]:
     """Write the trace files of one `profile()` run (one per profiler window) into `logdir`.
 
     Names: `{worker}.{run_id}[.{window}].pt.trace.json.gz` (format.trace_file_name); an existing file
@@ -188,7 +192,7 @@ def write_run_traces(raws: list, run: RunData, steps: list[dict], logdir: str | 
         proc = dict(process, window=n, started_at=started_at)
         out.append(write_under_free_name(run_id, lambda tag: write_trace(
             raw, run, steps, logdir / trace_file_name(worker, tag, n), slim=slim, process=proc,
-            compresslevel=compresslevel, overwrite=False), logdir))
+            compresslevel=compresslevel, overwrite=False, pass1=(pass1 or {}).get(raw)), logdir))
     return out
 
 
