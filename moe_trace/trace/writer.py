@@ -192,7 +192,8 @@ def write_run_traces(raws: list, run: RunData, steps: list[dict], logdir: str | 
         proc = dict(process, window=n, started_at=started_at)
         out.append(write_under_free_name(run_id, lambda tag: write_trace(
             raw, run, steps, logdir / trace_file_name(worker, tag, n), slim=slim, process=proc,
-            compresslevel=compresslevel, overwrite=False, pass1=(pass1 or {}).get(raw)), logdir))
+            compresslevel=compresslevel, overwrite=False,
+            pass1=pass1.get(raw) if pass1 and is_raw_path(raw) else None), logdir))
     return out
 
 
