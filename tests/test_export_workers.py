@@ -126,9 +126,9 @@ def test_a_worker_answers_a_region_as_the_serial_pass(raw):
     with workers_mod.Workers(1) as pool:
         assert len(pool.procs) == 1
         (p1, blob1), = pool._map(iter([({"op": "pass1"}, region)]))
-        serial, gpu, heads, index = export.pass1_region(region)
-        assert p1["events"] == serial and [tuple(g) for g in p1["gpu"]] == gpu and gpu
-        hl = p1["heads_bytes"]
+        serial, gpu, heads, index, done = export.pass1_region(region)
+        assert p1["events"] == serial and [tuple(g) for g in p1["gpu"]] == gpu and gpu and done is None
+        hl, il = p1["bytes"]
         assert export.decode_heads(blob1[:hl]) == heads and {h.cat for h in heads} <= {"kernel", "gpu_memcpy", "gpu_memset"}
         assert blob1[hl:] == index.to_bytes() and len(index.rt_at) and len(index.op_at)
         stubs = [(i, h.ts, h.cat) for (pos, i), h in zip(gpu, heads)][:50]
@@ -181,9 +181,10 @@ def _same_pass1(a, b) -> None:
     (ha, ea, ta, ia), (hb, eb, tb, ib) = a, b
     assert ha == hb and ta == tb and len(ea) == len(eb) > 0
     for x, y in zip(ea, eb):
-        if isinstance(x, export.GpuWork):
-            assert isinstance(y, export.GpuWork)
-            assert [getattr(x, s) for s in x.__slots__] == [getattr(y, s) for s in y.__slots__]
+        if isinstance(x, export.GpuWork):  # the follower's also carry their serialized event (`done`)
+            assert isinstance(y, export.GpuWork) and type(x.done) is bytes and y.done is None
+            assert [getattr(x, s) for s in x.__slots__ if s != "done"] == \
+                [getattr(y, s) for s in y.__slots__ if s != "done"]
         else:
             assert x == y
     assert [i.to_bytes() for i in ia] == [i.to_bytes() for i in ib]
@@ -212,6 +213,11 @@ def test_a_follower_reads_the_raw_file_while_it_is_written(raw, tmp_path, where)
     got = f.finish(True)
     assert got is not None
     _same_pass1(got, export.read_selected(final, True, None))
+    d, spec = raw  # and the file written from it is the one the writer's own passes write
+    run = RunData.from_dict(spec["run"])
+    a = write_trace(final, run, spec["steps"], tmp_path / "a.pt.trace.json.gz", process=spec["process"], pass1=got)
+    b = write_trace(final, run, spec["steps"], tmp_path / "b.pt.trace.json.gz", process=spec["process"])
+    assert _without_start_time(a) == _without_start_time(b)
 
 
 def test_a_follower_that_fails_leaves_the_pass_to_the_writer(raw, tmp_path):

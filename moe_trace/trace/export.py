@@ -241,7 +241,7 @@ class GpuWork:
     event in the region); the kept ones are parsed in pass 2 (`resolve_slim`), the dropped ones never
     become dicts. `get` / `[]` answer like the event's dict for the keys `slim_select` reads."""
 
-    __slots__ = ("cat", "pid", "tid", "ts", "dur", "corr", "ext", "region", "index")
+    __slots__ = ("cat", "pid", "tid", "ts", "dur", "corr", "ext", "region", "index", "done")
 
     def __init__(self, h, region: int, index: int):
         self.cat, self.pid, self.tid, self.ts, self.dur = h.cat, h.pid, h.tid, h.ts, h.dur
@@ -249,6 +249,7 @@ class GpuWork:
         self.corr = None if a.correlation is _UNSET else a.correlation
         self.ext = None if a.external is _UNSET else a.external
         self.region, self.index = region, index
+        self.done = None  # the event as a slim trace writes it, when pass 1 serialized it (`Follower`)
 
     def get(self, key: str, default=None):
         if key == "ph":
@@ -290,7 +291,7 @@ def read_selected(path: Path, slim: bool = True, workers: "Workers | None" = Non
             continue
         n += 1
         if slim:
-            evs, gpu, heads, index = pass1_region(region)
+            evs, gpu, heads, index, _ = pass1_region(region)
             events.extend(stubbed(evs, gpu, heads, n))
             extra.append(index)
         else:
@@ -301,10 +302,12 @@ def read_selected(path: Path, slim: bool = True, workers: "Workers | None" = Non
     return head, events, tail, drops if drops is not None else extra
 
 
-def stubbed(events: list, gpu: list, heads: list, n: int) -> list:
+def stubbed(events: list, gpu: list, heads: list, n: int, done: list | None = None) -> list:
     """`pass1_region`'s answer for region `n` with a `GpuWork` in each GPU event's place."""
-    for (pos, index), h in zip(gpu, heads):
-        events[pos] = GpuWork(h, n, index)
+    for k, ((pos, index), h) in enumerate(zip(gpu, heads)):
+        events[pos] = w = GpuWork(h, n, index)
+        if done is not None:
+            w.done = done[k]
     return events
 
 
@@ -317,11 +320,14 @@ def _annotations(region: bytes) -> list:
     return out
 
 
-def pass1_region(region: bytes) -> tuple[list, list[tuple[int, int]], list, HostIndex]:
+def pass1_region(region: bytes, serialize: bool = False) -> tuple[list, list[tuple[int, int]], list, HostIndex,
+                                                                   list | None]:
     """Slim pass 1 on one region: (the events it reads, in order, with None in each GPU kernel / memcpy /
     memset's place; (position in that list, index of the event in the region) of each of those; their
-    `_Head`s; the region's `HostIndex`). M events and user annotations are parsed from their bytes, a
-    batch at a time."""
+    `_Head`s; the region's `HostIndex`; with `serialize`, each of those GPU events as a slim trace
+    writes it (`slim_bytes`), else None). M events and user annotations are parsed from their bytes, a
+    batch at a time. `serialize` is for the `Follower`, whose time is free: it moves pass 2's parsing of
+    the kept GPU events into the save, at the cost of holding the dropped ones' bytes too."""
     heads = _decode(_HEADS, region)
     # C-level scans over every head; Python only for the events pass 1 reads and the host links
     cats = list(map(_CAT, heads))
@@ -343,13 +349,17 @@ def pass1_region(region: bytes) -> tuple[list, list[tuple[int, int]], list, Host
         else:
             parse.append((len(out), i))
         out.append(None)
-    if parse:
+    done = [] if serialize else None
+    if parse or (serialize and gpu):
         raws = _decode(_RAWS, region)
         for b in range(0, len(parse), _BATCH):
             part = parse[b:b + _BATCH]
             for (pos, _), e in zip(part, _loads_raws([raws[i] for _, i in part])):
                 out[pos] = e
-    return out, gpu, gpu_heads, index
+        if serialize:
+            for b in range(0, len(gpu), _BATCH):
+                done += slim_bytes([raws[i] for _, i in gpu[b:b + _BATCH]])
+    return out, gpu, gpu_heads, index, done
 
 
 def resolve_slim(path: Path, kept: list, corr: set, ext: set, index: list, workers: "Workers | None" = None
@@ -360,14 +370,18 @@ def resolve_slim(path: Path, kept: list, corr: set, ext: set, index: list, worke
     since pass 1. `index`: pass 1's `HostIndex` of each region."""
     want: dict[int, list[GpuWork]] = {}
     for e in kept:
-        if isinstance(e, GpuWork):
+        if isinstance(e, GpuWork) and e.done is None:
             want.setdefault(e.region, []).append(e)
     parsed: dict[int, dict] = {}
     links: list[bytes] = []
+
+    def answer() -> list:
+        return [(e.done if e.done is not None else parsed[id(e)]) if isinstance(e, GpuWork) else e for e in kept]
+
     if want or corr or ext:
         if workers is not None:
             if workers.resolve_slim(path, dict(want), corr, ext, index, parsed, links):
-                return [parsed[id(e)] if isinstance(e, GpuWork) else e for e in kept], links
+                return answer(), links
             parsed, links = {}, []
         regions = regions_of(Source(path))
         next(regions)
@@ -386,7 +400,20 @@ def resolve_slim(path: Path, kept: list, corr: set, ext: set, index: list, worke
                 links.append(blob)
         if want:
             raise Fallback
-    return [parsed[id(e)] if isinstance(e, GpuWork) else e for e in kept], links
+    return answer(), links
+
+
+def slim_bytes(raws: list, expect: list | None = None) -> list[bytes]:
+    """Each GPU event of `raws` (msgspec.Raw / bytes; one orjson call) with its args slimmed, serialized as
+    the writer writes it. `expect`: the (ts, cat) pass 1 saw for each (Fallback when one differs)."""
+    dumps = orjson.dumps
+    got = []
+    for k, e in enumerate(_loads_raws(raws)):
+        if not isinstance(e, dict) or (expect is not None and (e.get("ts"), e.get("cat")) != expect[k]):
+            raise Fallback
+        # a copy of the exact size: orjson's result keeps a buffer of at least 4 KB (72 k kernels: 290 MB)
+        got.append(memoryview(dumps(slim_args(e), option=ORJSON_OPTS)).tobytes())
+    return got
 
 
 def slim_args(e: dict) -> dict:
@@ -403,18 +430,13 @@ def pass2_region(region: bytes, stubs: list[tuple], corr: set, ext: set, index: 
     dict, until the file is written), and the bytes of the launches / ops to keep (pass 1's `index` of
     the region), joined by `,\n` (b"" when none). Raises `Fallback` when an event is not what pass 1
     saw there."""
-    dumps = orjson.dumps
     raws = _decode(_RAWS, region)
     if len(raws) != index.size:
         raise Fallback
     got = []
     for b in range(0, len(stubs), _BATCH):
         part = stubs[b:b + _BATCH]
-        for w, e in zip(part, _loads_raws([raws[w[0]] for w in part])):
-            if not isinstance(e, dict) or e.get("ts") != w[1] or e.get("cat") != w[2]:
-                raise Fallback
-            # a copy of the exact size: orjson's result keeps a buffer of at least 4 KB (72 k kernels: 290 MB)
-            got.append(memoryview(dumps(slim_args(e), option=ORJSON_OPTS)).tobytes())
+        got += slim_bytes([raws[w[0]] for w in part], [(w[1], w[2]) for w in part])
     hits = index.hits(corr, ext) if corr or ext else []
     return got, b",\n".join([raws[i] for i in hits])
 

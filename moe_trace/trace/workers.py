@@ -310,22 +310,36 @@ def _take_pass1(res: dict, blob: bytes, n: int, events: list, index: list) -> No
 
     if res.get("fallback"):
         raise Fallback
-    gpu, hl, evs = res.get("gpu"), res.get("heads_bytes"), res.get("events")
-    if not isinstance(hl, int) or not 0 <= hl <= len(blob) or not isinstance(gpu, list) or not isinstance(evs, list):
+    gpu, lens, evs, done = res.get("gpu"), res.get("bytes"), res.get("events"), res.get("done")
+    if not (isinstance(lens, list) and len(lens) == 2 and all(isinstance(x, int) and x >= 0 for x in lens)
+            and sum(lens) <= len(blob) and isinstance(gpu, list) and isinstance(evs, list)):
         raise WorkerFailed
-    heads = decode_heads(blob[:hl])
+    heads = decode_heads(blob[:lens[0]])
     if len(heads) != len(gpu) or not all(isinstance(g, list) and len(g) == 2 for g in gpu):
         raise WorkerFailed
-    index.append(HostIndex.from_bytes(blob[hl:]))
-    events.extend(stubbed(evs, gpu, heads, n))
+    index.append(HostIndex.from_bytes(blob[lens[0]:lens[0] + lens[1]]))
+    if done is not None:  # the serialized GPU events (a follower's), one after another
+        if not (isinstance(done, list) and len(done) == len(gpu) and all(isinstance(k, int) and k > 0 for k in done)
+                and sum(lens) + sum(done) == len(blob)):
+            raise WorkerFailed
+        at, parts = sum(lens), []
+        for k in done:
+            parts.append(blob[at:at + k])
+            at += k
+        done = parts
+    events.extend(stubbed(evs, gpu, heads, n, done))
 
 
-def _pass1_reply(region: bytes) -> tuple[dict, bytes]:
+def _pass1_reply(region: bytes, serialize: bool = False) -> tuple[dict, bytes]:
     from .export import encode_heads, pass1_region
 
-    evs, gpu, heads, index = pass1_region(region)
-    heads = encode_heads(heads)
-    return {"events": evs, "gpu": gpu, "heads_bytes": len(heads)}, heads + index.to_bytes()
+    evs, gpu, heads, index, done = pass1_region(region, serialize)
+    heads, index = encode_heads(heads), index.to_bytes()
+    head = {"events": evs, "gpu": gpu, "bytes": [len(heads), len(index)]}
+    if done is None:
+        return head, heads + index
+    head["done"] = [len(d) for d in done]
+    return head, b"".join([heads, index, *done])
 
 
 class Follower:
@@ -438,7 +452,7 @@ def _follow(paths: list[str], inp, out) -> None:
             if isinstance(region, dict):
                 tail = region
             else:
-                answers.append(_pass1_reply(region))
+                answers.append(_pass1_reply(region, serialize=True))
     _send(out, {"regions": len(answers), "head": head, "tail": tail})
     for reply in answers:
         _send(out, *reply)
