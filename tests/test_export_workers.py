@@ -190,8 +190,13 @@ def _same_pass1(a, b) -> None:
     assert [i.to_bytes() for i in ia] == [i.to_bytes() for i in ib]
 
 
+@pytest.fixture
+def follow_small_files(monkeypatch):
+    monkeypatch.setattr(workers_mod, "FOLLOW_MIN_BYTES", 0)  # the test files are ~12 MB
+
+
 @pytest.mark.parametrize("where", ["tmp_then_rename", "final_name", "after_the_save"])
-def test_a_follower_reads_the_raw_file_while_it_is_written(raw, tmp_path, where):
+def test_a_follower_reads_the_raw_file_while_it_is_written(raw, tmp_path, where, follow_small_files):
     """`Follower`: pass 1 on a file that grows a MB at a time (4 MB chunks of the fast path arrive in
     pieces) equals pass 1 on the finished file; also when the writer uses the final name directly, and
     when the follower only looks after the save."""
@@ -220,7 +225,7 @@ def test_a_follower_reads_the_raw_file_while_it_is_written(raw, tmp_path, where)
     assert _without_start_time(a) == _without_start_time(b)
 
 
-def test_a_follower_that_fails_leaves_the_pass_to_the_writer(raw, tmp_path):
+def test_a_follower_that_fails_leaves_the_pass_to_the_writer(raw, tmp_path, follow_small_files):
     d, _ = raw
     final = tmp_path / "raw0.json"
     f = workers_mod.Follower(final).start()
@@ -235,7 +240,7 @@ def test_a_follower_that_fails_leaves_the_pass_to_the_writer(raw, tmp_path):
     assert f.finish(True) is None
 
 
-def test_a_kineto_run_uses_the_followers_pass_1(tmp_path, monkeypatch):
+def test_a_kineto_run_uses_the_followers_pass_1(tmp_path, monkeypatch, follow_small_files):
     """End to end: the writer gets pass 1 from the follower (the run's timings say so), and the file
     equals the one written from the same raw file with the writer's own pass 1."""
     import torch
@@ -282,3 +287,19 @@ def test_when_a_follower_runs(monkeypatch, cpus, ranks, env, expected):
         else:
             monkeypatch.setenv(k, v)
     assert workers_mod.follow_enabled() is expected
+
+
+def test_a_follower_leaves_a_small_raw_file_to_the_writer(raw, tmp_path, monkeypatch):
+    """Below FOLLOW_MIN_BYTES the follower only waits (its working memory would exceed the file's size):
+    the writer's own pass 1 runs; from it on, it reads the file."""
+    d, _ = raw
+    data = (d / "raw.json").read_bytes()
+    final = tmp_path / "raw0.json"
+    monkeypatch.setattr(workers_mod, "FOLLOW_MIN_BYTES", len(data) + 1)
+    f = workers_mod.Follower(final).start()
+    _grow(data, tmp_path / "raw0.json.tmp", final)
+    assert f.finish(True) is None
+    monkeypatch.setattr(workers_mod, "FOLLOW_MIN_BYTES", len(data) // 2)
+    f = workers_mod.Follower(tmp_path / "raw1.json").start()
+    _grow(data, tmp_path / "raw1.json.tmp", tmp_path / "raw1.json")
+    assert f.finish(True) is not None

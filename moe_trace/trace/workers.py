@@ -43,6 +43,9 @@ ANSWER_TIMEOUT = 300.0
 #: cores per rank from which a `Follower` runs by default: it is one more process (~80 MB at its peak,
 #: docs/benchmarks.md) that pays off only where a core is idle during the save
 FOLLOW_CORES = 4
+#: a follower works only on a raw file that reaches this size (else the writer's own pass 1 runs): its
+#: ~70 MB working peak then keeps the export within the raw file's size (docs/benchmarks.md)
+FOLLOW_MIN_BYTES = 256 << 20
 _HEAD = struct.Struct(">IQ")
 
 
@@ -347,7 +350,8 @@ class Follower:
     grows (Kineto's `export_chrome_trace` writes `<path>.tmp` in order, then renames it to `<path>`;
     the C++ save holds the GIL, so the parent could not read it meanwhile). `start` before the save,
     `finish` after it: pass 1's answer, as `export.read_selected` gives it, or None when the worker
-    failed (the caller then reads the file itself; the raw file is the profiler's own, untouched)."""
+    failed (the caller then reads the file itself; the raw file is the profiler's own, untouched). The
+    worker keeps its answers in `<path>.pass1` until the save is over (removed by `finish`)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -358,7 +362,8 @@ class Follower:
         if len(self.pool.procs) != 1:
             return None
         try:
-            _send(self.pool.procs[0].stdin, {"op": "follow", "paths": [str(self.path) + ".tmp", str(self.path)]})
+            _send(self.pool.procs[0].stdin, {"op": "follow", "paths": [str(self.path) + ".tmp", str(self.path)],
+                                             "min_bytes": FOLLOW_MIN_BYTES})
         except (OSError, ValueError):
             self.pool.close()
             return None
@@ -381,11 +386,18 @@ class Follower:
                 if not got or not isinstance(got[0].get("regions"), int) or not isinstance(got[0].get("head"), dict):
                     return None
                 head, tail, events, index = got[0]["head"], got[0].get("tail") or {}, [], []
-                for n in range(got[0]["regions"]):
-                    ans = _recv(p.stdout, ANSWER_TIMEOUT)
-                    if ans is None or "error" in ans[0]:
-                        return None
-                    _take_pass1(*ans, n, events, index)
+                spill = Path(str(self.path) + ".pass1")
+                if got[0].get("answers") != str(spill):
+                    return None
+                try:
+                    with open(spill, "rb") as fh:
+                        for n in range(got[0]["regions"]):
+                            ans = _recv(fh)
+                            if ans is None:
+                                return None
+                            _take_pass1(*ans, n, events, index)
+                finally:
+                    spill.unlink(missing_ok=True)
             except (OSError, EOFError, ValueError, WorkerFailed, Fallback):
                 return None  # the caller's own pass 1 gives the precise answer (or the Fallback) again
             return head, events, tail, index
@@ -427,9 +439,10 @@ class _GrowingFile:
             yield data
 
 
-def _follow(paths: list[str], inp, out) -> None:
+def _follow(paths: list[str], inp, out, min_bytes: int = 0) -> None:
     """The worker's side of `Follower`: open the file being written (`paths`: the temporary name, then
-    the final one), pass 1 on each region as it completes, every answer sent after the writer's "done"."""
+    the final one), and once it has `min_bytes` (or is complete and has them), pass 1 on each region as
+    it completes; every answer sent after the writer's "done" ({"small": true}: the file stayed smaller)."""
     from .fastpath import regions_of
 
     src = _GrowingFile(None, inp)
@@ -443,19 +456,25 @@ def _follow(paths: list[str], inp, out) -> None:
                     raise
         if src.fh is None:
             src._wait()
-    with src.fh:
+    while src.final is None and os.fstat(src.fh.fileno()).st_size < min_bytes:
+        src._wait()
+    if (src.final if src.final is not None else min_bytes) < min_bytes:
+        src.fh.close()
+        _send(out, {"small": True})
+        return
+    spill = paths[-1] + ".pass1"  # the answers wait on disk, not in this process (its peak stays small)
+    with src.fh, open(spill, "wb") as keep:
         regions = regions_of(src)
         head = next(regions)
         tail: dict = {}
-        answers = []
+        n = 0
         for region in regions:
             if isinstance(region, dict):
                 tail = region
             else:
-                answers.append(_pass1_reply(region, serialize=True))
-    _send(out, {"regions": len(answers), "head": head, "tail": tail})
-    for reply in answers:
-        _send(out, *reply)
+                _send(keep, *_pass1_reply(region, serialize=True))
+                n += 1
+    _send(out, {"regions": n, "head": head, "tail": tail, "answers": spill})
 
 
 def _reap(procs: list) -> None:
@@ -489,7 +508,7 @@ def _serve() -> None:
                 if head.get("op") == "pass1":
                     _send(out, *_pass1_reply(blob))
                 elif head.get("op") == "follow":  # one task for the worker's life: then it exits
-                    _follow(head["paths"], inp, out)
+                    _follow(head["paths"], inp, out, int(head.get("min_bytes", 0)))
                     return
                 elif head.get("op") == "sets":  # before a worker's first pass-2 region; no answer
                     sets = orjson.loads(blob)
