@@ -142,6 +142,16 @@ def test_a_worker_answers_a_region_as_the_serial_pass(raw):
     assert data  # the file is untouched
 
 
+def _machine(monkeypatch, cpus, ranks, env) -> None:
+    """A machine with `cpus` cores, `ranks` torchrun ranks on the node and MOE_TRACE_EXPORT_WORKERS=`env`."""
+    monkeypatch.setattr(workers_mod.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    for k, v in (("LOCAL_WORLD_SIZE", ranks), ("MOE_TRACE_EXPORT_WORKERS", env)):
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v)
+
+
 @pytest.mark.parametrize("cpus, ranks, size, env, expected", [
     (16, None, 1200 << 20, None, 8),    # an H200 box, a 1.2 GB raw trace (512 new tokens): 8 workers
     (16, None, 150 << 20, None, 0),     # 150 MB: 2 workers would add more than half the raw size
@@ -155,12 +165,7 @@ def test_a_worker_answers_a_region_as_the_serial_pass(raw):
     (16, None, 1200 << 20, "many", 0),  # unreadable -> off
 ])
 def test_how_many_workers(monkeypatch, cpus, ranks, size, env, expected):
-    monkeypatch.setattr(workers_mod.os, "sched_getaffinity", lambda pid: set(range(cpus)))
-    for k, v in (("LOCAL_WORLD_SIZE", ranks), ("MOE_TRACE_EXPORT_WORKERS", env)):
-        if v is None:
-            monkeypatch.delenv(k, raising=False)
-        else:
-            monkeypatch.setenv(k, v)
+    _machine(monkeypatch, cpus, ranks, env)
     assert workers_mod.export_workers(size) == expected
 
 
@@ -280,12 +285,7 @@ def test_a_kineto_run_uses_the_followers_pass_1(tmp_path, monkeypatch, follow_sm
     (16, None, "0", False),    # all worker processes off
 ])
 def test_when_a_follower_runs(monkeypatch, cpus, ranks, env, expected):
-    monkeypatch.setattr(workers_mod.os, "sched_getaffinity", lambda pid: set(range(cpus)))
-    for k, v in (("LOCAL_WORLD_SIZE", ranks), ("MOE_TRACE_EXPORT_WORKERS", env)):
-        if v is None:
-            monkeypatch.delenv(k, raising=False)
-        else:
-            monkeypatch.setenv(k, v)
+    _machine(monkeypatch, cpus, ranks, env)
     assert workers_mod.follow_enabled() is expected
 
 
