@@ -467,15 +467,15 @@ class KinetoRecorder:
                     try:
                         self._stopped_prof.export_chrome_trace(str(path))
                         saved = True
-                    finally:
                         self.timings["saved"] = time.perf_counter()
+                    finally:
                         got = follower.finish(saved) if follower is not None else None
                     if got is not None:
                         pass1[path] = got
+                        self.timings["pass1_followed"] = time.perf_counter()
                     self._stopped_prof = None
                     self._raw_traces.append(path)
-                self.timings["saved"] = self.timings.get("saved") or time.perf_counter()
-                self.timings["pass1_followed"] = time.perf_counter() if pass1 else 0.0
+                self.timings.setdefault("saved", time.perf_counter())
                 self.trace_files += write_run_traces(self._raw_traces, run_data, steps, self.logdir, slim=self.slim,
                                                      process=process, started_at=started_at, pass1=pass1)
                 self.timings["written"] = time.perf_counter()

@@ -146,16 +146,25 @@ _CAT = operator.attrgetter("cat")
 _PH = operator.attrgetter("ph")
 
 
-def _decode(decoder, region: bytes) -> list:
-    """`decoder` applied to `[region]`; Fallback when it is not strict JSON of the layout the heads read
-    (msgspec validates the UTF-8 of the strings it reads, not of those it skips: checked here)."""
+def _document(region: bytes) -> bytes:
+    """`[region]`, for `_decode`; Fallback without msgspec, or when the region is not UTF-8 (msgspec
+    validates the UTF-8 of the strings it reads, not of those it skips: checked here, once a region)."""
     if msgspec is None:
         raise Fallback
     try:
         if not region.isascii():
             region.decode("utf-8")
-        return decoder.decode(b"[" + region + b"]")
-    except (msgspec.DecodeError, UnicodeDecodeError):  # a ValidationError is a DecodeError
+    except UnicodeDecodeError:
+        raise Fallback from None
+    return b"[" + region + b"]"
+
+
+def _decode(decoder, doc: bytes) -> list:
+    """`decoder` applied to a region's `_document`; Fallback when it is not strict JSON of the layout the
+    heads read."""
+    try:
+        return decoder.decode(doc)
+    except msgspec.DecodeError:  # a ValidationError is a DecodeError
         raise Fallback from None
 
 
@@ -173,13 +182,17 @@ def encode_heads(heads: list) -> bytes:
 
 
 def decode_heads(blob: bytes) -> list:
-    return _decode(_HEADS, blob[1:-1]) if blob != b"[]" else []
+    """`encode_heads`' heads back; ValueError when `blob` is not such a list (a worker's nonsense)."""
+    try:
+        return _HEADS.decode(blob)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"not a list of event heads: {exc}") from None
 
 
 class HostIndex:
     """Where a region's launches and ops are, from pass 1's heads, so that pass 2 does not read every head
     again: (index in the region, correlation) of each `cuda_runtime` / `cuda_driver` X event and (index,
-    External id) of each `cpu_op` X event whose id is an int (no other id can be kept: `_linked`)."""
+    External id) of each `cpu_op` X event whose id is an int (no other id can be kept: `host_link_kept`)."""
 
     __slots__ = ("size", "rt_at", "rt_corr", "op_at", "op_ext")
     _LENS = struct.Struct("<5Q")
@@ -268,9 +281,8 @@ def read_selected(path: Path, slim: bool = True, workers: "Workers | None" = Non
                   ) -> tuple[dict, list, dict, "FullDrops | list[HostIndex]"]:
     """Pass 1: (metadata before traceEvents, the M / annotation (/ GPU, for slim) events in file order,
     keys after the array, and for a full trace what it drops: `FullDrops`; for a slim one each region's
-    `HostIndex`). For a slim trace the GPU
-    kernels / memcpys / memsets come as `GpuWork` stubs (selection reads them; `resolve_slim` parses
-    the kept ones), everything else as parsed dicts. With `workers` (workers.py; the writer starts them
+    `HostIndex`). For a slim trace the GPU kernels / memcpys / memsets come as `GpuWork` stubs
+    (selection reads them; `resolve_slim` parses the kept ones), everything else as parsed dicts. With `workers` (workers.py; the writer starts them
     for a large raw file on a machine with cores to spare) a slim pass runs its regions in them: same
     result."""
     if slim and workers is not None:
@@ -282,8 +294,7 @@ def read_selected(path: Path, slim: bool = True, workers: "Workers | None" = Non
     head = next(regions)
     tail: dict = {}
     events: list = []
-    drops = None if slim else FullDrops()
-    extra: list = []
+    side: "list[HostIndex] | FullDrops" = [] if slim else FullDrops()
     n = -1
     for region in regions:
         if isinstance(region, dict):
@@ -293,13 +304,13 @@ def read_selected(path: Path, slim: bool = True, workers: "Workers | None" = Non
         if slim:
             evs, gpu, heads, index, _ = pass1_region(region)
             events.extend(stubbed(evs, gpu, heads, n))
-            extra.append(index)
+            side.append(index)
         else:
-            drops.scan(region)
+            side.scan(region)
             events.extend(_annotations(region))
-    if drops is not None:
-        drops.settle()
-    return head, events, tail, drops if drops is not None else extra
+    if not slim:
+        side.settle()
+    return head, events, tail, side
 
 
 def stubbed(events: list, gpu: list, heads: list, n: int, done: list | None = None) -> list:
@@ -328,7 +339,8 @@ def pass1_region(region: bytes, serialize: bool = False) -> tuple[list, list[tup
     writes it (`slim_bytes`), else None). M events and user annotations are parsed from their bytes, a
     batch at a time. `serialize` is for the `Follower`, whose time is free: it moves pass 2's parsing of
     the kept GPU events into the save, at the cost of holding the dropped ones' bytes too."""
-    heads = _decode(_HEADS, region)
+    doc = _document(region)
+    heads = _decode(_HEADS, doc)
     # C-level scans over every head; Python only for the events pass 1 reads and the host links
     cats = list(map(_CAT, heads))
     sel = [i for i, c in enumerate(cats) if c in SLIM_READ_CATS]
@@ -351,7 +363,7 @@ def pass1_region(region: bytes, serialize: bool = False) -> tuple[list, list[tup
         out.append(None)
     done = [] if serialize else None
     if parse or (serialize and gpu):
-        raws = _decode(_RAWS, region)
+        raws = _decode(_RAWS, doc)
         for b in range(0, len(parse), _BATCH):
             part = parse[b:b + _BATCH]
             for (pos, _), e in zip(part, _loads_raws([raws[i] for _, i in part])):
@@ -430,7 +442,7 @@ def pass2_region(region: bytes, stubs: list[tuple], corr: set, ext: set, index: 
     dict, until the file is written), and the bytes of the launches / ops to keep (pass 1's `index` of
     the region), joined by `,\n` (b"" when none). Raises `Fallback` when an event is not what pass 1
     saw there."""
-    raws = _decode(_RAWS, region)
+    raws = _decode(_RAWS, _document(region))
     if len(raws) != index.size:
         raise Fallback
     got = []
@@ -439,12 +451,6 @@ def pass2_region(region: bytes, stubs: list[tuple], corr: set, ext: set, index: 
         got += slim_bytes([raws[w[0]] for w in part], [(w[1], w[2]) for w in part])
     hits = index.hits(corr, ext) if corr or ext else []
     return got, b",\n".join([raws[i] for i in hits])
-
-
-def _linked(cat: str, correlation, external, corr: set, ext: set) -> bool:
-    """`host_link_kept`'s test on one host event's cat and ids (an id is a plain int or no match)."""
-    x = external if cat == "cpu_op" else correlation
-    return type(x) is int and x in (ext if cat == "cpu_op" else corr)
 
 
 def _flow_key_bytes(ev: bytes) -> tuple:
@@ -588,7 +594,8 @@ def host_link_kept(e: dict, corr: set, ext: set) -> bool:
     args = e.get("args")
     if not isinstance(args, dict):
         return False
-    return _linked(cat, args.get("correlation"), args.get("External id"), corr, ext)
+    x = args.get("External id") if cat == "cpu_op" else args.get("correlation")
+    return type(x) is int and x in (ext if cat == "cpu_op" else corr)  # as in HostIndex.of: plain ints only
 
 
 def all_events(path: Path, drops: FullDrops | None = None) -> Iterator[bytes]:

@@ -408,7 +408,7 @@ class Follower:
 class _GrowingFile:
     """`io.Source`'s chunks of a file another process is still writing: the same chunks (`CHUNK` bytes
     each from offset 0, so the same regions as a later `Source` of the whole file), each given once it
-    is complete; `done(size)` says the writer finished."""
+    is complete; the parent's "done" message (read by `_wait`) gives the finished file's size."""
 
     def __init__(self, fh, inp):
         self.fh, self.inp = fh, inp
@@ -458,7 +458,7 @@ def _follow(paths: list[str], inp, out, min_bytes: int = 0) -> None:
             src._wait()
     while src.final is None and os.fstat(src.fh.fileno()).st_size < min_bytes:
         src._wait()
-    if (src.final if src.final is not None else min_bytes) < min_bytes:
+    if src.final is not None and src.final < min_bytes:
         src.fh.close()
         _send(out, {"small": True})
         return

@@ -76,7 +76,7 @@ def _write_trace_with(raw, run, steps, out_path, *, slim, process, compresslevel
             raise TraceError(f"raw trace {path} does not exist; pass the file export_chrome_trace wrote or its dict")
         try:  # the byte path (export.py): only metadata, annotations and GPU events are parsed
             got = pass1 if slim and pass1 is not None else read_selected(path, slim, workers)
-            head, selected, tail, drops = got  # slim: a HostIndex per region in place of drops
+            head, selected, tail, side = got  # slim: a HostIndex per region; full: its FullDrops
             trace = {**head, **tail}
         except Fallback:
             path = None
@@ -102,7 +102,7 @@ def _write_trace_with(raw, run, steps, out_path, *, slim, process, compresslevel
         kept = [e for e in kept if e.get("ph") != "M" or e.get("pid") in live]
         if path is not None:  # pass 2: parse the kept GPU events, copy their launches' and ops' bytes
             try:
-                kept, links = resolve_slim(path, kept, corr, ext, drops, workers)
+                kept, links = resolve_slim(path, kept, corr, ext, side, workers)
                 if workers is not None:
                     workers.close()
             except Fallback:
@@ -115,7 +115,7 @@ def _write_trace_with(raw, run, steps, out_path, *, slim, process, compresslevel
         meta_events = kept
     else:
         if path is not None:
-            body = all_events(path, drops)
+            body = all_events(path, side)
         else:
             drops = FullDrops.of_events(events)
             body = [dumps_events([e for e in events if not (isinstance(e, dict) and drops.dropped(e))], _ORJSON_OPTS)]
