@@ -261,12 +261,17 @@ def run_kineto(model, inputs, gen, device, tmp: Path) -> dict:
     peak = max(peak, after + mem2.base - mem.base)
     timings = getattr(run, "export_timings", None) or {}
     stopped = timings.get("profiler_stopped")
+    phases = {}
+    if stopped:  # the generate's end -> profiler stopped -> raw saved -> moe-trace file written
+        phases = {"stop": stopped - t_gen, "save": timings.get("saved", stopped) - stopped,
+                  "tail": timings.get("written", t_disk) - timings.get("saved", stopped)}
     f = files[0]
     return {"total": t_disk - t0, "block": t_block - t0, "cpu": cpu, "enter": t_in - t0, "generate": t_gen - t_in,
             "stop_to_disk": t_disk - t_gen,
             "after_stop": (t_block - stopped) if stopped else None, "tokens": out,
             "export_peak_mb": peak / 2 ** 20, "after_stop_peak_mb": after / 2 ** 20, "file_bytes": f.stat().st_size,
-            "tree_peak_mb": tree_peak / 2 ** 20, "file_bytes_json": uncompressed_size(f), "timings": timings}
+            "tree_peak_mb": tree_peak / 2 ** 20, "file_bytes_json": uncompressed_size(f), "timings": timings,
+            "phases": phases}
 
 
 def run_tb_handler(model, inputs, gen, device, tmp: Path) -> dict:
@@ -285,10 +290,12 @@ def run_tb_handler(model, inputs, gen, device, tmp: Path) -> dict:
     in_handler = {}
 
     def on_ready(prof):  # called after the profiler stopped: the export's own peak from here
+        in_handler["stopped"] = time.perf_counter()
         in_handler["peak"] = PeakRSS()
         in_handler["peak"].start()
         handler(prof)
         in_handler["after"] = in_handler["peak"].stop()
+        in_handler["saved"] = time.perf_counter()
 
     with profile(activities=acts, on_trace_ready=on_ready):
         t_in = time.perf_counter()
@@ -306,7 +313,9 @@ def run_tb_handler(model, inputs, gen, device, tmp: Path) -> dict:
             "stop_to_disk": t_disk - t_gen, "after_stop": None, "tokens": out,
             "export_peak_mb": peak / 2 ** 20, "after_stop_peak_mb": in_handler.get("after", 0) / 2 ** 20,
             "tree_peak_mb": tree_peak / 2 ** 20, "file_bytes": f.stat().st_size,
-            "file_bytes_json": uncompressed_size(f)}
+            "file_bytes_json": uncompressed_size(f),
+            "phases": {"stop": in_handler["stopped"] - t_gen, "save": in_handler["saved"] - in_handler["stopped"],
+                       "tail": t_disk - in_handler["saved"]}}
 
 
 def _with_workers(value: str):
@@ -372,7 +381,9 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
                     res[v].append(r)
                     print(f"[{label}] rep {rep} {v:<10} total {r['total']:7.3f} s  cpu {r['cpu']:7.3f} s  "
                           f"block {r['block']:7.3f} s  "
-                          f"export peak {r['export_peak_mb']:7.1f} MB  file {r['file_bytes'] / 1e6:7.2f} MB",
+                          f"export peak {r['export_peak_mb']:7.1f} MB  file {r['file_bytes'] / 1e6:7.2f} MB  "
+                          f"enter {r['enter']:.3f} gen {r['generate']:.3f} "
+                          + " ".join(f"{k} {x:.3f}" for k, x in r.get("phases", {}).items()),
                           flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -402,6 +413,12 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
         **({"ratio_workers_over_serial": med["kineto_workers"]["total"] / med["kineto_serial"]["total"]}
            if "kineto_serial" in med and "kineto_workers" in med else {}),
         "ratios_per_rep": [k["total"] / t["total"] for k, t in zip(res["kineto"], res["tb_handler"])],
+        "median_of_paired_ratios": statistics.median(k["total"] / t["total"] for k, t in zip(res["kineto"], res["tb_handler"])),
+        "phases_median": {v: {k: statistics.median(r["phases"][k] for r in rs if k in r.get("phases", {}))
+                              for k in ("stop", "save", "tail") if any(k in r.get("phases", {}) for r in rs)}
+                          for v, rs in res.items()},
+        "per_rep": {v: [{k: r[k] for k in ("total", "enter", "generate", "stop_to_disk", "tree_peak_mb")} | r.get("phases", {})
+                        for r in rs] for v, rs in res.items()},
         "threads": torch.get_num_threads(),
         "after_stop_max_s": max(after) if after else None,
         "raw_trace_mb": raw_mb,
@@ -432,6 +449,8 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
           f"{summary['tree_peak_over_raw']}); "
           f"slim file / plain file: {summary['slim_over_plain_bytes']:.3f}; same tokens: {same} "
           f"(each variant with itself: {same_within})", flush=True)
+    print("phases (median s): " + "; ".join(f"{v} " + ", ".join(f"{k} {x:.3f}" for k, x in ph.items())
+                                              for v, ph in summary["phases_median"].items()), flush=True)
     print("total / tb_handler total: " + ", ".join(f"{v} x{r:.3f}" for v, r in summary["ratio_over_tb_handler"].items())
           + (f"; kineto_workers / kineto_serial: x{summary['ratio_workers_over_serial']:.3f}"
              if "ratio_workers_over_serial" in summary else ""), flush=True)
