@@ -318,18 +318,19 @@ def run_tb_handler(model, inputs, gen, device, tmp: Path) -> dict:
                        "tail": t_disk - in_handler["saved"]}}
 
 
-def _with_workers(value: str):
-    """run_kineto with MOE_TRACE_EXPORT_WORKERS=value (trace/workers.py)."""
+def _with_env(name: str, value: str):
+    """run_kineto with the environment variable `name` = value (MOE_TRACE_EXPORT_WORKERS: trace/workers.py;
+    MOE_TRACE_RECORD_GATE: capture/ranges.py)."""
     def run(model, inputs, gen, device, tmp: Path) -> dict:
-        old = os.environ.get("MOE_TRACE_EXPORT_WORKERS")
-        os.environ["MOE_TRACE_EXPORT_WORKERS"] = value
+        old = os.environ.get(name)
+        os.environ[name] = value
         try:
             return run_kineto(model, inputs, gen, device, tmp)
         finally:
             if old is None:
-                os.environ.pop("MOE_TRACE_EXPORT_WORKERS", None)
+                os.environ.pop(name, None)
             else:
-                os.environ["MOE_TRACE_EXPORT_WORKERS"] = old
+                os.environ[name] = old
     return run
 
 
@@ -341,11 +342,17 @@ def _spare_workers() -> str:
     return str(max(2, min(8, cpus - 1)))
 
 
-#: kineto: moe-trace's default (export worker processes only where they fit, trace/workers.py);
-#: kineto_serial: the export's passes in this process only; kineto_workers: up to 8 worker processes
-#: whatever the raw size; tb_handler: plain torch.profiler + tensorboard_trace_handler
-VARIANTS = {"kineto": run_kineto, "tb_handler": run_tb_handler, "kineto_serial": _with_workers("0"),
-            "kineto_workers": _with_workers(_spare_workers())}
+#: kineto: moe-trace's default (export worker processes only where they fit, trace/workers.py; host ops
+#: recorded only inside MoE ranges, capture/ranges.py RecordGate); kineto_serial: the export's passes in this
+#: process only; kineto_workers: up to 8 worker processes whatever the raw size; kineto_ungated: every host op
+#: recorded (MOE_TRACE_RECORD_GATE=0, as before the gate); tb_handler: plain torch.profiler +
+#: tensorboard_trace_handler
+VARIANTS = {"kineto": run_kineto, "tb_handler": run_tb_handler,
+            "kineto_serial": _with_env("MOE_TRACE_EXPORT_WORKERS", "0"),
+            "kineto_workers": _with_env("MOE_TRACE_EXPORT_WORKERS", _spare_workers()),
+            "kineto_ungated": _with_env("MOE_TRACE_RECORD_GATE", "0")}
+
+
 def build(name, layers, device, tiny):
     if tiny:
         from moe_trace.models import build_tiny_model

@@ -36,7 +36,7 @@ from moe_trace.trace import pending
 from moe_trace.trace.format import PROFILER_STEP_PREFIX
 
 from .counters import DeviceCounters
-from .ranges import ProfilerRange
+from .ranges import ProfilerRange, RecordGate
 
 
 class CounterRecorder:
@@ -232,6 +232,7 @@ class KinetoRecorder:
         self._raw_traces: list[Path] = []
         self._steps: tuple[int, list] | None = None
         self._prof = None
+        self._gate: RecordGate | None = None  # open while the own profiler records a slim trace
         self._tmpdir: Path | None = None
         self._step_rf = None
         self._stopped_prof = None  # the last window's profiler, saved by the writer thread
@@ -256,6 +257,7 @@ class KinetoRecorder:
         try:
             self._start()
         except BaseException:
+            self._close_gate()
             self._release()
             raise
 
@@ -295,6 +297,8 @@ class KinetoRecorder:
                              **trace_only_config(self.with_stack))
         self._prof.record_steps = False  # begin_step/end_step write one ProfilerStep#N per forward
         self._prof.__enter__()
+        if self.slim and not self.with_stack:  # record only the host ops a slim trace keeps (ranges.py)
+            self._gate = RecordGate.open(inside=ProfilerActivity.CUDA in acts)
 
     def trace_step(self, step: int) -> int:
         """The number of the session's forward `step` in trace names (`moe_trace/{phase}#{n}`): the
@@ -340,6 +344,7 @@ class KinetoRecorder:
     def stop(self) -> None:
         self._stopped = True
         self.end_step()
+        self._close_gate()
         prof, self._prof = self._prof, None
         if prof is None:
             return
@@ -348,7 +353,13 @@ class KinetoRecorder:
         if self._sched is None:
             self._stopped_prof = prof  # saved by the writer thread (export_async)
 
+    def _close_gate(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.close()
+
     def close(self) -> None:
+        self._close_gate()
         self._release()
         if self._thread is not None and self._thread.is_alive():
             return  # the writer removes the temp dir when it is done

@@ -502,7 +502,7 @@ class ProfileRun:
             self._compiled_ranges = True  # so its parts get no range and no timer (counts are exact)
             return
         if _profiler_on():
-            rf = ProfilerRange(range_name(PHASES[self._phase], layer, part)).__enter__()
+            rf = ProfilerRange(range_name(PHASES[self._phase], layer, part), span=True).__enter__()
             self._ranges.setdefault(key, []).append(rf)
         if self._timer is not None:
             self._timer.start(key, self._phase, layer, part, device)

@@ -27,8 +27,8 @@ from moe_trace.analysis import RunData
 from moe_trace.errors import TraceError
 
 from .format import (COUNTER_CAT, GPU_USER_ANNOTATION, GPU_WORK_CATS, META_KEY, NAME_PREFIX, PROFILER_STEP_PREFIX,
-                     SCHEMA, SLIM_CATS, SLIM_GPU_ARGS, STEP_RE, USER_ANNOTATION, counter_name, expert_key, trace_file_name,
-                     worker_name)
+                     RANGE_RE, SCHEMA, SLIM_CATS, SLIM_GPU_ARGS, STEP_RE, USER_ANNOTATION, counter_name, expert_key,
+                     trace_file_name, worker_name)
 from .export import (FULL_READ_CATS, ORJSON_OPTS as _ORJSON_OPTS, SLIM_READ_CATS, FullDrops, all_events, dumps_batches,
                      dumps_events, host_link_kept, is_raw_path, joined, read_selected, resolve_slim,
                      slim_select)
@@ -307,31 +307,39 @@ def _counter_events(run: RunData, steps: list[dict], step_ts: dict, host_pid: in
 
 
 def _kernels_under_moe_ranges(events: list[dict]) -> list[dict]:
-    """Slim traces keep GPU work only inside MoE ranges (router / experts / shared GPU spans, on the
-    same device and stream); a trace with no GPU spans (CPU-only) keeps what it has."""
+    """Slim traces keep GPU work only inside MoE ranges (the GPU spans of the router / experts / shared
+    ranges, `RANGE_RE`, on the same device and stream; not those of the step ranges, which cover the whole
+    forward); a trace with no such spans (CPU-only, or compiled layers) keeps what it has. Overlapping
+    spans count as their union."""
     import bisect
 
     spans: dict[tuple, list[tuple[float, float]]] = {}
     for e in events:
-        if e.get("cat") == GPU_USER_ANNOTATION and str(e.get("name", "")).startswith(NAME_PREFIX):
+        if e.get("cat") == GPU_USER_ANNOTATION and RANGE_RE.match(str(e.get("name", ""))):
             ts = float(e["ts"])
             spans.setdefault((e.get("pid"), e.get("tid")), []).append((ts, ts + float(e.get("dur", 0))))
     if not spans:
         return events
-    starts = {}
+    starts, ends = {}, {}
     for key, iv in spans.items():
         iv.sort()
-        starts[key] = [a for a, _ in iv]
+        merged: list[list[float]] = []
+        for a, b in iv:
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        starts[key] = [a for a, _ in merged]
+        ends[key] = [b for _, b in merged]
 
     def inside(e) -> bool:
         key = (e.get("pid"), e.get("tid"))
-        iv = spans.get(key)
-        if not iv:
+        st = starts.get(key)
+        if not st:
             return False
         ts = float(e["ts"])
-        end = ts + float(e.get("dur", 0))
-        i = bisect.bisect_right(starts[key], ts) - 1
-        return i >= 0 and iv[i][0] <= ts and end <= iv[i][1]
+        i = bisect.bisect_right(st, ts) - 1
+        return i >= 0 and ts + float(e.get("dur", 0)) <= ends[key][i]
 
     return [e for e in events if e.get("cat") not in GPU_WORK_CATS or inside(e)]
 
