@@ -264,7 +264,8 @@ def run_kineto(model, inputs, gen, device, tmp: Path) -> dict:
     phases = {}
     if stopped:  # the generate's end -> profiler stopped -> raw saved -> moe-trace file written
         phases = {"stop": stopped - t_gen, "save": timings.get("saved", stopped) - stopped,
-                  "tail": timings.get("written", t_disk) - timings.get("saved", stopped)}
+                  "tail": timings.get("written", t_disk) - timings.get("saved", stopped),
+                  "raw_mb": timings.get("raw_bytes", 0) / 1e6}
     f = files[0]
     return {"total": t_disk - t0, "block": t_block - t0, "cpu": cpu, "enter": t_in - t0, "generate": t_gen - t_in,
             "stop_to_disk": t_disk - t_gen,
@@ -334,6 +335,18 @@ def _with_env(name: str, value: str):
     return run
 
 
+def run_kineto_follow(model, inputs, gen, device, tmp: Path) -> dict:
+    """run_kineto with the Follower on for a raw file of any size (workers.FOLLOW_MIN_BYTES = 0)."""
+    from moe_trace.trace import workers
+
+    old = workers.FOLLOW_MIN_BYTES
+    workers.FOLLOW_MIN_BYTES = 0
+    try:
+        return run_kineto(model, inputs, gen, device, tmp)
+    finally:
+        workers.FOLLOW_MIN_BYTES = old
+
+
 def _spare_workers() -> str:
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -345,12 +358,13 @@ def _spare_workers() -> str:
 #: kineto: moe-trace's default (export worker processes only where they fit, trace/workers.py; host ops
 #: recorded only inside MoE ranges, capture/ranges.py RecordGate); kineto_serial: the export's passes in this
 #: process only; kineto_workers: up to 8 worker processes whatever the raw size; kineto_ungated: every host op
-#: recorded (MOE_TRACE_RECORD_GATE=0, as before the gate); tb_handler: plain torch.profiler +
+#: recorded (MOE_TRACE_RECORD_GATE=0, as before the gate); kineto_follow: the Follower whatever the raw size;
+#: tb_handler: plain torch.profiler +
 #: tensorboard_trace_handler
 VARIANTS = {"kineto": run_kineto, "tb_handler": run_tb_handler,
             "kineto_serial": _with_env("MOE_TRACE_EXPORT_WORKERS", "0"),
             "kineto_workers": _with_env("MOE_TRACE_EXPORT_WORKERS", _spare_workers()),
-            "kineto_ungated": _with_env("MOE_TRACE_RECORD_GATE", "0")}
+            "kineto_ungated": _with_env("MOE_TRACE_RECORD_GATE", "0"), "kineto_follow": run_kineto_follow}
 
 
 def build(name, layers, device, tiny):
@@ -422,7 +436,7 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
         "ratios_per_rep": [k["total"] / t["total"] for k, t in zip(res["kineto"], res["tb_handler"])],
         "median_of_paired_ratios": statistics.median(k["total"] / t["total"] for k, t in zip(res["kineto"], res["tb_handler"])),
         "phases_median": {v: {k: statistics.median(r["phases"][k] for r in rs if k in r.get("phases", {}))
-                              for k in ("stop", "save", "tail") if any(k in r.get("phases", {}) for r in rs)}
+                              for k in ("stop", "save", "tail", "raw_mb") if any(k in r.get("phases", {}) for r in rs)}
                           for v, rs in res.items()},
         "per_rep": {v: [{k: r[k] for k in ("total", "enter", "generate", "stop_to_disk", "tree_peak_mb")} | r.get("phases", {})
                         for r in rs] for v, rs in res.items()},

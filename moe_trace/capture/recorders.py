@@ -238,7 +238,8 @@ class KinetoRecorder:
         self._stopped_prof = None  # the last window's profiler, saved by the writer thread
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        #: perf_counter marks of the export ("profiler_stopped", "saved", "written"), for benchmarks
+        #: perf_counter marks of the export ("profiler_stopped", "saved", "written"), for benchmarks, and
+        #: "raw_bytes", the size of the raw file torch saved
         self.timings: dict[str, float] = {}
 
     @property
@@ -479,6 +480,7 @@ class KinetoRecorder:
                         self._stopped_prof.export_chrome_trace(str(path))
                         saved = True
                         self.timings["saved"] = time.perf_counter()
+                        self.timings["raw_bytes"] = path.stat().st_size  # not a mark: the raw file's size
                     finally:
                         got = follower.finish(saved) if follower is not None else None
                     if got is not None:

@@ -39,6 +39,8 @@ import operator
 import re
 import struct
 from array import array
+from itertools import compress, count
+from operator import and_, itemgetter, not_, or_
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
 
@@ -144,6 +146,38 @@ if msgspec is not None:
 
 _CAT = operator.attrgetter("cat")
 _PH = operator.attrgetter("ph")
+_CORR = operator.attrgetter("args.correlation")
+_EXT = operator.attrgetter("args.external")
+
+
+_IS_X = frozenset({"X"}).__contains__
+_IS_M = frozenset({"M"}).__contains__
+_IS_READ = SLIM_READ_CATS.__contains__
+_IS_HOST = HOST_LINK_CATS.__contains__
+_IS_GPU = GPU_WORK_CATS.__contains__
+_IS_OP = frozenset({"cpu_op"}).__contains__
+
+
+def _where(flags) -> list[int]:
+    """Indices of the true items of `flags` (an iterable), in C."""
+    return list(compress(count(), flags))
+
+
+def _pick(seq: list, at: list[int]) -> list:
+    """`[seq[i] for i in at]`, in C."""
+    if not at:
+        return []
+    got = itemgetter(*at)(seq)
+    return list(got) if len(at) > 1 else [got]
+
+
+def _int_ids(heads: list, at: list[int], getter) -> tuple[list[int], list]:
+    """(index, id) of the heads at `at` whose id (`getter`) is a plain int: no other id can be kept."""
+    ids = list(map(getter, _pick(heads, at)))
+    if set(map(type, ids)) <= {int}:
+        return at, ids
+    keep = [k for k, x in enumerate(ids) if type(x) is int]
+    return [at[k] for k in keep], [ids[k] for k in keep]
 
 
 def _document(region: bytes) -> bytes:
@@ -205,23 +239,12 @@ class HostIndex:
             raise Fallback from None
 
     @classmethod
-    def of(cls, heads: list, at: list[int]) -> "HostIndex":
-        """The index of the events `heads[i]`, i in `at` (those with a host-link cat)."""
-        rt_at, rt_corr, op_at, op_ext = [], [], [], []
-        for i in at:
-            h = heads[i]
-            if h.ph == "X":
-                if h.cat == "cpu_op":
-                    x = h.args.external
-                    if type(x) is int:
-                        op_at.append(i)
-                        op_ext.append(x)
-                else:
-                    x = h.args.correlation
-                    if type(x) is int:
-                        rt_at.append(i)
-                        rt_corr.append(x)
-        return cls(len(heads), rt_at, rt_corr, op_at, op_ext)
+    def of(cls, heads: list, host: list[int], cats: list) -> "HostIndex":
+        """The index of the events `heads[i]`, i in `host` (the X events with a host-link cat; `cats`:
+        every head's cat)."""
+        is_op = list(map(_IS_OP, _pick(cats, host)))
+        rts = list(compress(host, map(not_, is_op)))
+        return cls(len(heads), *_int_ids(heads, rts, _CORR), *_int_ids(heads, list(compress(host, is_op)), _EXT))
 
     def hits(self, corr: set, ext: set) -> list[int]:
         """Indices of the events whose id is in `corr` (launches) / `ext` (ops), in region order."""
@@ -341,26 +364,20 @@ def pass1_region(region: bytes, serialize: bool = False) -> tuple[list, list[tup
     the kept GPU events into the save, at the cost of holding the dropped ones' bytes too."""
     doc = _document(region)
     heads = _decode(_HEADS, doc)
-    # C-level scans over every head; Python only for the events pass 1 reads and the host links
+    # C-level scans over every head (map / compress); Python only for the events pass 1 reads
     cats = list(map(_CAT, heads))
-    sel = [i for i, c in enumerate(cats) if c in SLIM_READ_CATS]
-    meta = [i for i, ph in enumerate(map(_PH, heads)) if ph == "M"]
-    index = HostIndex.of(heads, [i for i, c in enumerate(cats) if c in HOST_LINK_CATS])
-    del cats
-    if meta:
-        sel = sorted(set(sel).union(meta))
-    out: list = []
-    gpu: list = []
-    gpu_heads: list = []
-    parse: list = []  # (position in out, index in the region)
-    for i in sel:
-        h = heads[i]
-        if h.ph == "X" and h.cat in GPU_WORK_CATS:
-            gpu.append((len(out), i))
-            gpu_heads.append(h)
-        else:
-            parse.append((len(out), i))
-        out.append(None)
+    phs = list(map(_PH, heads))
+    x = list(map(_IS_X, phs))
+    index = HostIndex.of(heads, _where(map(and_, x, map(_IS_HOST, cats))), cats)
+    sel = _where(map(or_, map(_IS_READ, cats), map(_IS_M, phs)))  # + M events
+    is_gpu = _pick(list(map(and_, x, map(_IS_GPU, cats))), sel)
+    del cats, phs, x
+    out: list = [None] * len(sel)
+    at = _where(is_gpu)
+    gpu = list(zip(at, _pick(sel, at)))  # (position in out, index in the region)
+    gpu_heads = _pick(heads, [i for _, i in gpu])
+    at = _where(map(not_, is_gpu))
+    parse = list(zip(at, _pick(sel, at)))
     done = [] if serialize else None
     if parse or (serialize and gpu):
         raws = _decode(_RAWS, doc)
