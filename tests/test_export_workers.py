@@ -153,12 +153,13 @@ def _machine(monkeypatch, cpus, ranks, env) -> None:
 
 
 @pytest.mark.parametrize("cpus, ranks, size, env, expected", [
-    (16, None, 1200 << 20, None, 8),    # an H200 box, a 1.2 GB raw trace (512 new tokens): 8 workers
-    (16, None, 150 << 20, None, 0),     # 150 MB: 2 workers would add more than half the raw size
-    (16, None, 256 << 20, None, 2),     # from 256 MB on
-    (16, None, 400 << 20, None, 3),
+    (16, None, 1200 << 20, None, 3),    # an H200 box, a 1.2 GB raw trace (512 new tokens): 0.2 x 1.2 GB / 64 MB
+    (16, None, 150 << 20, None, 0),     # 150 MB: 2 workers would add more than a fifth of the raw size
+    (16, None, 400 << 20, None, 0),
+    (16, None, 640 << 20, None, 2),     # from 640 MB on
+    (16, None, 4000 << 20, None, 8),
     (16, "8", 1200 << 20, None, 0),     # 8 torchrun ranks share the node: 16 // 8 - 1 = 1 -> serial
-    (16, "2", 1200 << 20, None, 7),
+    (16, "2", 4000 << 20, None, 7),
     (2, None, 1200 << 20, None, 0),     # the CI box: no core to spare
     (2, None, 10 << 20, "3", 3),        # forced
     (16, None, 1200 << 20, "0", 0),     # switched off

@@ -13,7 +13,7 @@ worker that runs pass 1 on the raw file while torch's save is still writing it (
 How many: `MOE_TRACE_EXPORT_WORKERS` (0 = never), else up to 8, one per spare core (the cores this
 process may run on, divided among the ranks of a torchrun job on the node, less one for the parent),
 and no more than fit in half the raw file's size at `WORKER_BYTES` each (a worker's peak RSS is
-~60 MB; the serial export's own peak is ~0.9x the raw file): from a 256 MB raw file on. Memory and
+~60 MB; the serial export's own peak is ~0.7x the raw file): from a 640 MB raw file on. Memory and
 speed, measured: docs/benchmarks.md ("export worker processes").
 
 Wire format, both ways: an 12-byte header (JSON length, blob length), a JSON object, a byte blob.
@@ -34,9 +34,10 @@ import orjson
 
 MAX_WORKERS = 8
 #: a worker's peak RSS, rounded up (measured ~60 MB on a 150 MB H200 trace); the workers together may
-#: add at most WORKER_SHARE of the raw file's size to the export's peak
+#: add at most WORKER_SHARE of the raw file's size to the export's peak (the parent takes ~0.7x, the
+#: follower ~55 MB: the process tree stays within the raw file's size; docs/benchmarks.md)
 WORKER_BYTES = 64 << 20
-WORKER_SHARE = 0.5
+WORKER_SHARE = 0.2
 #: seconds a worker may take to start (it says "ready") and to answer one region
 START_TIMEOUT = 20.0
 ANSWER_TIMEOUT = 300.0
@@ -44,8 +45,9 @@ ANSWER_TIMEOUT = 300.0
 #: docs/benchmarks.md) that pays off only where a core is idle during the save
 FOLLOW_CORES = 4
 #: a follower works only on a raw file that reaches this size (else the writer's own pass 1 runs): its
-#: ~70 MB working peak then keeps the export within the raw file's size (docs/benchmarks.md)
-FOLLOW_MIN_BYTES = 256 << 20
+#: ~55 MB working peak then keeps the export within the raw file's size (on the H200, a 120 MB raw file:
+#: process tree 0.83x the raw size with the follower; docs/benchmarks.md)
+FOLLOW_MIN_BYTES = 64 << 20
 _HEAD = struct.Struct(">IQ")
 
 
