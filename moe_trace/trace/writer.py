@@ -320,16 +320,16 @@ def _kernels_under_moe_ranges(events: list) -> list:
 
     is_stub = list(map(is_, map(type, events), repeat(GpuWork)))  # the byte path's GpuWork stubs, in C
     spans: dict[tuple, list[tuple[float, float]]] = {}
-    work = [n for n in compress(range(len(events)), map(operator.not_, is_stub))
-            if events[n].get("cat") in GPU_WORK_CATS]  # the object path's GPU work dicts
-    keys, ts, dur = [], [], []
-    for n in work:
+    work, keys, ts, dur = [], [], [], []  # the object path's GPU work dicts
+    for n in compress(range(len(events)), map(operator.not_, is_stub)):
         e = events[n]
-        keys.append((e.get("pid"), e.get("tid")))
-        ts.append(e["ts"])
-        dur.append(e.get("dur", 0))
-    for e in compress(events, map(operator.not_, is_stub)):
-        if e.get("cat") == GPU_USER_ANNOTATION and RANGE_RE.match(str(e.get("name", ""))):
+        cat = e.get("cat")
+        if cat in GPU_WORK_CATS:
+            work.append(n)
+            keys.append((e.get("pid"), e.get("tid")))
+            ts.append(e["ts"])
+            dur.append(e.get("dur", 0))
+        elif cat == GPU_USER_ANNOTATION and RANGE_RE.match(str(e.get("name", ""))):
             t = float(e["ts"])
             spans.setdefault((e.get("pid"), e.get("tid")), []).append((t, t + float(e.get("dur", 0))))
     if not spans:
@@ -339,8 +339,8 @@ def _kernels_under_moe_ranges(events: list) -> list:
     work += stub_at
     keys += [(None if p is _UNSET else p, None if t is _UNSET else t) for p, t in map(attrgetter("pid", "tid"), stubs)]
     stub_ts = list(map(attrgetter("ts"), stubs))
-    if any(map(is_, stub_ts, repeat(_UNSET))):  # a kernel without ts: as its [] answers
-        stubs[[t is _UNSET for t in stub_ts].index(True)]["ts"]
+    if any(map(is_, stub_ts, repeat(_UNSET))):  # a kernel without ts: what its ["ts"] raises
+        raise KeyError("ts")
     ts += stub_ts
     dur += [0 if d is _UNSET else d for d in map(attrgetter("dur"), stubs)]
     ts_a = np.array([float(t) for t in ts], dtype=np.float64)
