@@ -335,18 +335,6 @@ def _with_env(name: str, value: str):
     return run
 
 
-def run_kineto_follow(model, inputs, gen, device, tmp: Path) -> dict:
-    """run_kineto with the Follower on for a raw file of any size (workers.FOLLOW_MIN_BYTES = 0)."""
-    from moe_trace.trace import workers
-
-    old = workers.FOLLOW_MIN_BYTES
-    workers.FOLLOW_MIN_BYTES = 0
-    try:
-        return run_kineto(model, inputs, gen, device, tmp)
-    finally:
-        workers.FOLLOW_MIN_BYTES = old
-
-
 def _spare_workers() -> str:
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -358,13 +346,12 @@ def _spare_workers() -> str:
 #: kineto: moe-trace's default (export worker processes only where they fit, trace/workers.py; host ops
 #: recorded only inside MoE ranges, capture/ranges.py RecordGate); kineto_serial: the export's passes in this
 #: process only; kineto_workers: up to 8 worker processes whatever the raw size; kineto_ungated: every host op
-#: recorded (MOE_TRACE_RECORD_GATE=0, as before the gate); kineto_follow: the Follower whatever the raw size;
-#: tb_handler: plain torch.profiler +
+#: recorded (MOE_TRACE_RECORD_GATE=0, as before the gate); tb_handler: plain torch.profiler +
 #: tensorboard_trace_handler
 VARIANTS = {"kineto": run_kineto, "tb_handler": run_tb_handler,
             "kineto_serial": _with_env("MOE_TRACE_EXPORT_WORKERS", "0"),
             "kineto_workers": _with_env("MOE_TRACE_EXPORT_WORKERS", _spare_workers()),
-            "kineto_ungated": _with_env("MOE_TRACE_RECORD_GATE", "0"), "kineto_follow": run_kineto_follow}
+            "kineto_ungated": _with_env("MOE_TRACE_RECORD_GATE", "0")}
 
 
 def build(name, layers, device, tiny):

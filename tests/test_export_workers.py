@@ -9,6 +9,7 @@ import gzip
 import re
 import subprocess
 import sys
+import time
 
 import orjson
 import pytest
@@ -196,15 +197,10 @@ def _same_pass1(a, b) -> None:
     assert [i.to_bytes() for i in ia] == [i.to_bytes() for i in ib]
 
 
-@pytest.fixture
-def follow_small_files(monkeypatch):
-    monkeypatch.setattr(workers_mod, "FOLLOW_MIN_BYTES", 0)  # the test files are ~12 MB
-
-
 @pytest.mark.parametrize("where", ["tmp_then_rename", "final_name", "after_the_save"])
-def test_a_follower_reads_the_raw_file_while_it_is_written(raw, tmp_path, where, follow_small_files):
-    """`Follower`: pass 1 on a file that grows a MB at a time (4 MB chunks of the fast path arrive in
-    pieces) equals pass 1 on the finished file; also when the writer uses the final name directly, and
+def test_a_follower_reads_the_raw_file_while_it_is_written(raw, tmp_path, where):
+    """`Follower`: pass 1 on a file that grows a MB at a time (from its first byte, in the slim passes'
+    256 KB chunks) equals pass 1 on the finished file; also when the writer uses the final name directly, and
     when the follower only looks after the save."""
     import threading
 
@@ -231,7 +227,7 @@ def test_a_follower_reads_the_raw_file_while_it_is_written(raw, tmp_path, where,
     assert _without_start_time(a) == _without_start_time(b)
 
 
-def test_a_follower_that_fails_leaves_the_pass_to_the_writer(raw, tmp_path, follow_small_files):
+def test_a_follower_that_fails_leaves_the_pass_to_the_writer(raw, tmp_path):
     d, _ = raw
     final = tmp_path / "raw0.json"
     f = workers_mod.Follower(final).start()
@@ -246,7 +242,7 @@ def test_a_follower_that_fails_leaves_the_pass_to_the_writer(raw, tmp_path, foll
     assert f.finish(True) is None
 
 
-def test_a_kineto_run_uses_the_followers_pass_1(tmp_path, monkeypatch, follow_small_files):
+def test_a_kineto_run_uses_the_followers_pass_1(tmp_path, monkeypatch):
     """End to end: the writer gets pass 1 from the follower (the run's timings say so), and the file
     equals the one written from the same raw file with the writer's own pass 1."""
     import torch
@@ -267,11 +263,16 @@ def test_a_kineto_run_uses_the_followers_pass_1(tmp_path, monkeypatch, follow_sm
         return out
 
     monkeypatch.setattr(writer_mod, "write_run_traces", spy)
+    spawned = []
+    real_spawn = workers_mod.Follower.spawn
+    monkeypatch.setattr(workers_mod.Follower, "spawn", lambda f: spawned.append(time.perf_counter()) or real_spawn(f))
     m = build_tiny_model("olmoe").eval()
     with torch.no_grad(), moe_trace.profile(m, mode="kineto", logdir=tmp_path / "run") as run:
         m.generate(**example_inputs(m), max_new_tokens=3, do_sample=False)
     files = run.trace_files
     assert seen["pass1"] and run.export_timings["pass1_followed"] > 0
+    # its process was started before the profiler's stop (whose time its start-up overlaps)
+    assert len(spawned) == 1 and spawned[0] < run.export_timings["profiler_stopped"]
     a = orjson.loads(gzip.decompress(files[0].read_bytes()))
     b = orjson.loads(gzip.decompress(seen["again"][0].read_bytes()))
     assert a["traceEvents"] == b["traceEvents"] and len(a["traceEvents"]) > 10
@@ -290,17 +291,35 @@ def test_when_a_follower_runs(monkeypatch, cpus, ranks, env, expected):
     assert workers_mod.follow_enabled() is expected
 
 
-def test_a_follower_leaves_a_small_raw_file_to_the_writer(raw, tmp_path, monkeypatch):
-    """Below FOLLOW_MIN_BYTES the follower only waits (its working memory would exceed the file's size):
-    the writer's own pass 1 runs; from it on, it reads the file."""
-    d, _ = raw
-    data = (d / "raw.json").read_bytes()
-    final = tmp_path / "raw0.json"
-    monkeypatch.setattr(workers_mod, "FOLLOW_MIN_BYTES", len(data) + 1)
-    f = workers_mod.Follower(final).start()
-    _grow(data, tmp_path / "raw0.json.tmp", final)
-    assert f.finish(True) is None
-    monkeypatch.setattr(workers_mod, "FOLLOW_MIN_BYTES", len(data) // 2)
-    f = workers_mod.Follower(tmp_path / "raw1.json").start()
-    _grow(data, tmp_path / "raw1.json.tmp", tmp_path / "raw1.json")
-    assert f.finish(True) is not None
+def test_a_follower_spawned_at_the_stop_is_closed_when_no_export_follows(tmp_path, monkeypatch):
+    """The follower's process starts before the profiler's stop; when the export never runs (here the
+    writer thread cannot start), closing the recorder ends that process: no worker outlives the run."""
+    import torch
+
+    import moe_trace
+    from moe_trace.capture import recorders
+    from moe_trace.models import build_tiny_model, example_inputs
+
+    monkeypatch.delenv("MOE_TRACE_EXPORT_WORKERS", raising=False)
+    monkeypatch.setattr(workers_mod, "follow_enabled", lambda: True)
+    made = []
+    real_spawn = workers_mod.Follower.spawn
+
+    def spawn(f):
+        real_spawn(f)
+        made.append((f, list(f.pool.procs)))
+        return f
+
+    monkeypatch.setattr(workers_mod.Follower, "spawn", spawn)
+
+    def no_export(self, *a, **k):
+        raise RuntimeError("no writer thread")
+
+    monkeypatch.setattr(recorders.KinetoRecorder, "export_async", no_export)
+    m = build_tiny_model("olmoe").eval()
+    with pytest.raises(RuntimeError, match="no writer thread"):
+        with torch.no_grad(), moe_trace.profile(m, mode="kineto", logdir=tmp_path / "run"):
+            m.generate(**example_inputs(m), max_new_tokens=2, do_sample=False)
+    (f, procs), = made
+    assert f.pool.procs == [] and len(procs) == 1
+    assert procs[0].wait(timeout=30) is not None  # its pipes closed: it exits

@@ -236,6 +236,7 @@ class KinetoRecorder:
         self._tmpdir: Path | None = None
         self._step_rf = None
         self._stopped_prof = None  # the last window's profiler, saved by the writer thread
+        self._follower = None  # workers.Follower, spawned before the profiler's stop (slim, own profiler)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         #: perf_counter marks of the export ("profiler_stopped", "saved", "written"), for benchmarks, and
@@ -349,6 +350,11 @@ class KinetoRecorder:
         prof, self._prof = self._prof, None
         if prof is None:
             return
+        if self._sched is None and self.slim:  # its interpreter starts while torch stops (~2 s on the H200)
+            from moe_trace.trace.workers import Follower, follow_enabled
+
+            if follow_enabled():
+                self._follower = Follower(self._tmpdir / f"raw{len(self._raw_traces)}.json").spawn()
         prof.__exit__(None, None, None)
         self.timings["profiler_stopped"] = time.perf_counter()
         if self._sched is None:
@@ -364,6 +370,9 @@ class KinetoRecorder:
         self._release()
         if self._thread is not None and self._thread.is_alive():
             return  # the writer removes the temp dir when it is done
+        follower, self._follower = self._follower, None
+        if follower is not None:  # spawned at the stop, never used (no export)
+            follower.close()
         self._stopped_prof = None
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
@@ -466,15 +475,15 @@ class KinetoRecorder:
 
         def work():
             go.wait()
+            spawned, self._follower = self._follower, None
             try:
-                from moe_trace.trace.workers import Follower, follow_enabled
                 from moe_trace.trace.writer import write_run_traces
 
                 pass1 = {}
                 if self._stopped_prof is not None:
                     path = self._tmpdir / f"raw{len(self._raw_traces)}.json"
                     # slim pass 1 in a worker process while torch writes the raw file (workers.Follower)
-                    follower = Follower(path).start() if self.slim and follow_enabled() else None
+                    follower = spawned.start() if spawned is not None and spawned.path == path else None
                     saved = False
                     try:
                         self._stopped_prof.export_chrome_trace(str(path))
@@ -495,6 +504,8 @@ class KinetoRecorder:
             except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
                 self._error = exc
             finally:
+                if spawned is not None:  # finish() has closed it, unless it was not used
+                    spawned.close()
                 for raw in self._raw_traces:
                     raw.unlink(missing_ok=True)
                 self._stopped_prof = None

@@ -56,7 +56,7 @@ from .format import (GPU_USER_ANNOTATION, GPU_WORK_CATS, NAME_PREFIX, PROFILER_S
                      USER_ANNOTATION)
 from moe_trace.errors import TraceError
 
-from .io import Source
+from .io import CHUNK, SLIM_CHUNK, Source
 from .workers import Workers
 
 #: how the writer serializes events
@@ -312,7 +312,7 @@ def read_selected(path: Path, slim: bool = True, workers: "Workers | None" = Non
         got = workers.read_selected(path)
         if got is not None:
             return got
-    src = Source(path)
+    src = Source(path, chunk=SLIM_CHUNK if slim else CHUNK)
     regions = regions_of(src)
     head = next(regions)
     tail: dict = {}
@@ -412,7 +412,7 @@ def resolve_slim(path: Path, kept: list, corr: set, ext: set, index: list, worke
             if workers.resolve_slim(path, dict(want), corr, ext, index, parsed, links):
                 return answer(), links
             parsed, links = {}, []
-        regions = regions_of(Source(path))
+        regions = regions_of(Source(path, chunk=SLIM_CHUNK))
         next(regions)
         n = -1
         for region in regions:

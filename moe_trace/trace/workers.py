@@ -41,13 +41,10 @@ WORKER_SHARE = 0.2
 #: seconds a worker may take to start (it says "ready") and to answer one region
 START_TIMEOUT = 20.0
 ANSWER_TIMEOUT = 300.0
-#: cores per rank from which a `Follower` runs by default: it is one more process (~80 MB at its peak,
-#: docs/benchmarks.md) that pays off only where a core is idle during the save
+#: cores per rank from which a `Follower` runs by default: it is one more process (20 MB idle, 25 MB at
+#: its peak with the slim passes' 256 KB regions, docs/benchmarks.md) that pays off only where a core is
+#: idle during the save
 FOLLOW_CORES = 4
-#: a follower works only on a raw file that reaches this size (else the writer's own pass 1 runs): its
-#: ~55 MB working peak then keeps the export within the raw file's size (on the H200, a 120 MB raw file:
-#: process tree 0.83x the raw size with the follower; docs/benchmarks.md)
-FOLLOW_MIN_BYTES = 64 << 20
 _HEAD = struct.Struct(">IQ")
 
 
@@ -161,8 +158,12 @@ class Workers:
     def __init__(self, n: int):
         self.n = n
         self.procs: list[subprocess.Popen] = []
+        self._waiting = False  # spawned, "ready" not yet read
 
-    def __enter__(self) -> "Workers":
+    def spawn(self) -> "Workers":
+        """Start the processes without waiting for them (`__enter__` waits until each is ready)."""
+        if self.procs:
+            return self
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ)
         try:
@@ -170,10 +171,21 @@ class Workers:
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-c", _BOOT, root], stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=root, close_fds=True, bufsize=0))
-            for p in self.procs:  # each says it is ready: a python that cannot run us never hangs the export
-                got = _recv(p.stdout, START_TIMEOUT)
-                if not got or got[0].get("ready") != 1:
-                    raise EOFError
+        except OSError:
+            self.close()
+        self._waiting = True
+        return self
+
+    def __enter__(self) -> "Workers":
+        if not self.procs:
+            self.spawn()
+        try:
+            while self._waiting and self.procs:  # each says it is ready: a python that cannot run us never hangs
+                self._waiting = False
+                for p in self.procs:
+                    got = _recv(p.stdout, START_TIMEOUT)
+                    if not got or got[0].get("ready") != 1:
+                        raise EOFError
         except (OSError, EOFError, ValueError):
             self.close()
         return self
@@ -240,9 +252,9 @@ class Workers:
 
     def _regions(self, path: Path, meta: dict) -> Iterator[bytes]:
         from .fastpath import regions_of
-        from .io import Source
+        from .io import SLIM_CHUNK, Source
 
-        regions = regions_of(Source(path))
+        regions = regions_of(Source(path, chunk=SLIM_CHUNK))
         meta["head"] = next(regions)
         for region in regions:
             if isinstance(region, dict):
@@ -359,13 +371,18 @@ class Follower:
         self.path = Path(path)
         self.pool = Workers(1)
 
+    def spawn(self) -> "Follower":
+        """Start the worker process now (e.g. before the profiler's stop, which its start-up then overlaps);
+        `start` later."""
+        self.pool.spawn()
+        return self
+
     def start(self) -> "Follower | None":
         self.pool.__enter__()
         if len(self.pool.procs) != 1:
             return None
         try:
-            _send(self.pool.procs[0].stdin, {"op": "follow", "paths": [str(self.path) + ".tmp", str(self.path)],
-                                             "min_bytes": FOLLOW_MIN_BYTES})
+            _send(self.pool.procs[0].stdin, {"op": "follow", "paths": [str(self.path) + ".tmp", str(self.path)]})
         except (OSError, ValueError):
             self.pool.close()
             return None
@@ -425,14 +442,14 @@ class _GrowingFile:
             self.final = got[0]["size"]
 
     def chunks(self) -> Iterator[bytes]:
-        from .io import CHUNK
+        from .io import SLIM_CHUNK
 
         pos = 0
         while True:
-            if self.final is None and os.fstat(self.fh.fileno()).st_size - pos < CHUNK:
+            if self.final is None and os.fstat(self.fh.fileno()).st_size - pos < SLIM_CHUNK:
                 self._wait()
                 continue
-            data = self.fh.read(CHUNK)
+            data = self.fh.read(SLIM_CHUNK)
             if not data:
                 if self.final is not None and pos != self.final:
                     raise EOFError  # the file is not the size the writer saw
@@ -441,10 +458,10 @@ class _GrowingFile:
             yield data
 
 
-def _follow(paths: list[str], inp, out, min_bytes: int = 0) -> None:
+def _follow(paths: list[str], inp, out) -> None:
     """The worker's side of `Follower`: open the file being written (`paths`: the temporary name, then
-    the final one), and once it has `min_bytes` (or is complete and has them), pass 1 on each region as
-    it completes; every answer sent after the writer's "done" ({"small": true}: the file stayed smaller)."""
+    the final one) and run pass 1 on each region as it completes, from the first byte; the answers are
+    sent after the writer's "done"."""
     from .fastpath import regions_of
 
     src = _GrowingFile(None, inp)
@@ -458,12 +475,6 @@ def _follow(paths: list[str], inp, out, min_bytes: int = 0) -> None:
                     raise
         if src.fh is None:
             src._wait()
-    while src.final is None and os.fstat(src.fh.fileno()).st_size < min_bytes:
-        src._wait()
-    if src.final is not None and src.final < min_bytes:
-        src.fh.close()
-        _send(out, {"small": True})
-        return
     spill = paths[-1] + ".pass1"  # the answers wait on disk, not in this process (its peak stays small)
     with src.fh, open(spill, "wb") as keep:
         regions = regions_of(src)
@@ -510,7 +521,7 @@ def _serve() -> None:
                 if head.get("op") == "pass1":
                     _send(out, *_pass1_reply(blob))
                 elif head.get("op") == "follow":  # one task for the worker's life: then it exits
-                    _follow(head["paths"], inp, out, int(head.get("min_bytes", 0)))
+                    _follow(head["paths"], inp, out)
                     return
                 elif head.get("op") == "sets":  # before a worker's first pass-2 region; no answer
                     sets = orjson.loads(blob)
