@@ -171,23 +171,22 @@ class Workers:
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-c", _BOOT, root], stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=root, close_fds=True, bufsize=0))
+            self._waiting = True
         except OSError:
             self.close()
-        self._waiting = True
         return self
 
     def __enter__(self) -> "Workers":
-        if not self.procs:
-            self.spawn()
-        try:
-            while self._waiting and self.procs:  # each says it is ready: a python that cannot run us never hangs
-                self._waiting = False
-                for p in self.procs:
+        self.spawn()
+        if self._waiting:
+            self._waiting = False
+            try:
+                for p in self.procs:  # each says it is ready: a python that cannot run us never hangs the export
                     got = _recv(p.stdout, START_TIMEOUT)
                     if not got or got[0].get("ready") != 1:
                         raise EOFError
-        except (OSError, EOFError, ValueError):
-            self.close()
+            except (OSError, EOFError, ValueError):
+                self.close()
         return self
 
     def __exit__(self, *exc) -> None:
