@@ -12,7 +12,7 @@ worker that runs pass 1 on the raw file while torch's save is still writing it (
 
 How many: `MOE_TRACE_EXPORT_WORKERS` (0 = never), else up to 8, one per spare core (the cores this
 process may run on, divided among the ranks of a torchrun job on the node, less one for the parent),
-and no more than fit in half the raw file's size at `WORKER_BYTES` each (a worker's peak RSS is
+and no more than fit in a fifth of the raw file's size (`WORKER_SHARE`) at `WORKER_BYTES` each (a worker's peak RSS is
 ~60 MB; the serial export's own peak is ~0.7x the raw file): from a 640 MB raw file on. Memory and
 speed, measured: docs/benchmarks.md ("export worker processes").
 
@@ -35,7 +35,7 @@ import orjson
 MAX_WORKERS = 8
 #: a worker's peak RSS, rounded up (measured ~60 MB on a 150 MB H200 trace); the workers together may
 #: add at most WORKER_SHARE of the raw file's size to the export's peak (the parent takes ~0.7x, the
-#: follower ~55 MB: the process tree stays within the raw file's size; docs/benchmarks.md)
+#: follower ~25 MB: the process tree stays within the raw file's size; docs/benchmarks.md)
 WORKER_BYTES = 64 << 20
 WORKER_SHARE = 0.2
 #: seconds a worker may take to start (it says "ready") and to answer one region
