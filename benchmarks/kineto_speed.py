@@ -265,6 +265,9 @@ def run_kineto(model, inputs, gen, device, tmp: Path) -> dict:
     if stopped:  # the generate's end -> profiler stopped -> raw saved -> moe-trace file written
         phases = {"stop": stopped - t_gen, "save": timings.get("saved", stopped) - stopped,
                   "tail": timings.get("written", t_disk) - timings.get("saved", stopped),
+                  # the tail's parts: the follower's lag after the save, reading its answers, the selection,
+                  # pass 2, the write (gzip); each from the mark before it
+                  **_parts(timings, ("saved", "follower_done", "pass1_followed", "selected", "resolved", "written")),
                   "raw_mb": timings.get("raw_bytes", 0) / 1e6}
     f = files[0]
     return {"total": t_disk - t0, "block": t_block - t0, "cpu": cpu, "enter": t_in - t0, "generate": t_gen - t_in,
@@ -273,6 +276,12 @@ def run_kineto(model, inputs, gen, device, tmp: Path) -> dict:
             "export_peak_mb": peak / 2 ** 20, "after_stop_peak_mb": after / 2 ** 20, "file_bytes": f.stat().st_size,
             "tree_peak_mb": tree_peak / 2 ** 20, "file_bytes_json": uncompressed_size(f), "timings": timings,
             "phases": phases}
+
+
+def _parts(timings: dict, order: tuple) -> dict:
+    """{"saved>follower_done": s, ...}: the time between consecutive marks the run recorded."""
+    got = [k for k in order if isinstance(timings.get(k), float)]
+    return {f"{a}>{b}": timings[b] - timings[a] for a, b in zip(got, got[1:])}
 
 
 def run_tb_handler(model, inputs, gen, device, tmp: Path) -> dict:
@@ -423,7 +432,7 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
         "ratios_per_rep": [k["total"] / t["total"] for k, t in zip(res["kineto"], res["tb_handler"])],
         "median_of_paired_ratios": statistics.median(k["total"] / t["total"] for k, t in zip(res["kineto"], res["tb_handler"])),
         "phases_median": {v: {k: statistics.median(r["phases"][k] for r in rs if k in r.get("phases", {}))
-                              for k in ("stop", "save", "tail", "raw_mb") if any(k in r.get("phases", {}) for r in rs)}
+                              for k in dict.fromkeys(k for r in rs for k in r.get("phases", {}))}
                           for v, rs in res.items()},
         "per_rep": {v: [{k: r[k] for k in ("total", "enter", "generate", "stop_to_disk", "tree_peak_mb")} | r.get("phases", {})
                         for r in rs] for v, rs in res.items()},

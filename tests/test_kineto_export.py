@@ -367,3 +367,97 @@ def test_odd_raw_events_give_the_object_paths_answer_or_one_error(damage):
     a, b = _read(by_obj), _read(by_bytes)
     assert _canon(a["traceEvents"]) == _canon(b["traceEvents"])
     assert any(e.get("cat") == "kernel" for e in b["traceEvents"])
+
+
+def _raw_file(d: Path, irregular: bool = False) -> tuple[Path, dict]:
+    """gpu_raw_with_ops in Kineto's layout (one key per line); `irregular`: every other event after a
+    separator of another width (still one event per line start, as the byte path needs)."""
+    raw = gpu_raw_with_ops()
+    text = json.dumps(raw, indent=2)
+    if irregular:
+        parts = text.split("},\n    {")
+        text = "".join(p + ("},\n    {" if k % 2 else "},\n      {") for k, p in enumerate(parts[:-1])) + parts[-1]
+    path = d / ("irregular.json" if irregular else "raw.json")
+    path.write_text(text)
+    return path, raw
+
+
+@pytest.mark.parametrize("irregular", [False, True])
+def test_pass_2_reads_the_kept_events_where_pass_1_saw_them(irregular, monkeypatch):
+    """Kineto's layout: pass 2 reads only the kept kernels', launches' and ops' bytes (pass 1's spans),
+    never a whole region; a layout whose separators vary has no spans and reads the regions. Both write
+    what the object path writes."""
+    from moe_trace.trace import export
+
+    d = tmpdir(f"kexport_spans_{irregular}")
+    raw_path, raw = _raw_file(d, irregular)
+    run, steps = make_run(device="cuda:0")
+    by_obj = write_trace(raw, run, steps, d / "obj.pt.trace.json", process=dict(PROCESS))
+    used = {"regions": 0, "spans": 0}
+    real_region, real_spans = export.pass2_region, export.read_spans
+
+    def region(*a, **k):
+        used["regions"] += 1
+        return real_region(*a, **k)
+
+    def spans(*a, **k):
+        got = real_spans(*a, **k)
+        used["spans"] += got is not None
+        return got
+
+    monkeypatch.setattr(export, "pass2_region", region)
+    monkeypatch.setattr(export, "read_spans", spans)
+    by_bytes = write_trace(raw_path, run, steps, d / "bytes.pt.trace.json.gz", process=dict(PROCESS))
+    assert used == ({"regions": 1, "spans": 0} if irregular else {"regions": 0, "spans": 1})
+    a, b = _read(by_obj)["traceEvents"], _read(by_bytes)["traceEvents"]
+    assert _canon(a) == _canon(b)
+    assert {"kernel", "cuda_runtime", "cpu_op"} <= {e.get("cat") for e in b}
+
+
+def test_event_spans_are_each_events_bytes():
+    from moe_trace.trace import export
+
+    events = [{"ph": "X", "cat": "kernel", "ts": n, "args": {"s": "}, {" * n}} for n in range(5)]
+    region = b",\n  ".join(json.dumps(e, indent=1).encode() for e in events)
+    raws = export._decode(export._RAWS, export._document(region))
+    starts, lens = export.event_spans(region, raws)
+    assert [json.loads(region[s:s + k]) for s, k in zip(starts, lens)] == events
+    assert export.event_spans(region.replace(b",\n  {", b",\n {", 1), raws) is None  # one other separator
+    one = json.dumps(events[0]).encode()
+    assert export.event_spans(one, export._decode(export._RAWS, export._document(one))) == ([0], [len(one)])
+
+
+@pytest.mark.parametrize("what", ["launch", "op", "kernel"])
+def test_bytes_that_changed_after_pass_1_are_not_taken_from_the_spans(what):
+    """A kept launch / op / kernel whose bytes changed after pass 1 (same length, another id or ts):
+    pass 2 does not trust the spans; the region pass then answers (its own checks apply)."""
+    from moe_trace.trace import export
+
+    d = tmpdir(f"kexport_spans_changed_{what}")
+    raw_path, _ = _raw_file(d)
+    head, selected, tail, index = export.read_selected(raw_path, True)
+    kept, corr, ext = export.slim_select(selected)
+    want = {}
+    for e in kept:
+        if isinstance(e, export.GpuWork):
+            want.setdefault(e.region, []).append(e)
+    assert export.read_spans(raw_path, want, corr, ext, index) is not None
+    data = raw_path.read_bytes()
+    if what in ("launch", "op"):  # the kept launch / op with the smallest id: its id, one more (or less)
+        cat, key, x = ("cuda_runtime", "correlation", min(corr)) if what == "launch" else ("cpu_op", "External id", min(ext))
+        s = next(ix.base + s for ix in index for _, s, _, op, i in ix.hit_spans(corr, ext)
+                 if i == x and op == (what == "op"))
+        assert f'"cat": "{cat}"'.encode() in data[s:data.index(b"}", s)]
+        old = f'"{key}": {x}'.encode()
+        k = data.index(old, s)
+        new = f'"{key}": {x + 1 if len(str(x + 1)) == len(str(x)) else x - 1}'.encode()
+    else:
+        w = next(e for e in kept if isinstance(e, export.GpuWork))
+        s, n = w.span
+        ev = data[s:s + n]
+        old = b'"ts": ' + json.dumps(w.ts).encode()
+        k = s + ev.index(old)
+        new = b'"ts": ' + json.dumps(w.ts).encode()[:-1] + (b"1" if json.dumps(w.ts)[-1] != "1" else b"2")
+    assert len(new) == len(old) and new != old
+    raw_path.write_bytes(data[:k] + new + data[k + len(old):])
+    assert export.read_spans(raw_path, want, corr, ext, index) is None

@@ -495,11 +495,13 @@ class KinetoRecorder:
                     if got is not None:
                         pass1[path] = got
                         self.timings["pass1_followed"] = time.perf_counter()
+                        self.timings["follower_done"] = follower.done_at  # its last region (same clock)
                     self._stopped_prof = None
                     self._raw_traces.append(path)
                 self.timings.setdefault("saved", time.perf_counter())
                 self.trace_files += write_run_traces(self._raw_traces, run_data, steps, self.logdir, slim=self.slim,
-                                                     process=process, started_at=started_at, pass1=pass1)
+                                                     process=process, started_at=started_at, pass1=pass1,
+                                                     marks=self.timings)
                 self.timings["written"] = time.perf_counter()
             except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
                 self._error = exc

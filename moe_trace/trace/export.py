@@ -36,11 +36,12 @@ on dicts (`slim_select`, `host_link_kept`), so both paths write the same events
 from __future__ import annotations
 
 import operator
+import os
 import re
 import struct
 from array import array
-from itertools import compress, count
-from operator import and_, itemgetter, not_, or_
+from itertools import accumulate, compress, count, repeat
+from operator import add, and_, itemgetter, not_, or_
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
 
@@ -226,41 +227,71 @@ def decode_heads(blob: bytes) -> list:
 class HostIndex:
     """Where a region's launches and ops are, from pass 1's heads, so that pass 2 does not read every head
     again: (index in the region, correlation) of each `cuda_runtime` / `cuda_driver` X event and (index,
-    External id) of each `cpu_op` X event whose id is an int (no other id can be kept: `host_link_kept`)."""
+    External id) of each `cpu_op` X event whose id is an int (no other id can be kept: `host_link_kept`).
 
-    __slots__ = ("size", "rt_at", "rt_corr", "op_at", "op_ext")
-    _LENS = struct.Struct("<5Q")
+    Where the region's events lie one after another with one separator (Kineto's layout), also their
+    bytes' place (`*_span`: start, length pairs, from the region's start) and the region's offset in the
+    file (`base`, -1 when not known): pass 2 then reads only the kept events' bytes (`read_spans`)."""
 
-    def __init__(self, size: int, rt_at=(), rt_corr=(), op_at=(), op_ext=()):
+    __slots__ = ("size", "rt_at", "rt_corr", "op_at", "op_ext", "rt_span", "op_span", "gpu_span", "base")
+    _LENS = struct.Struct("<q8Q")
+    _ARRAYS = ("rt_at", "rt_corr", "op_at", "op_ext", "rt_span", "op_span", "gpu_span")
+
+    def __init__(self, size: int, rt_at=(), rt_corr=(), op_at=(), op_ext=(), rt_span=(), op_span=(), gpu_span=(),
+                 base: int = -1):
         self.size = size  # events in the region (pass 2 finds the same number, or the file changed)
+        self.base = base
         try:
-            self.rt_at, self.rt_corr, self.op_at, self.op_ext = (array("q", a) for a in (rt_at, rt_corr, op_at, op_ext))
+            for name, a in zip(self._ARRAYS, (rt_at, rt_corr, op_at, op_ext, rt_span, op_span, gpu_span)):
+                setattr(self, name, array("q", a))
         except OverflowError:  # an id beyond 64 bits: the object path compares it
             raise Fallback from None
 
     @classmethod
-    def of(cls, heads: list, host: list[int], cats: list) -> "HostIndex":
+    def of(cls, heads: list, host: list[int], cats: list, spans: list | None = None, gpu: list[int] = ()
+           ) -> "HostIndex":
         """The index of the events `heads[i]`, i in `host` (the X events with a host-link cat; `cats`:
-        every head's cat)."""
+        every head's cat). `spans`: the events' (starts, lengths) in the region (`event_spans`), or None;
+        `gpu`: the indices of the region's GPU events whose spans `gpu_span` holds. A `*_span` array holds
+        the starts of its events, then their lengths."""
         is_op = list(map(_IS_OP, _pick(cats, host)))
         rts = list(compress(host, map(not_, is_op)))
-        return cls(len(heads), *_int_ids(heads, rts, _CORR), *_int_ids(heads, list(compress(host, is_op)), _EXT))
+        rt_at, rt_corr = _int_ids(heads, rts, _CORR)
+        op_at, op_ext = _int_ids(heads, list(compress(host, is_op)), _EXT)
+        got = cls(len(heads), rt_at, rt_corr, op_at, op_ext)
+        if spans is not None:
+            got.rt_span, got.op_span, got.gpu_span = (array("q", _pick(spans[0], at) + _pick(spans[1], at))
+                                                      for at in (rt_at, op_at, gpu))
+        return got
+
+    @property
+    def has_spans(self) -> bool:
+        return self.base >= 0 and len(self.rt_span) == 2 * len(self.rt_at) and len(self.op_span) == 2 * len(self.op_at)
 
     def hits(self, corr: set, ext: set) -> list[int]:
         """Indices of the events whose id is in `corr` (launches) / `ext` (ops), in region order."""
-        got = [i for i, c in zip(self.rt_at, self.rt_corr) if c in corr]
-        got += [i for i, x in zip(self.op_at, self.op_ext) if x in ext]
-        got.sort()
-        return got
+        return [h[0] for h in self.hit_spans(corr, ext)]
+
+    def hit_spans(self, corr: set, ext: set) -> list[tuple[int, int, int, bool, int]]:
+        """(index, start, length, is an op, id) of the events whose id is in `corr` (launches) / `ext`
+        (ops), in region order (start and length -1 without spans)."""
+        out = []
+        for op, at, ids, span, want in ((False, self.rt_at, self.rt_corr, self.rt_span, corr),
+                                        (True, self.op_at, self.op_ext, self.op_span, ext)):
+            n = len(at) if len(span) == 2 * len(at) else 0
+            for k in _where(map(want.__contains__, ids)):
+                out.append((at[k], span[k], span[n + k], op, ids[k]) if n else (at[k], -1, -1, op, ids[k]))
+        out.sort()
+        return out
 
     def to_bytes(self) -> bytes:
-        arrays = (self.rt_at, self.rt_corr, self.op_at, self.op_ext)
-        return self._LENS.pack(self.size, *map(len, arrays)) + b"".join(a.tobytes() for a in arrays)
+        arrays = [getattr(self, name) for name in self._ARRAYS]
+        return self._LENS.pack(self.base, self.size, *map(len, arrays)) + b"".join(a.tobytes() for a in arrays)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "HostIndex":
-        size, *lens = cls._LENS.unpack_from(blob)
-        if cls._LENS.size + 8 * sum(lens) != len(blob):
+        base, size, *lens = cls._LENS.unpack_from(blob)
+        if cls._LENS.size + 8 * sum(lens) != len(blob) or len(lens) != len(cls._ARRAYS):
             raise ValueError("host index of the wrong size")
         out, at = [], cls._LENS.size
         for n in lens:
@@ -268,7 +299,7 @@ class HostIndex:
             a.frombytes(blob[at:at + 8 * n])
             out.append(a)
             at += 8 * n
-        return cls(size, *out)
+        return cls(size, *out, base=base)
 
 
 class GpuWork:
@@ -277,7 +308,7 @@ class GpuWork:
     event in the region); the kept ones are parsed in pass 2 (`resolve_slim`), the dropped ones never
     become dicts. `get` / `[]` answer like the event's dict for the keys `slim_select` reads."""
 
-    __slots__ = ("cat", "pid", "tid", "ts", "dur", "corr", "ext", "region", "index", "done")
+    __slots__ = ("cat", "pid", "tid", "ts", "dur", "corr", "ext", "region", "index", "done", "span")
 
     def __init__(self, h, region: int, index: int):
         self.cat, self.pid, self.tid, self.ts, self.dur = h.cat, h.pid, h.tid, h.ts, h.dur
@@ -286,6 +317,7 @@ class GpuWork:
         self.ext = None if a.external is _UNSET else a.external
         self.region, self.index = region, index
         self.done = None  # the event as a slim trace writes it, when pass 1 serialized it (`Follower`)
+        self.span = None  # (offset in the file, length) of its bytes, when pass 1 knows them
 
     def get(self, key: str, default=None):
         if key == "ph":
@@ -313,7 +345,8 @@ def read_selected(path: Path, slim: bool = True, workers: "Workers | None" = Non
         if got is not None:
             return got
     src = Source(path, chunk=SLIM_CHUNK if slim else CHUNK)
-    regions = regions_of(src)
+    starts: list[int] = []
+    regions = regions_of(src, starts if slim and not src.gz else None)
     head = next(regions)
     tail: dict = {}
     events: list = []
@@ -325,8 +358,8 @@ def read_selected(path: Path, slim: bool = True, workers: "Workers | None" = Non
             continue
         n += 1
         if slim:
-            evs, gpu, heads, index, _ = pass1_region(region)
-            events.extend(stubbed(evs, gpu, heads, n))
+            evs, gpu, heads, index, _ = pass1_region(region, base=starts[n] if starts else -1)
+            events.extend(stubbed(evs, gpu, heads, n, index=index))
             side.append(index)
         else:
             side.scan(region)
@@ -336,12 +369,17 @@ def read_selected(path: Path, slim: bool = True, workers: "Workers | None" = Non
     return head, events, tail, side
 
 
-def stubbed(events: list, gpu: list, heads: list, n: int, done: list | None = None) -> list:
-    """`pass1_region`'s answer for region `n` with a `GpuWork` in each GPU event's place."""
-    for k, ((pos, index), h) in enumerate(zip(gpu, heads)):
-        events[pos] = w = GpuWork(h, n, index)
+def stubbed(events: list, gpu: list, heads: list, n: int, done: list | None = None,
+            index: "HostIndex | None" = None) -> list:
+    """`pass1_region`'s answer for region `n` with a `GpuWork` in each GPU event's place (`index`: the
+    region's `HostIndex`, for the GPU events' spans)."""
+    span = index.gpu_span if index is not None and index.base >= 0 and len(index.gpu_span) == 2 * len(gpu) else None
+    for k, ((pos, at), h) in enumerate(zip(gpu, heads)):
+        events[pos] = w = GpuWork(h, n, at)
         if done is not None:
             w.done = done[k]
+        if span is not None:
+            w.span = (index.base + span[k], span[len(gpu) + k])
     return events
 
 
@@ -354,24 +392,24 @@ def _annotations(region: bytes) -> list:
     return out
 
 
-def pass1_region(region: bytes, serialize: bool = False) -> tuple[list, list[tuple[int, int]], list, HostIndex,
-                                                                   list | None]:
+def pass1_region(region: bytes, serialize: bool = False, base: int = -1
+                 ) -> tuple[list, list[tuple[int, int]], list, HostIndex, list | None]:
     """Slim pass 1 on one region: (the events it reads, in order, with None in each GPU kernel / memcpy /
     memset's place; (position in that list, index of the event in the region) of each of those; their
     `_Head`s; the region's `HostIndex`; with `serialize`, each of those GPU events as a slim trace
     writes it (`slim_bytes`), else None). M events and user annotations are parsed from their bytes, a
     batch at a time. `serialize` is for the `Follower`, whose time is free: it moves pass 2's parsing of
-    the kept GPU events into the save, at the cost of holding the dropped ones' bytes too."""
+    the kept GPU events into the save, at the cost of holding the dropped ones' bytes too. `base`: the
+    region's offset in the raw file (-1: unknown; the index then has no spans)."""
     doc = _document(region)
     heads = _decode(_HEADS, doc)
     # C-level scans over every head (map / compress); Python only for the events pass 1 reads
     cats = list(map(_CAT, heads))
     phs = list(map(_PH, heads))
     x = list(map(_IS_X, phs))
-    index = HostIndex.of(heads, _where(map(and_, x, map(_IS_HOST, cats))), cats)
+    host = _where(map(and_, x, map(_IS_HOST, cats)))
     sel = _where(map(or_, map(_IS_READ, cats), map(_IS_M, phs)))  # + M events
     is_gpu = _pick(list(map(and_, x, map(_IS_GPU, cats))), sel)
-    del cats, phs, x
     out: list = [None] * len(sel)
     at = _where(is_gpu)
     gpu = list(zip(at, _pick(sel, at)))  # (position in out, index in the region)
@@ -379,8 +417,13 @@ def pass1_region(region: bytes, serialize: bool = False) -> tuple[list, list[tup
     at = _where(map(not_, is_gpu))
     parse = list(zip(at, _pick(sel, at)))
     done = [] if serialize else None
+    raws = _decode(_RAWS, doc) if parse or gpu or (base >= 0 and host) else None
+    spans = event_spans(region, raws) if base >= 0 and raws else None
+    index = HostIndex.of(heads, host, cats, spans, [i for _, i in gpu])
+    if spans is not None or (base >= 0 and not host and not gpu):  # (nothing of the region is indexed)
+        index.base = base
+    del cats, phs, x, spans
     if parse or (serialize and gpu):
-        raws = _decode(_RAWS, doc)
         for b in range(0, len(parse), _BATCH):
             part = parse[b:b + _BATCH]
             for (pos, _), e in zip(part, _loads_raws([raws[i] for _, i in part])):
@@ -389,6 +432,68 @@ def pass1_region(region: bytes, serialize: bool = False) -> tuple[list, list[tup
             for b in range(0, len(gpu), _BATCH):
                 done += slim_bytes([raws[i] for _, i in gpu[b:b + _BATCH]])
     return out, gpu, gpu_heads, index, done
+
+
+def event_spans(region: bytes, raws: list) -> tuple[list[int], list[int]] | None:
+    """(starts, lengths) in `region` of its events (`raws`, msgspec's cut of it), or None when they do
+    not lie one after another joined by one separator (checked: the join is the region)."""
+    lens = list(map(len, raws))
+    if len(raws) == 1:
+        return ([0], lens) if len(region) == lens[0] else None
+    k = region.find(b"{", lens[0])
+    sep = region[lens[0]:k]
+    if k < 0 or sep.join(raws) != region:
+        return None
+    return list(accumulate(map(add, lens, repeat(len(sep))), initial=0)), lens
+
+
+def read_spans(path: Path, want: dict, corr: set, ext: set, index: list) -> tuple[dict, list[bytes]] | None:
+    """Pass 2 from pass 1's spans (`HostIndex.has_spans` for every region; `want`: region -> its kept
+    `GpuWork`s that pass 1 did not serialize, each with a span): ({id(stub): its bytes as written}, the
+    launch / op bytes to keep per region), reading only those events' bytes. None when a span is
+    missing or the bytes there are not the events pass 1 saw (the caller reads the regions instead)."""
+    if not all(ix.has_spans for ix in index) or any(w.span is None for ws in want.values() for w in ws):
+        return None
+    parsed: dict = {}
+    links: list[bytes] = []
+    try:
+        with open(path, "rb") as fh:
+            fd = fh.fileno()
+            for n, ix in enumerate(index):
+                stubs = want.get(n) or []
+                hits = ix.hit_spans(corr, ext) if corr or ext else []
+                if not hits and not stubs:
+                    continue
+                lo = min([ix.base + h[1] for h in hits] + [w.span[0] for w in stubs])
+                hi = max([ix.base + h[1] + h[2] for h in hits] + [w.span[0] + w.span[1] for w in stubs])
+                data = os.pread(fd, hi - lo, lo)  # at most one region's bytes
+                if stubs:
+                    got = slim_bytes([data[w.span[0] - lo:w.span[0] - lo + w.span[1]] for w in stubs],
+                                     [(w.ts, w.cat) for w in stubs])
+                    for w, e in zip(stubs, got):
+                        parsed[id(w)] = e
+                if hits:
+                    off = ix.base - lo
+                    evs = [data[off + h[1]:off + h[1] + h[2]] for h in hits]
+                    if not _same_hosts(evs, hits):
+                        return None
+                    links.append(b",\n".join(evs))
+    except (OSError, Fallback):
+        return None
+    return parsed, links
+
+
+def _same_hosts(evs: list[bytes], hits: list) -> bool:
+    """Whether `evs` (the bytes at `hits`' spans) are the launches / ops pass 1 indexed there."""
+    try:
+        heads = _HEADS.decode(b"[" + b",".join(evs) + b"]")
+    except msgspec.DecodeError:
+        return False
+    for (_, _, _, op, want), h in zip(hits, heads):
+        if (h.ph != "X" or (h.cat == "cpu_op") != op or h.cat not in HOST_LINK_CATS
+                or type(got := h.args.external if op else h.args.correlation) is not int or got != want):
+            return False
+    return len(heads) == len(hits)
 
 
 def resolve_slim(path: Path, kept: list, corr: set, ext: set, index: list, workers: "Workers | None" = None
@@ -408,6 +513,10 @@ def resolve_slim(path: Path, kept: list, corr: set, ext: set, index: list, worke
         return [(e.done if e.done is not None else parsed[id(e)]) if isinstance(e, GpuWork) else e for e in kept]
 
     if want or corr or ext:
+        got = read_spans(path, want, corr, ext, index)
+        if got is not None:
+            parsed, links = got
+            return answer(), links
         if workers is not None:
             if workers.resolve_slim(path, dict(want), corr, ext, index, parsed, links):
                 return answer(), links

@@ -56,12 +56,14 @@ def parse(src: Source, agg: Aggregate) -> dict:
     return meta
 
 
-def regions_of(src: Source):
+def regions_of(src: Source, starts: list | None = None):
     """The top-level keys before `traceEvents` (a dict), then byte regions of whole events separated by
-    `,\\n` (each a valid JSON array body), then the keys after the events array (a dict)."""
+    `,\\n` (each a valid JSON array body), then the keys after the events array (a dict). `starts`: a
+    list that gets the offset in the (uncompressed) stream of each region, as it is yielded."""
     it = src.chunks()
     buf = b""
     eof = False
+    at = 0  # offset of buf[0] in the stream
 
     def more() -> bool:
         nonlocal buf, eof
@@ -77,7 +79,8 @@ def regions_of(src: Source):
     if head == b"[":
         bare = True
         meta: dict = {}
-        buf = buf[buf.find(b"[") + 1:]
+        k = buf.find(b"[") + 1
+        buf, at = buf[k:], at + k
     elif head == b"{":
         bare = False
         searched = 0
@@ -96,17 +99,21 @@ def regions_of(src: Source):
         if not isinstance(meta, dict):
             raise Fallback
         meta.pop("traceEvents", None)
-        buf = buf[m.end():]
+        buf, at = buf[m.end():], at + m.end()
     else:
         raise Fallback  # empty or not JSON: let ijson produce the precise error
     yield meta
+    n = len(buf)
     buf = buf.lstrip()
+    at += n - len(buf)
     while True:
         if not eof:
             more()
         if eof:
             region, tail = split_tail(buf, bare)
             if region:
+                if starts is not None:
+                    starts.append(at)
                 yield region
             yield tail
             return
@@ -115,8 +122,10 @@ def regions_of(src: Source):
             if len(buf) > MAX_PIECE:
                 raise Fallback  # no newline between events (compact JSON): ijson
             continue
+        if starts is not None:
+            starts.append(at)
         yield buf[:cut[0]]
-        buf = buf[cut[1]:]
+        buf, at = buf[cut[1]:], at + cut[1]
 
 
 def _last_sep(buf: bytes) -> tuple[int, int] | None:

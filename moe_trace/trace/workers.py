@@ -26,6 +26,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from queue import Queue
 from typing import Iterator
@@ -249,11 +250,12 @@ class Workers:
                 raise WorkerFailed
             raise problem[0]
 
-    def _regions(self, path: Path, meta: dict) -> Iterator[bytes]:
+    def _regions(self, path: Path, meta: dict, starts: list | None = None) -> Iterator[bytes]:
         from .fastpath import regions_of
         from .io import SLIM_CHUNK, Source
 
-        regions = regions_of(Source(path, chunk=SLIM_CHUNK))
+        src = Source(path, chunk=SLIM_CHUNK)
+        regions = regions_of(src, starts if not src.gz else None)
         meta["head"] = next(regions)
         for region in regions:
             if isinstance(region, dict):
@@ -266,9 +268,11 @@ class Workers:
         meta: dict = {"tail": {}}
         events: list = []
         index: list = []
+        starts: list[int] = []  # each region's offset, known before the region is sent
         try:
-            for n, (res, blob) in enumerate(self._map(({"op": "pass1"}, r) for r in self._regions(path, meta))):
-                _take_pass1(res, blob, n, events, index)
+            for n, (res, blob) in enumerate(self._map(({"op": "pass1", "base": 0}, r)
+                                                      for r in self._regions(path, meta, starts))):
+                _take_pass1(res, blob, n, events, index, starts[n] if starts else -1)
         except (WorkerFailed, ValueError):  # ValueError: a HostIndex of the wrong size
             return None
         return meta["head"], events, meta["tail"], index
@@ -319,8 +323,9 @@ class Workers:
         return True
 
 
-def _take_pass1(res: dict, blob: bytes, n: int, events: list, index: list) -> None:
-    """Add a worker's pass-1 answer for region `n` (`_pass1_reply`) to `events` and `index`."""
+def _take_pass1(res: dict, blob: bytes, n: int, events: list, index: list, base: int | None = None) -> None:
+    """Add a worker's pass-1 answer for region `n` (`_pass1_reply`) to `events` and `index`. `base`: the
+    region's offset in the file, for a worker that saw the region only (its index's spans are from 0)."""
     from .export import HostIndex, decode_heads, stubbed
     from .fastpath import Fallback
 
@@ -333,7 +338,10 @@ def _take_pass1(res: dict, blob: bytes, n: int, events: list, index: list) -> No
     heads = decode_heads(blob[:lens[0]])
     if len(heads) != len(gpu) or not all(isinstance(g, list) and len(g) == 2 for g in gpu):
         raise WorkerFailed
-    index.append(HostIndex.from_bytes(blob[lens[0]:lens[0] + lens[1]]))
+    ix = HostIndex.from_bytes(blob[lens[0]:lens[0] + lens[1]])
+    if base is not None:
+        ix.base = base if base >= 0 and ix.base >= 0 else -1
+    index.append(ix)
     if done is not None:  # the serialized GPU events (a follower's), one after another
         if not (isinstance(done, list) and len(done) == len(gpu) and all(isinstance(k, int) and k > 0 for k in done)
                 and sum(lens) + sum(done) == len(blob)):
@@ -343,13 +351,13 @@ def _take_pass1(res: dict, blob: bytes, n: int, events: list, index: list) -> No
             parts.append(blob[at:at + k])
             at += k
         done = parts
-    events.extend(stubbed(evs, gpu, heads, n, done))
+    events.extend(stubbed(evs, gpu, heads, n, done, ix))
 
 
-def _pass1_reply(region: bytes, serialize: bool = False) -> tuple[dict, bytes]:
+def _pass1_reply(region: bytes, serialize: bool = False, base: int = -1) -> tuple[dict, bytes]:
     from .export import encode_heads, pass1_region
 
-    evs, gpu, heads, index, done = pass1_region(region, serialize)
+    evs, gpu, heads, index, done = pass1_region(region, serialize, base)
     heads, index = encode_heads(heads), index.to_bytes()
     head = {"events": evs, "gpu": gpu, "bytes": [len(heads), len(index)]}
     if done is None:
@@ -369,6 +377,7 @@ class Follower:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.pool = Workers(1)
+        self.done_at: float | None = None  # `time.perf_counter()` when the worker had done its last region
 
     def spawn(self) -> "Follower":
         """Start the worker process now (e.g. before the profiler's stop, which its start-up then overlaps);
@@ -404,6 +413,8 @@ class Follower:
                 if not got or not isinstance(got[0].get("regions"), int) or not isinstance(got[0].get("head"), dict):
                     return None
                 head, tail, events, index = got[0]["head"], got[0].get("tail") or {}, [], []
+                at = got[0].get("at")
+                self.done_at = at if isinstance(at, float) else None
                 spill = Path(str(self.path) + ".pass1")
                 if got[0].get("answers") != str(spill):
                     return None
@@ -476,7 +487,8 @@ def _follow(paths: list[str], inp, out) -> None:
             src._wait()
     spill = paths[-1] + ".pass1"  # the answers wait on disk, not in this process (its peak stays small)
     with src.fh, open(spill, "wb") as keep:
-        regions = regions_of(src)
+        starts: list[int] = []
+        regions = regions_of(src, starts)
         head = next(regions)
         tail: dict = {}
         n = 0
@@ -484,9 +496,9 @@ def _follow(paths: list[str], inp, out) -> None:
             if isinstance(region, dict):
                 tail = region
             else:
-                _send(keep, *_pass1_reply(region, serialize=True))
+                _send(keep, *_pass1_reply(region, serialize=True, base=starts[n]))
                 n += 1
-    _send(out, {"regions": n, "head": head, "tail": tail, "answers": spill})
+    _send(out, {"regions": n, "head": head, "tail": tail, "answers": spill, "at": time.perf_counter()})
 
 
 def _reap(procs: list) -> None:
@@ -517,8 +529,8 @@ def _serve() -> None:
             head, blob = got
             got = None
             try:
-                if head.get("op") == "pass1":
-                    _send(out, *_pass1_reply(blob))
+                if head.get("op") == "pass1":  # base 0: spans from the region's start (the parent knows where it is)
+                    _send(out, *_pass1_reply(blob, base=0 if head.get("base") == 0 else -1))
                 elif head.get("op") == "follow":  # one task for the worker's life: then it exits
                     _follow(head["paths"], inp, out)
                     return

@@ -19,6 +19,8 @@ import re
 import socket
 import time
 from pathlib import Path
+from itertools import compress, repeat
+from operator import is_not
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -30,8 +32,8 @@ from moe_trace.errors import TraceError
 from .format import (COUNTER_CAT, GPU_USER_ANNOTATION, GPU_WORK_CATS, META_KEY, NAME_PREFIX, PROFILER_STEP_PREFIX,
                      RANGE_RE, SCHEMA, SLIM_CATS, SLIM_GPU_ARGS, STEP_RE, USER_ANNOTATION, counter_name, expert_key,
                      trace_file_name, worker_name)
-from .export import (FULL_READ_CATS, ORJSON_OPTS as _ORJSON_OPTS, SLIM_READ_CATS, FullDrops, all_events, dumps_batches,
-                     dumps_events, host_link_kept, is_raw_path, joined, read_selected, resolve_slim,
+from .export import (FULL_READ_CATS, ORJSON_OPTS as _ORJSON_OPTS, SLIM_READ_CATS, FullDrops, GpuWork, all_events,
+                     dumps_batches, dumps_events, host_link_kept, is_raw_path, joined, read_selected, resolve_slim,
                      slim_select)
 from .fastpath import Fallback
 from .io import atomic_write, load_json, no_gc, write_under_free_name
@@ -46,7 +48,7 @@ __all__ = ["write_trace", "write_run_traces", "write_chrome_trace", "device_pid"
 
 def write_trace(raw: dict | str | os.PathLike, run: RunData, steps: list[dict], out_path: str | os.PathLike,
                 *, slim: bool = True, process: dict | None = None, compresslevel: int = 3,
-                overwrite: bool = True, pass1: tuple | None = None) -> Path:
+                overwrite: bool = True, pass1: tuple | None = None, marks: dict | None = None) -> Path:
     """Write `raw` (a Chrome-trace dict or the path of one) with moe-trace counters to `out_path`.
 
     `steps`: `{"step", "phase", "tokens", "layers": {layer_index: {"expert_counts", "k_hist"}}}` for
@@ -54,22 +56,24 @@ def write_trace(raw: dict | str | os.PathLike, run: RunData, steps: list[dict], 
     moe-trace and ProfilerStep ranges, GPU activity (kernels, memcpy, memset, GPU annotations),
     metadata events and the counters. `overwrite=False`: raise FileExistsError instead of replacing
     an existing file. `pass1`: a slim raw file's pass 1, already done (`workers.Follower`, while the
-    profiler wrote the file). Returns the path written.
+    profiler wrote the file). `marks`: gets the `time.perf_counter()` at the end of pass 1 ("pass1"), of
+    the slim selection ("selected") and of pass 2 ("resolved") (benchmarks/kineto_speed.py). Returns the
+    path written.
     """
     with no_gc():
         return _write_trace(raw, run, steps, out_path, slim=slim, process=process, compresslevel=compresslevel,
-                            overwrite=overwrite, pass1=pass1)
+                            overwrite=overwrite, pass1=pass1, marks={} if marks is None else marks)
 
 
-def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel, overwrite, pass1) -> Path:
+def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel, overwrite, pass1, marks) -> Path:
     pool = workers_for(raw) if slim and is_raw_path(raw) and Path(raw).is_file() else None
     with pool or contextlib.nullcontext():  # worker processes for the two slim passes (workers.py)
         return _write_trace_with(raw, run, steps, out_path, slim=slim, process=process, compresslevel=compresslevel,
-                                 overwrite=overwrite, workers=pool, pass1=pass1)
+                                 overwrite=overwrite, workers=pool, pass1=pass1, marks=marks)
 
 
 def _write_trace_with(raw, run, steps, out_path, *, slim, process, compresslevel, overwrite, workers,
-                      pass1=None) -> Path:
+                      pass1, marks) -> Path:
     path = None
     if is_raw_path(raw):
         path = Path(raw)
@@ -88,6 +92,7 @@ def _write_trace_with(raw, run, steps, out_path, *, slim, process, compresslevel
             raise TraceError("the raw trace has no traceEvents list; pass the dict or file that "
                              "torch.profiler's export_chrome_trace wrote")
         selected = [e for e in events if isinstance(e, dict) and _selected(e, slim)]
+    marks["pass1"] = time.perf_counter()
 
     step_ts, host_pid = _scan(selected)  # reads M / annotation events (a GpuWork stub answers get() too)
     if host_pid is None:
@@ -101,6 +106,7 @@ def _write_trace_with(raw, run, steps, out_path, *, slim, process, compresslevel
         if corr or ext:
             live.add(host_pid)
         kept = [e for e in kept if e.get("ph") != "M" or e.get("pid") in live]
+        marks["selected"] = time.perf_counter()
         if path is not None:  # pass 2: parse the kept GPU events, copy their launches' and ops' bytes
             try:
                 kept, links = resolve_slim(path, kept, corr, ext, side, workers)
@@ -108,6 +114,7 @@ def _write_trace_with(raw, run, steps, out_path, *, slim, process, compresslevel
                     workers.close()
             except Fallback:
                 raise TraceError(f"raw trace {raw} changed while it was being written; re-export it") from None
+            marks["resolved"] = time.perf_counter()
             body = itertools.chain(dumps_batches(kept, _ORJSON_OPTS), links)  # streamed into the file
         else:
             body = [dumps_events(kept, _ORJSON_OPTS),
@@ -179,7 +186,7 @@ def _document(meta: dict, events: Iterable[bytes]) -> Iterator[bytes]:
 
 def write_run_traces(raws: list, run: RunData, steps: list[dict], logdir: str | os.PathLike, *, slim: bool = True,
                      process: dict, started_at: float | None = None, compresslevel: int = 3,
-                     pass1: dict | None = None) -> list[Path]:
+                     pass1: dict | None = None, marks: dict | None = None) -> list[Path]:
     """Write the trace files of one `profile()` run (one per profiler window) into `logdir`.
 
     Names: `{worker}.{run_id}[.{window}].pt.trace.json.gz` (format.trace_file_name); an existing file
@@ -194,7 +201,7 @@ def write_run_traces(raws: list, run: RunData, steps: list[dict], logdir: str | 
         out.append(write_under_free_name(run_id, lambda tag: write_trace(
             raw, run, steps, logdir / trace_file_name(worker, tag, n), slim=slim, process=proc,
             compresslevel=compresslevel, overwrite=False,
-            pass1=pass1.get(raw) if pass1 and is_raw_path(raw) else None), logdir))
+            pass1=pass1.get(raw) if pass1 and is_raw_path(raw) else None, marks=marks), logdir))
     return out
 
 
@@ -242,7 +249,7 @@ def _scan(events: list[dict]) -> tuple[dict[tuple[str, int], Any], int | None]:
     step_ts: dict[tuple[str, int], Any] = {}
     host_pid = None
     fallback_pid = None
-    for e in events:
+    for e in compress(events, map(is_not, map(type, events), repeat(GpuWork))):  # a GPU stub is none of these
         cat = e.get("cat")
         if cat == USER_ANNOTATION:
             name = e.get("name")
@@ -314,9 +321,8 @@ def _kernels_under_moe_ranges(events: list) -> list:
     spans count as their union. The test runs on arrays (a slim export's ~70 k kernels per 100 MB of raw
     trace), with `float` on each time as the dict path had."""
     from operator import attrgetter, is_
-    from itertools import compress, repeat
 
-    from .export import _UNSET, GpuWork
+    from .export import _UNSET
 
     is_stub = list(map(is_, map(type, events), repeat(GpuWork)))  # the byte path's GpuWork stubs, in C
     spans: dict[tuple, list[tuple[float, float]]] = {}
@@ -343,8 +349,8 @@ def _kernels_under_moe_ranges(events: list) -> list:
         raise KeyError("ts")
     ts += stub_ts
     dur += [0 if d is _UNSET else d for d in map(attrgetter("dur"), stubs)]
-    ts_a = np.array([float(t) for t in ts], dtype=np.float64)
-    end_a = ts_a + np.array([float(d) for d in dur], dtype=np.float64)
+    ts_a = np.array(list(map(float, ts)), dtype=np.float64)
+    end_a = ts_a + np.array(list(map(float, dur)), dtype=np.float64)
     keep = np.zeros(len(work), dtype=bool)
     by_key: dict[tuple, list[int]] = {}
     for i, k in enumerate(keys):
