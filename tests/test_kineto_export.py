@@ -453,7 +453,7 @@ def test_bytes_that_changed_after_pass_1_are_not_taken_from_the_spans(what):
         new = f'"{key}": {x + 1 if len(str(x + 1)) == len(str(x)) else x - 1}'.encode()
     else:
         w = next(e for e in kept if isinstance(e, export.GpuWork))
-        s, n = w.span
+        (s, n), = index[w.region].gpu_spans([w])
         ev = data[s:s + n]
         old = b'"ts": ' + json.dumps(w.ts).encode()
         k = s + ev.index(old)

@@ -40,6 +40,7 @@ import os
 import re
 import struct
 from array import array
+from bisect import bisect_left
 from itertools import accumulate, compress, count, repeat
 from operator import add, and_, itemgetter, not_, or_
 from pathlib import Path
@@ -233,16 +234,16 @@ class HostIndex:
     bytes' place (`*_span`: start, length pairs, from the region's start) and the region's offset in the
     file (`base`, -1 when not known): pass 2 then reads only the kept events' bytes (`read_spans`)."""
 
-    __slots__ = ("size", "rt_at", "rt_corr", "op_at", "op_ext", "rt_span", "op_span", "gpu_span", "base")
-    _LENS = struct.Struct("<q8Q")
-    _ARRAYS = ("rt_at", "rt_corr", "op_at", "op_ext", "rt_span", "op_span", "gpu_span")
+    __slots__ = ("size", "rt_at", "rt_corr", "op_at", "op_ext", "rt_span", "op_span", "gpu_at", "gpu_span", "base")
+    _LENS = struct.Struct("<q9Q")
+    _ARRAYS = ("rt_at", "rt_corr", "op_at", "op_ext", "rt_span", "op_span", "gpu_at", "gpu_span")
 
-    def __init__(self, size: int, rt_at=(), rt_corr=(), op_at=(), op_ext=(), rt_span=(), op_span=(), gpu_span=(),
-                 base: int = -1):
+    def __init__(self, size: int, rt_at=(), rt_corr=(), op_at=(), op_ext=(), rt_span=(), op_span=(), gpu_at=(),
+                 gpu_span=(), base: int = -1):
         self.size = size  # events in the region (pass 2 finds the same number, or the file changed)
         self.base = base
         try:
-            for name, a in zip(self._ARRAYS, (rt_at, rt_corr, op_at, op_ext, rt_span, op_span, gpu_span)):
+            for name, a in zip(self._ARRAYS, (rt_at, rt_corr, op_at, op_ext, rt_span, op_span, gpu_at, gpu_span)):
                 setattr(self, name, array("q", a))
         except OverflowError:  # an id beyond 64 bits: the object path compares it
             raise Fallback from None
@@ -252,8 +253,8 @@ class HostIndex:
            ) -> "HostIndex":
         """The index of the events `heads[i]`, i in `host` (the X events with a host-link cat; `cats`:
         every head's cat). `spans`: the events' (starts, lengths) in the region (`event_spans`), or None;
-        `gpu`: the indices of the region's GPU events whose spans `gpu_span` holds. A `*_span` array holds
-        the starts of its events, then their lengths."""
+        `gpu`: the indices of the region's GPU events (ascending), whose spans `gpu_span` holds. A `*_span`
+        array holds the starts of its events, then their lengths."""
         is_op = list(map(_IS_OP, _pick(cats, host)))
         rts = list(compress(host, map(not_, is_op)))
         rt_at, rt_corr = _int_ids(heads, rts, _CORR)
@@ -262,11 +263,25 @@ class HostIndex:
         if spans is not None:
             got.rt_span, got.op_span, got.gpu_span = (array("q", _pick(spans[0], at) + _pick(spans[1], at))
                                                       for at in (rt_at, op_at, gpu))
+            got.gpu_at = array("q", gpu)
         return got
 
     @property
     def has_spans(self) -> bool:
         return self.base >= 0 and len(self.rt_span) == 2 * len(self.rt_at) and len(self.op_span) == 2 * len(self.op_at)
+
+    def gpu_spans(self, stubs: list) -> list[tuple[int, int]] | None:
+        """(offset in the file, length) of each of the region's `GpuWork` `stubs`, or None without spans."""
+        at, span, n = self.gpu_at, self.gpu_span, len(self.gpu_at)
+        if self.base < 0 or len(span) != 2 * n:
+            return None
+        out = []
+        for w in stubs:
+            k = bisect_left(at, w.index)
+            if k == n or at[k] != w.index:
+                return None
+            out.append((self.base + span[k], span[n + k]))
+        return out
 
     def hits(self, corr: set, ext: set) -> list[int]:
         """Indices of the events whose id is in `corr` (launches) / `ext` (ops), in region order."""
@@ -308,7 +323,7 @@ class GpuWork:
     event in the region); the kept ones are parsed in pass 2 (`resolve_slim`), the dropped ones never
     become dicts. `get` / `[]` answer like the event's dict for the keys `slim_select` reads."""
 
-    __slots__ = ("cat", "pid", "tid", "ts", "dur", "corr", "ext", "region", "index", "done", "span")
+    __slots__ = ("cat", "pid", "tid", "ts", "dur", "corr", "ext", "region", "index", "done")
 
     def __init__(self, h, region: int, index: int):
         self.cat, self.pid, self.tid, self.ts, self.dur = h.cat, h.pid, h.tid, h.ts, h.dur
@@ -317,7 +332,6 @@ class GpuWork:
         self.ext = None if a.external is _UNSET else a.external
         self.region, self.index = region, index
         self.done = None  # the event as a slim trace writes it, when pass 1 serialized it (`Follower`)
-        self.span = None  # (offset in the file, length) of its bytes, when pass 1 knows them
 
     def get(self, key: str, default=None):
         if key == "ph":
@@ -359,7 +373,7 @@ def read_selected(path: Path, slim: bool = True, workers: "Workers | None" = Non
         n += 1
         if slim:
             evs, gpu, heads, index, _ = pass1_region(region, base=starts[n] if starts else -1)
-            events.extend(stubbed(evs, gpu, heads, n, index=index))
+            events.extend(stubbed(evs, gpu, heads, n))
             side.append(index)
         else:
             side.scan(region)
@@ -369,17 +383,12 @@ def read_selected(path: Path, slim: bool = True, workers: "Workers | None" = Non
     return head, events, tail, side
 
 
-def stubbed(events: list, gpu: list, heads: list, n: int, done: list | None = None,
-            index: "HostIndex | None" = None) -> list:
-    """`pass1_region`'s answer for region `n` with a `GpuWork` in each GPU event's place (`index`: the
-    region's `HostIndex`, for the GPU events' spans)."""
-    span = index.gpu_span if index is not None and index.base >= 0 and len(index.gpu_span) == 2 * len(gpu) else None
+def stubbed(events: list, gpu: list, heads: list, n: int, done: list | None = None) -> list:
+    """`pass1_region`'s answer for region `n` with a `GpuWork` in each GPU event's place."""
     for k, ((pos, at), h) in enumerate(zip(gpu, heads)):
         events[pos] = w = GpuWork(h, n, at)
         if done is not None:
             w.done = done[k]
-        if span is not None:
-            w.span = (index.base + span[k], span[len(gpu) + k])
     return events
 
 
@@ -449,10 +458,10 @@ def event_spans(region: bytes, raws: list) -> tuple[list[int], list[int]] | None
 
 def read_spans(path: Path, want: dict, corr: set, ext: set, index: list) -> tuple[dict, list[bytes]] | None:
     """Pass 2 from pass 1's spans (`HostIndex.has_spans` for every region; `want`: region -> its kept
-    `GpuWork`s that pass 1 did not serialize, each with a span): ({id(stub): its bytes as written}, the
+    `GpuWork`s that pass 1 did not serialize): ({id(stub): its bytes as written}, the
     launch / op bytes to keep per region), reading only those events' bytes. None when a span is
     missing or the bytes there are not the events pass 1 saw (the caller reads the regions instead)."""
-    if not all(ix.has_spans for ix in index) or any(w.span is None for ws in want.values() for w in ws):
+    if not all(ix.has_spans for ix in index) or any(n >= len(index) for n in want):
         return None
     parsed: dict = {}
     links: list[bytes] = []
@@ -464,12 +473,14 @@ def read_spans(path: Path, want: dict, corr: set, ext: set, index: list) -> tupl
                 hits = ix.hit_spans(corr, ext) if corr or ext else []
                 if not hits and not stubs:
                     continue
-                lo = min([ix.base + h[1] for h in hits] + [w.span[0] for w in stubs])
-                hi = max([ix.base + h[1] + h[2] for h in hits] + [w.span[0] + w.span[1] for w in stubs])
+                gpu = ix.gpu_spans(stubs)
+                if gpu is None:
+                    return None
+                lo = min([ix.base + h[1] for h in hits] + [s for s, _ in gpu])
+                hi = max([ix.base + h[1] + h[2] for h in hits] + [s + k for s, k in gpu])
                 data = os.pread(fd, hi - lo, lo)  # at most one region's bytes
                 if stubs:
-                    got = slim_bytes([data[w.span[0] - lo:w.span[0] - lo + w.span[1]] for w in stubs],
-                                     [(w.ts, w.cat) for w in stubs])
+                    got = slim_bytes([data[s - lo:s - lo + k] for s, k in gpu], [(w.ts, w.cat) for w in stubs])
                     for w, e in zip(stubs, got):
                         parsed[id(w)] = e
                 if hits:

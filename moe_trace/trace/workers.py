@@ -351,7 +351,7 @@ def _take_pass1(res: dict, blob: bytes, n: int, events: list, index: list, base:
             parts.append(blob[at:at + k])
             at += k
         done = parts
-    events.extend(stubbed(evs, gpu, heads, n, done, ix))
+    events.extend(stubbed(evs, gpu, heads, n, done))
 
 
 def _pass1_reply(region: bytes, serialize: bool = False, base: int = -1) -> tuple[dict, bytes]:
