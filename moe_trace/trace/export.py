@@ -755,6 +755,10 @@ def dumps_events(events: Iterable, option: int) -> bytes:
     return b",\n".join(dumps_batches(events, option))
 
 
+#: an event already serialized (a `Follower`'s are views of its spill file)
+_SERIALIZED = (bytes, memoryview)
+
+
 def dumps_batches(events: Iterable, option: int) -> Iterator[bytes]:
     """`dumps_events` a batch at a time (each part whole events; `joined` puts `,\\n` between parts):
     orjson gives each `dumps` result a buffer of at least 4 KB, so a list of all of them would take
@@ -763,7 +767,7 @@ def dumps_batches(events: Iterable, option: int) -> Iterator[bytes]:
     dumps = orjson.dumps
     for e in events:
         try:
-            batch.append(e if type(e) is bytes else dumps(e, option=option))
+            batch.append(e if type(e) in _SERIALIZED else dumps(e, option=option))
         except TypeError as exc:  # e.g. an int beyond 64 bits in a raw event's args
             raise TraceError(f"an event of the trace cannot be written as JSON ({exc}); the raw trace holds a "
                              "value JSON writers refuse: re-export it, or check your ranges' args") from None

@@ -372,12 +372,18 @@ class Follower:
     the C++ save holds the GIL, so the parent could not read it meanwhile). `start` before the save,
     `finish` after it: pass 1's answer, as `export.read_selected` gives it, or None when the worker
     failed (the caller then reads the file itself; the raw file is the profiler's own, untouched). The
-    worker keeps its answers in `<path>.pass1` until the save is over (removed by `finish`)."""
+    worker keeps its answers in `<path>.pass1` until the save is over (removed by `finish`).
+
+    `start(write=...)`: the worker also writes the moe-trace file itself once the save is over
+    (`writer.write_trace` with that pass 1, into `write["out"]`), so the parent neither reads pass 1's
+    answers nor selects; `finish` then gives the path written, or None (the caller writes the file)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.pool = Workers(1)
         self.done_at: float | None = None  # `time.perf_counter()` when the worker had done its last region
+        self.marks: dict = {}  # the worker's `write_trace` marks (same clock)
+        self._out: Path | None = None
 
     def spawn(self) -> "Follower":
         """Start the worker process now (e.g. before the profiler's stop, which its start-up then overlaps);
@@ -385,22 +391,30 @@ class Follower:
         self.pool.spawn()
         return self
 
-    def start(self) -> "Follower | None":
+    def start(self, write: dict | None = None) -> "Follower | None":
+        """Send the task (`write`: `write_trace`'s run (`RunData.to_dict()`), steps, process, compresslevel
+        and the `out` path, for the worker to write the file too)."""
+        from .export import ORJSON_OPTS
+
         self.pool.__enter__()
         if len(self.pool.procs) != 1:
             return None
         try:
-            _send(self.pool.procs[0].stdin, {"op": "follow", "paths": [str(self.path) + ".tmp", str(self.path)]})
-        except (OSError, ValueError):
+            job = orjson.dumps(write, option=ORJSON_OPTS) if write is not None else b""
+            _send(self.pool.procs[0].stdin, {"op": "follow", "paths": [str(self.path) + ".tmp", str(self.path)],
+                                             "write": write is not None}, job)
+        except (OSError, ValueError, TypeError):
             self.pool.close()
             return None
+        self._out = Path(write["out"]) if write is not None else None
         return self
 
     def close(self) -> None:
         self.pool.close()
 
     def finish(self, saved: bool = True):
-        """(head, events, tail, HostIndex per region) of the saved file, or None."""
+        """(head, events, tail, HostIndex per region) of the saved file, or None; started with `write`:
+        the path written, or None (then no file is there)."""
         from .fastpath import Fallback
 
         try:
@@ -410,6 +424,8 @@ class Follower:
             try:
                 _send(p.stdin, {"op": "done", "size": self.path.stat().st_size})
                 got = _recv(p.stdout, ANSWER_TIMEOUT)
+                if self._out is not None:
+                    return self._written(got)
                 if not got or not isinstance(got[0].get("regions"), int) or not isinstance(got[0].get("head"), dict):
                     return None
                 head, tail, events, index = got[0]["head"], got[0].get("tail") or {}, [], []
@@ -432,6 +448,19 @@ class Follower:
             return head, events, tail, index
         finally:
             self.close()
+            if self._out is not None and not self.marks:  # not written (or not whole): no file is left
+                self._out.unlink(missing_ok=True)
+
+    def _written(self, got) -> Path | None:
+        if not got or got[0].get("written") != str(self._out) or not isinstance(got[0].get("marks"), dict):
+            return None
+        marks = {k: v for k, v in got[0]["marks"].items() if isinstance(v, float)}
+        if not marks or not self._out.is_file():
+            return None
+        at = got[0].get("at")
+        self.done_at = at if isinstance(at, float) else None
+        self.marks = marks
+        return self._out
 
 
 class _GrowingFile:
@@ -468,11 +497,17 @@ class _GrowingFile:
             yield data
 
 
-def _follow(paths: list[str], inp, out) -> None:
+def _follow(paths: list[str], inp, out, job: dict | None = None) -> None:
     """The worker's side of `Follower`: open the file being written (`paths`: the temporary name, then
     the final one) and run pass 1 on each region as it completes, from the first byte; the answers are
-    sent after the writer's "done"."""
+    sent after the writer's "done". With `job`, the answers stay here and the file is written here
+    (`_write_followed`)."""
+    from .export import pass1_region, stubbed
     from .fastpath import regions_of
+
+    if job is not None:  # imported now, while the profiler saves (numpy and the analysis: ~0.2 s)
+        from moe_trace.analysis import RunData  # noqa: F401
+        from . import writer  # noqa: F401
 
     src = _GrowingFile(None, inp)
     while src.fh is None:
@@ -486,6 +521,10 @@ def _follow(paths: list[str], inp, out) -> None:
         if src.fh is None:
             src._wait()
     spill = paths[-1] + ".pass1"  # the answers wait on disk, not in this process (its peak stays small)
+    events: list = []   # with `job`: pass 1's answer, kept here; each GPU event's serialized bytes go to
+    index: list = []    # the spill (`done`: where), so that this process holds only its heads
+    stubs: list = []
+    done: list[int] = []
     with src.fh, open(spill, "wb") as keep:
         starts: list[int] = []
         regions = regions_of(src, starts)
@@ -495,10 +534,49 @@ def _follow(paths: list[str], inp, out) -> None:
         for region in regions:
             if isinstance(region, dict):
                 tail = region
-            else:
+            elif job is None:
                 _send(keep, *_pass1_reply(region, serialize=True, base=starts[n]))
                 n += 1
-    _send(out, {"regions": n, "head": head, "tail": tail, "answers": spill, "at": time.perf_counter()})
+            else:
+                evs, gpu, heads, ix, serialized = pass1_region(region, True, starts[n])
+                for b in serialized:
+                    keep.write(b)
+                done += map(len, serialized)
+                events.extend(stubbed(evs, gpu, heads, n))
+                stubs += [evs[pos] for pos, _ in gpu]
+                index.append(ix)
+                n += 1
+    at = time.perf_counter()
+    if job is None:
+        _send(out, {"regions": n, "head": head, "tail": tail, "answers": spill, "at": at})
+        return
+    _write_followed(paths[-1], (head, events, tail, index), stubs, done, spill, job, out, at)
+
+
+def _write_followed(raw: str, pass1: tuple, stubs: list, done: list[int], spill: str, job: dict, out, at: float
+                    ) -> None:
+    """`writer.write_trace` of the followed raw file with its pass 1 (`stubs`: its GPU events, whose bytes
+    lie one after another in `spill`, `done` bytes each) into `job["out"]`; answers {"written": path,
+    "marks": ...}. The worker exits after it (the spill's mapping goes with it)."""
+    import mmap
+    from itertools import accumulate
+
+    from moe_trace.analysis import RunData
+    from .writer import write_trace
+
+    os.environ["MOE_TRACE_EXPORT_WORKERS"] = "0"  # no workers of its own (pass 2 reads spans)
+    size = sum(done)
+    if size:
+        with open(spill, "rb") as fh:
+            view = memoryview(mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ))
+        for w, a, k in zip(stubs, accumulate(done, initial=0), done):
+            w.done = view[a:a + k]  # only the kept ones' pages are ever read
+    Path(spill).unlink(missing_ok=True)
+    del stubs
+    marks: dict = {}
+    write_trace(raw, RunData.from_dict(job["run"]), job["steps"], job["out"], slim=True, process=job["process"],
+                compresslevel=job["compresslevel"], pass1=pass1, marks=marks)
+    _send(out, {"written": job["out"], "marks": marks, "at": at})
 
 
 def _reap(procs: list) -> None:
@@ -532,7 +610,7 @@ def _serve() -> None:
                 if head.get("op") == "pass1":  # base 0: spans from the region's start (the parent knows where it is)
                     _send(out, *_pass1_reply(blob, base=0 if head.get("base") == 0 else -1))
                 elif head.get("op") == "follow":  # one task for the worker's life: then it exits
-                    _follow(head["paths"], inp, out)
+                    _follow(head["paths"], inp, out, orjson.loads(blob) if head.get("write") else None)
                     return
                 elif head.get("op") == "sets":  # before a worker's first pass-2 region; no answer
                     sets = orjson.loads(blob)
