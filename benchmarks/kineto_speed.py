@@ -265,9 +265,8 @@ def run_kineto(model, inputs, gen, device, tmp: Path) -> dict:
     if stopped:  # the generate's end -> profiler stopped -> raw saved -> moe-trace file written
         phases = {"stop": stopped - t_gen, "save": timings.get("saved", stopped) - stopped,
                   "tail": timings.get("written", t_disk) - timings.get("saved", stopped),
-                  # the tail's parts: the follower's lag after the save, (its answers read, when the parent
-                  # writes), the selection, pass 2, the write (gzip; a follower's file named); each from the
-                  # mark before it
+                  # the tail's parts: the follower's lag after the save, reading its answers, the selection,
+                  # pass 2, the write (gzip); each from the mark before it
                   **_parts(timings, ("saved", "follower_done", "pass1_followed", "pass1", "selected", "resolved", "written")),
                   "raw_mb": timings.get("raw_bytes", 0) / 1e6}
     f = files[0]

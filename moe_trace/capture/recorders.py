@@ -476,17 +476,14 @@ class KinetoRecorder:
         def work():
             go.wait()
             spawned, self._follower = self._follower, None
-            written: dict = {}
             try:
-                from moe_trace.trace.writer import followed_write, write_run_traces
+                from moe_trace.trace.writer import write_run_traces
 
+                pass1 = {}
                 if self._stopped_prof is not None:
                     path = self._tmpdir / f"raw{len(self._raw_traces)}.json"
-                    # slim pass 1 in a worker process while torch writes the raw file, which then writes the
-                    # moe-trace file too (workers.Follower)
-                    follower = spawned.start(write=followed_write(
-                        run_data, steps, self.logdir, process=process, started_at=started_at,
-                        window=len(self._raw_traces))) if spawned is not None and spawned.path == path else None
+                    # slim pass 1 in a worker process while torch writes the raw file (workers.Follower)
+                    follower = spawned.start() if spawned is not None and spawned.path == path else None
                     saved = False
                     try:
                         self._stopped_prof.export_chrome_trace(str(path))
@@ -496,22 +493,21 @@ class KinetoRecorder:
                     finally:
                         got = follower.finish(saved) if follower is not None else None
                     if got is not None:
-                        written[path] = got
-                        self.timings.update(follower.marks, follower_done=follower.done_at)  # same clock
+                        pass1[path] = got
+                        self.timings["pass1_followed"] = time.perf_counter()
+                        self.timings["follower_done"] = follower.done_at  # its last region (same clock)
                     self._stopped_prof = None
                     self._raw_traces.append(path)
                 self.timings.setdefault("saved", time.perf_counter())
                 self.trace_files += write_run_traces(self._raw_traces, run_data, steps, self.logdir, slim=self.slim,
-                                                     process=process, started_at=started_at, marks=self.timings,
-                                                     written=written)
+                                                     process=process, started_at=started_at, pass1=pass1,
+                                                     marks=self.timings)
                 self.timings["written"] = time.perf_counter()
             except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
                 self._error = exc
             finally:
                 if spawned is not None:  # finish() has closed it, unless it was not used
                     spawned.close()
-                for tmp in written.values():  # the follower's file, if it did not get its name
-                    tmp.unlink(missing_ok=True)
                 for raw in self._raw_traces:
                     raw.unlink(missing_ok=True)
                 self._stopped_prof = None

@@ -226,36 +226,6 @@ def write_under_free_name(run_id: str, write: Callable[[str], _T], where: str | 
     raise error(f"cannot find a free file name for run {run_id} in {where}; clean up the logdir")
 
 
-def claim(tmp: Path, out: Path) -> None:
-    """Give the finished file `tmp` the name `out` (same directory) unless a file has it: FileExistsError
-    then (an OSError for other problems). `tmp` is left for the caller to remove."""
-    try:
-        os.link(tmp, out)  # fails with EEXIST instead of replacing
-    except OSError as exc:
-        if exc.errno == errno.EEXIST:
-            raise FileExistsError(str(out)) from None
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-            raise
-        if out.exists():  # no hard links on this file system: check, then rename
-            raise FileExistsError(str(out)) from None
-        os.replace(tmp, out)
-
-
-def claim_written(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """`claim` for a file another process wrote (`workers.Follower`), then `tmp` is removed; a TraceError
-    for a problem other than the name being taken (FileExistsError: `tmp` stays, for another name)."""
-    tmp, out = Path(tmp), Path(out)
-    try:
-        claim(tmp, out)
-    except FileExistsError:
-        raise
-    except OSError as exc:
-        raise TraceError(f"cannot write {out} ({exc.strerror or exc}); pass a writable path with free space") from None
-    with contextlib.suppress(OSError):
-        tmp.unlink()
-    return out
-
-
 def atomic_write(out: str | os.PathLike, parts: Iterable[bytes], *, gz: bool | None = None,
                  compresslevel: int = 3, overwrite: bool = True) -> Path:
     """Write `parts` to `out` through a temporary file in the same directory, then rename it into place
@@ -282,7 +252,14 @@ def atomic_write(out: str | os.PathLike, parts: Iterable[bytes], *, gz: bool | N
         if overwrite:
             os.replace(tmp, out)
         else:
-            claim(tmp, out)
+            try:
+                os.link(tmp, out)  # fails with EEXIST instead of replacing
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                if out.exists():  # no hard links on this file system: check, then rename
+                    raise FileExistsError(str(out)) from None
+                os.replace(tmp, out)
     except FileExistsError:
         raise
     except OSError as exc:

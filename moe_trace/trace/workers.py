@@ -27,6 +27,8 @@ import subprocess
 import sys
 import threading
 import time
+from array import array
+from itertools import accumulate, chain
 from pathlib import Path
 from queue import Queue
 from typing import Iterator
@@ -331,39 +333,46 @@ def _take_pass1(res: dict, blob: bytes, n: int, events: list, index: list, base:
 
     if res.get("fallback"):
         raise Fallback
-    gpu, lens, evs, done = res.get("gpu"), res.get("bytes"), res.get("events"), res.get("done")
-    if not (isinstance(lens, list) and len(lens) == 2 and all(isinstance(x, int) and x >= 0 for x in lens)
-            and sum(lens) <= len(blob) and isinstance(gpu, list) and isinstance(evs, list)):
+    lens, evs = res.get("bytes"), res.get("events")
+    if not (isinstance(lens, list) and len(lens) == 4 and all(type(x) is int and x >= 0 for x in lens)
+            and sum(lens) <= len(blob) and isinstance(evs, list)):
         raise WorkerFailed
-    heads = decode_heads(blob[:lens[0]])
-    if len(heads) != len(gpu) or not all(isinstance(g, list) and len(g) == 2 for g in gpu):
+    h, i, g, d = lens
+    heads = decode_heads(blob[:h])
+    ix = HostIndex.from_bytes(blob[h:h + i])
+    gpu = _ints(blob[h + i:h + i + g])  # (position in evs, index in the region) of each GPU event
+    pos, at = gpu[0::2], gpu[1::2]
+    if len(gpu) != 2 * len(heads) or (heads and (min(pos) < 0 or max(pos) >= len(evs))):
         raise WorkerFailed
-    ix = HostIndex.from_bytes(blob[lens[0]:lens[0] + lens[1]])
     if base is not None:
         ix.base = base if base >= 0 and ix.base >= 0 else -1
     index.append(ix)
-    if done is not None:  # the serialized GPU events (a follower's), one after another
-        if not (isinstance(done, list) and len(done) == len(gpu) and all(isinstance(k, int) and k > 0 for k in done)
-                and sum(lens) + sum(done) == len(blob)):
+    done = None
+    if res.get("done"):  # the serialized GPU events (a follower's), one after another
+        sizes = _ints(blob[h + i + g:h + i + g + d])
+        if len(sizes) != len(heads) or (heads and min(sizes) <= 0) or sum(lens) + sum(sizes) != len(blob):
             raise WorkerFailed
-        at, parts = sum(lens), []
-        for k in done:
-            parts.append(blob[at:at + k])
-            at += k
-        done = parts
-    events.extend(stubbed(evs, gpu, heads, n, done))
+        k = sum(lens)
+        done = [blob[a:a + m] for a, m in zip(accumulate(sizes, initial=k), sizes)]
+    events.extend(stubbed(evs, list(zip(pos, at)), heads, n, done))
+
+
+def _ints(blob: bytes) -> array:
+    a = array("q")
+    a.frombytes(blob)  # ValueError for a length that is no multiple of 8: a worker's nonsense
+    return a
 
 
 def _pass1_reply(region: bytes, serialize: bool = False, base: int = -1) -> tuple[dict, bytes]:
+    """A worker's answer for one region: the parsed events in the head, the GPU events' heads (JSON),
+    the region's `HostIndex`, their places and (`serialize`) sizes as int64 arrays, then their bytes."""
     from .export import encode_heads, pass1_region
 
     evs, gpu, heads, index, done = pass1_region(region, serialize, base)
-    heads, index = encode_heads(heads), index.to_bytes()
-    head = {"events": evs, "gpu": gpu, "bytes": [len(heads), len(index)]}
-    if done is None:
-        return head, heads + index
-    head["done"] = [len(d) for d in done]
-    return head, b"".join([heads, index, *done])
+    parts = [encode_heads(heads), index.to_bytes(), array("q", chain.from_iterable(gpu)).tobytes(),
+             array("q", map(len, done)).tobytes() if done is not None else b""]
+    head = {"events": evs, "bytes": [len(p) for p in parts], "done": done is not None}
+    return head, b"".join(parts + (done or []))
 
 
 class Follower:
@@ -372,18 +381,12 @@ class Follower:
     the C++ save holds the GIL, so the parent could not read it meanwhile). `start` before the save,
     `finish` after it: pass 1's answer, as `export.read_selected` gives it, or None when the worker
     failed (the caller then reads the file itself; the raw file is the profiler's own, untouched). The
-    worker keeps its answers in `<path>.pass1` until the save is over (removed by `finish`).
-
-    `start(write=...)`: the worker also writes the moe-trace file itself once the save is over
-    (`writer.write_trace` with that pass 1, into `write["out"]`), so the parent neither reads pass 1's
-    answers nor selects; `finish` then gives the path written, or None (the caller writes the file)."""
+    worker keeps its answers in `<path>.pass1` until the save is over (removed by `finish`)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.pool = Workers(1)
         self.done_at: float | None = None  # `time.perf_counter()` when the worker had done its last region
-        self.marks: dict = {}  # the worker's `write_trace` marks (same clock)
-        self._out: Path | None = None
 
     def spawn(self) -> "Follower":
         """Start the worker process now (e.g. before the profiler's stop, which its start-up then overlaps);
@@ -391,30 +394,22 @@ class Follower:
         self.pool.spawn()
         return self
 
-    def start(self, write: dict | None = None) -> "Follower | None":
-        """Send the task (`write`: `write_trace`'s run (`RunData.to_dict()`), steps, process, compresslevel
-        and the `out` path, for the worker to write the file too)."""
-        from .export import ORJSON_OPTS
-
+    def start(self) -> "Follower | None":
         self.pool.__enter__()
         if len(self.pool.procs) != 1:
             return None
         try:
-            job = orjson.dumps(write, option=ORJSON_OPTS) if write is not None else b""
-            _send(self.pool.procs[0].stdin, {"op": "follow", "paths": [str(self.path) + ".tmp", str(self.path)],
-                                             "write": write is not None}, job)
-        except (OSError, ValueError, TypeError):
+            _send(self.pool.procs[0].stdin, {"op": "follow", "paths": [str(self.path) + ".tmp", str(self.path)]})
+        except (OSError, ValueError):
             self.pool.close()
             return None
-        self._out = Path(write["out"]) if write is not None else None
         return self
 
     def close(self) -> None:
         self.pool.close()
 
     def finish(self, saved: bool = True):
-        """(head, events, tail, HostIndex per region) of the saved file, or None; started with `write`:
-        the path written, or None (then no file is there)."""
+        """(head, events, tail, HostIndex per region) of the saved file, or None."""
         from .fastpath import Fallback
 
         try:
@@ -424,8 +419,6 @@ class Follower:
             try:
                 _send(p.stdin, {"op": "done", "size": self.path.stat().st_size})
                 got = _recv(p.stdout, ANSWER_TIMEOUT)
-                if self._out is not None:
-                    return self._written(got)
                 if not got or not isinstance(got[0].get("regions"), int) or not isinstance(got[0].get("head"), dict):
                     return None
                 head, tail, events, index = got[0]["head"], got[0].get("tail") or {}, [], []
@@ -448,19 +441,6 @@ class Follower:
             return head, events, tail, index
         finally:
             self.close()
-            if self._out is not None and not self.marks:  # not written (or not whole): no file is left
-                self._out.unlink(missing_ok=True)
-
-    def _written(self, got) -> Path | None:
-        if not got or got[0].get("written") != str(self._out) or not isinstance(got[0].get("marks"), dict):
-            return None
-        marks = {k: v for k, v in got[0]["marks"].items() if isinstance(v, float)}
-        if not marks or not self._out.is_file():
-            return None
-        at = got[0].get("at")
-        self.done_at = at if isinstance(at, float) else None
-        self.marks = marks
-        return self._out
 
 
 class _GrowingFile:
@@ -497,17 +477,11 @@ class _GrowingFile:
             yield data
 
 
-def _follow(paths: list[str], inp, out, job: dict | None = None) -> None:
+def _follow(paths: list[str], inp, out) -> None:
     """The worker's side of `Follower`: open the file being written (`paths`: the temporary name, then
     the final one) and run pass 1 on each region as it completes, from the first byte; the answers are
-    sent after the writer's "done". With `job`, the answers stay here and the file is written here
-    (`_write_followed`)."""
-    from .export import pass1_region, stubbed
+    sent after the writer's "done"."""
     from .fastpath import regions_of
-
-    if job is not None:  # imported now, while the profiler saves (numpy and the analysis: ~0.2 s)
-        from moe_trace.analysis import RunData  # noqa: F401
-        from . import writer  # noqa: F401
 
     src = _GrowingFile(None, inp)
     while src.fh is None:
@@ -521,10 +495,6 @@ def _follow(paths: list[str], inp, out, job: dict | None = None) -> None:
         if src.fh is None:
             src._wait()
     spill = paths[-1] + ".pass1"  # the answers wait on disk, not in this process (its peak stays small)
-    events: list = []   # with `job`: pass 1's answer, kept here; each GPU event's serialized bytes go to
-    index: list = []    # the spill (`done`: where), so that this process holds only its heads
-    stubs: list = []
-    done: list[int] = []
     with src.fh, open(spill, "wb") as keep:
         starts: list[int] = []
         regions = regions_of(src, starts)
@@ -534,49 +504,10 @@ def _follow(paths: list[str], inp, out, job: dict | None = None) -> None:
         for region in regions:
             if isinstance(region, dict):
                 tail = region
-            elif job is None:
+            else:
                 _send(keep, *_pass1_reply(region, serialize=True, base=starts[n]))
                 n += 1
-            else:
-                evs, gpu, heads, ix, serialized = pass1_region(region, True, starts[n])
-                for b in serialized:
-                    keep.write(b)
-                done += map(len, serialized)
-                events.extend(stubbed(evs, gpu, heads, n))
-                stubs += [evs[pos] for pos, _ in gpu]
-                index.append(ix)
-                n += 1
-    at = time.perf_counter()
-    if job is None:
-        _send(out, {"regions": n, "head": head, "tail": tail, "answers": spill, "at": at})
-        return
-    _write_followed(paths[-1], (head, events, tail, index), stubs, done, spill, job, out, at)
-
-
-def _write_followed(raw: str, pass1: tuple, stubs: list, done: list[int], spill: str, job: dict, out, at: float
-                    ) -> None:
-    """`writer.write_trace` of the followed raw file with its pass 1 (`stubs`: its GPU events, whose bytes
-    lie one after another in `spill`, `done` bytes each) into `job["out"]`; answers {"written": path,
-    "marks": ...}. The worker exits after it (the spill's mapping goes with it)."""
-    import mmap
-    from itertools import accumulate
-
-    from moe_trace.analysis import RunData
-    from .writer import write_trace
-
-    os.environ["MOE_TRACE_EXPORT_WORKERS"] = "0"  # no workers of its own (pass 2 reads spans)
-    size = sum(done)
-    if size:
-        with open(spill, "rb") as fh:
-            view = memoryview(mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ))
-        for w, a, k in zip(stubs, accumulate(done, initial=0), done):
-            w.done = view[a:a + k]  # only the kept ones' pages are ever read
-    Path(spill).unlink(missing_ok=True)
-    del stubs
-    marks: dict = {}
-    write_trace(raw, RunData.from_dict(job["run"]), job["steps"], job["out"], slim=True, process=job["process"],
-                compresslevel=job["compresslevel"], pass1=pass1, marks=marks)
-    _send(out, {"written": job["out"], "marks": marks, "at": at})
+    _send(out, {"regions": n, "head": head, "tail": tail, "answers": spill, "at": time.perf_counter()})
 
 
 def _reap(procs: list) -> None:
@@ -610,7 +541,7 @@ def _serve() -> None:
                 if head.get("op") == "pass1":  # base 0: spans from the region's start (the parent knows where it is)
                     _send(out, *_pass1_reply(blob, base=0 if head.get("base") == 0 else -1))
                 elif head.get("op") == "follow":  # one task for the worker's life: then it exits
-                    _follow(head["paths"], inp, out, orjson.loads(blob) if head.get("write") else None)
+                    _follow(head["paths"], inp, out)
                     return
                 elif head.get("op") == "sets":  # before a worker's first pass-2 region; no answer
                     sets = orjson.loads(blob)

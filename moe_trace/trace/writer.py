@@ -36,7 +36,7 @@ from .export import (FULL_READ_CATS, ORJSON_OPTS as _ORJSON_OPTS, SLIM_READ_CATS
                      dumps_batches, dumps_events, host_link_kept, is_raw_path, joined, read_selected, resolve_slim,
                      slim_select)
 from .fastpath import Fallback
-from .io import atomic_write, claim_written, load_json, no_gc, write_under_free_name
+from .io import atomic_write, load_json, no_gc, write_under_free_name
 from .metadata import encode_nonfinite
 from .workers import workers_for
 
@@ -186,37 +186,23 @@ def _document(meta: dict, events: Iterable[bytes]) -> Iterator[bytes]:
 
 def write_run_traces(raws: list, run: RunData, steps: list[dict], logdir: str | os.PathLike, *, slim: bool = True,
                      process: dict, started_at: float | None = None, compresslevel: int = 3,
-                     pass1: dict | None = None, marks: dict | None = None, written: dict | None = None
-                     ) -> list[Path]:
+                     pass1: dict | None = None, marks: dict | None = None) -> list[Path]:
     """Write the trace files of one `profile()` run (one per profiler window) into `logdir`.
 
     Names: `{worker}.{run_id}[.{window}].pt.trace.json.gz` (format.trace_file_name); an existing file
     is never replaced (a `-{k}` is added to the run id part instead), so no run overwrites another's
-    files, in one process or across processes. `written`: raw file -> the file a `workers.Follower`
-    already wrote for it (`followed_write`), which gets its name here. Returns the paths written."""
+    files, in one process or across processes. Returns the paths written."""
     logdir = Path(logdir)
     worker = worker_name(process)
     run_id = run.run_id
     out: list[Path] = []
     for n, raw in enumerate(raws):
         proc = dict(process, window=n, started_at=started_at)
-        done = written.get(raw) if written and is_raw_path(raw) else None
-        out.append(write_under_free_name(run_id, lambda tag: claim_written(
-            done, logdir / trace_file_name(worker, tag, n)) if done is not None else write_trace(
+        out.append(write_under_free_name(run_id, lambda tag: write_trace(
             raw, run, steps, logdir / trace_file_name(worker, tag, n), slim=slim, process=proc,
             compresslevel=compresslevel, overwrite=False,
             pass1=pass1.get(raw) if pass1 and is_raw_path(raw) else None, marks=marks), logdir))
     return out
-
-
-def followed_write(run: RunData, steps: list[dict], logdir: str | os.PathLike, *, process: dict,
-                   started_at: float | None = None, window: int = 0, compresslevel: int = 3) -> dict:
-    """What a `workers.Follower` needs to write window `window`'s slim file itself (`Follower.start(write=
-    ...)`), as `write_run_traces` would: a hidden file in `logdir`, which `write_run_traces(written=...)`
-    then names."""
-    out = Path(logdir) / f".{run.run_id}.{os.getpid()}.{window}.follower.tmp.gz"
-    return {"run": run.to_dict(), "steps": steps, "process": dict(process, window=window, started_at=started_at),
-            "compresslevel": compresslevel, "out": str(out)}
 
 
 def write_chrome_trace(meta: dict, events: Iterable[dict], out_path: str | os.PathLike, *,
