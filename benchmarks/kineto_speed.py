@@ -104,28 +104,15 @@ def _status_kb(pid, key: str) -> int:
     return 0
 
 
-def _children() -> set:
-    kids = set()
-    try:
-        for t in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{t}/children") as f:
-                    kids.update(f.read().split())
-            except OSError:
-                pass
-    except OSError:
-        pass
-    return kids
-
-
 class PeakRSS:
-    """Peak RSS between start() and stop(), in bytes over the RSS at start().
+    """Peak RSS of this process between start() and stop(), in bytes over the RSS at start().
 
     The kernel's own high-water mark (VmHWM, reset at start() through /proc/self/clear_refs), so the
     peak is exact even while C++ code (torch's profiler stop, Kineto's JSON save) holds the GIL and no
-    Python thread can sample; plus the peaks of child processes (the export's workers: their VmHWM,
-    read by a sampling thread while they live; a child that has not exec'd yet shares our pages and is
-    not counted). Without clear_refs (not Linux, no permission) it falls back to sampling RSS."""
+    Python thread can sample. Without clear_refs (not Linux, no permission) it falls back to sampling
+    RSS in a thread. Child processes' peaks come from `TreeRSS` (a separate process: a sampling thread
+    here took ~a quarter of the GIL from the export it measures, walking the threads of a CUDA process
+    every 2 ms)."""
 
     def __init__(self, interval: float = 0.002):
         self.interval = interval
@@ -133,11 +120,9 @@ class PeakRSS:
         self._stop = threading.Event()
         self._t = None
         self._hwm = False
-        self._kids: dict[str, int] = {}
 
     def start(self):
         self.base = self.peak = _rss_of("self")
-        self._kids = {}
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current RSS
@@ -145,16 +130,13 @@ class PeakRSS:
         except OSError:
             self._hwm = False
         self._stop.clear()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
+        self._t = None
+        if not self._hwm:
+            self._t = threading.Thread(target=self._run, daemon=True)
+            self._t.start()
 
     def _sample(self):
-        me = _cmdline("self")
-        for k in _children():
-            if _cmdline(k) != me:
-                self._kids[k] = max(self._kids.get(k, 0), _status_kb(k, "VmHWM:"))
-        if not self._hwm:
-            self.peak = max(self.peak, _rss_of("self"))
+        self.peak = max(self.peak, _rss_of("self"))
 
     def _run(self):
         while not self._stop.wait(self.interval):
@@ -162,10 +144,11 @@ class PeakRSS:
 
     def stop(self) -> int:
         self._stop.set()
-        self._t.join()
+        if self._t is not None:
+            self._t.join()
         self._sample()
         own = _status_kb("self", "VmHWM:") if self._hwm else self.peak
-        return max(own, self.peak) + sum(self._kids.values()) - self.base
+        return max(own, self.peak) - self.base
 
 
 _TREE_SAMPLER = r"""
@@ -189,13 +172,35 @@ def rss(pid):
         return int(open(f"/proc/{pid}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+def cmdline(pid):
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return b""
+def hwm(pid):  # a child's own peak (kB in /proc/<pid>/status)
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+own = cmdline(root)
+kids = {}  # each exec'd descendant's peak (a fork that has not exec'd shares the parent's pages)
+def sample():
+    pids = [q for q in tree(root)[1:] if q in kids or cmdline(q) != own]
+    for q in pids:
+        kids[q] = max(kids.get(q, 0), hwm(q))
+    return rss(root) + sum(rss(q) for q in pids)
 sys.stdin.readline()  # "mark": the window starts
-first = sum(rss(q) for q in tree(root))
+kids.update((q, 0) for q in tree(root)[1:] if cmdline(q) != own)
+first = sample()
+kids = {q: 0 for q in kids}  # peaks from the mark on: a child that lives on keeps its own earlier peak
 peak = first
 while not select.select([sys.stdin], [], [], 0.003)[0]:
-    peak = max(peak, sum(rss(q) for q in tree(root)))
-peak = max(peak, sum(rss(q) for q in tree(root)))
-print(peak - first, flush=True)
+    peak = max(peak, sample())
+peak = max(peak, sample())
+print(peak - first, sum(kids.values()), flush=True)
 """
 
 
@@ -213,12 +218,14 @@ class TreeRSS:
         """The window starts (a line down a pipe: microseconds)."""
         self.p.stdin.write("mark\n")
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, int]:
+        """(the tree's concurrent peak over the sum at the mark, the sum of the children's own peaks)."""
         out, _ = self.p.communicate("x", timeout=30)
         try:
-            return int(out.strip())
+            tree, kids = map(int, out.split())
+            return tree, kids
         except ValueError:
-            return 0
+            return 0, 0
 
 
 def sync(device):
@@ -257,8 +264,9 @@ def run_kineto(model, inputs, gen, device, tmp: Path) -> dict:
     t_disk = time.perf_counter()
     cpu = time.process_time() - c0
     after = mem2.stop()
-    tree_peak = tree.stop()
-    peak = max(peak, after + mem2.base - mem.base)
+    tree_peak, kids = tree.stop()
+    peak = max(peak, after + mem2.base - mem.base) + kids  # an upper bound: the peaks need not coincide
+    after += kids
     timings = getattr(run, "export_timings", None) or {}
     stopped = timings.get("profiler_stopped")
     phases = {}
@@ -317,7 +325,8 @@ def run_tb_handler(model, inputs, gen, device, tmp: Path) -> dict:
     t_disk = time.perf_counter()
     cpu = time.process_time() - c0
     peak = mem.stop()
-    tree_peak = tree.stop()
+    tree_peak, kids = tree.stop()
+    peak += kids
     f = next(logdir.glob("*.pt.trace.json*"))
     return {"total": t_disk - t0, "block": t_disk - t0, "cpu": cpu, "enter": t_in - t0, "generate": t_gen - t_in,
             "stop_to_disk": t_disk - t_gen, "after_stop": None, "tokens": out,

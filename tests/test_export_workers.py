@@ -330,3 +330,17 @@ def test_a_follower_spawned_at_the_stop_is_closed_when_no_export_follows(tmp_pat
     (f, procs), = made
     assert f.pool.procs == [] and len(procs) == 1
     assert procs[0].wait(timeout=30) is not None  # its pipes closed: it exits
+
+
+def test_no_workers_start_when_pass_1_is_given_with_spans(raw, monkeypatch):
+    """A follower's pass 1 with spans leaves pass 2 nothing to do in workers: none start."""
+    d, spec = raw
+    serial = _write(d, spec, "serial4.pt.trace.json.gz", 0, monkeypatch)
+    pass1 = export.read_selected(d / "raw.json", True)
+    assert all(ix.has_spans for ix in pass1[3])
+    started = []
+    monkeypatch.setattr(workers_mod.Workers, "spawn", lambda self: started.append(self) or self)
+    monkeypatch.setenv("MOE_TRACE_EXPORT_WORKERS", "2")
+    out = write_trace(d / "raw.json", RunData.from_dict(spec["run"]), spec["steps"], d / "given.pt.trace.json.gz",
+                      slim=True, process=spec["process"], pass1=pass1)
+    assert started == [] and _without_start_time(out) == _without_start_time(serial)

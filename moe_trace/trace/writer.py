@@ -66,7 +66,9 @@ def write_trace(raw: dict | str | os.PathLike, run: RunData, steps: list[dict], 
 
 
 def _write_trace(raw, run, steps, out_path, *, slim, process, compresslevel, overwrite, pass1, marks) -> Path:
-    pool = workers_for(raw) if slim and is_raw_path(raw) and Path(raw).is_file() else None
+    # no workers when pass 1 is done and pass 2 can read its spans (export.read_spans)
+    spans = pass1 is not None and all(getattr(ix, "has_spans", False) for ix in pass1[3])
+    pool = workers_for(raw) if slim and is_raw_path(raw) and Path(raw).is_file() and not spans else None
     with pool or contextlib.nullcontext():  # worker processes for the two slim passes (workers.py)
         return _write_trace_with(raw, run, steps, out_path, slim=slim, process=process, compresslevel=compresslevel,
                                  overwrite=overwrite, workers=pool, pass1=pass1, marks=marks)
