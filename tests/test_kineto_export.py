@@ -369,28 +369,33 @@ def test_odd_raw_events_give_the_object_paths_answer_or_one_error(damage):
     assert any(e.get("cat") == "kernel" for e in b["traceEvents"])
 
 
-def _raw_file(d: Path, irregular: bool = False) -> tuple[Path, dict]:
+def _raw_file(d: Path, irregular: bool = False, gz: bool = False) -> tuple[Path, dict]:
     """gpu_raw_with_ops in Kineto's layout (one key per line); `irregular`: every other event after a
-    separator of another width (still one event per line start, as the byte path needs)."""
+    separator of another width (still one event per line start, as the byte path needs); `gz`: gzipped."""
     raw = gpu_raw_with_ops()
     text = json.dumps(raw, indent=2)
     if irregular:
         parts = text.split("},\n    {")
         text = "".join(p + ("},\n    {" if k % 2 else "},\n      {") for k, p in enumerate(parts[:-1])) + parts[-1]
     path = d / ("irregular.json" if irregular else "raw.json")
-    path.write_text(text)
+    if gz:
+        path = path.with_suffix(".json.gz")
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
     return path, raw
 
 
-@pytest.mark.parametrize("irregular", [False, True])
-def test_pass_2_reads_the_kept_events_where_pass_1_saw_them(irregular, monkeypatch):
+@pytest.mark.parametrize("layout", ["kineto", "irregular", "gzip"])
+def test_pass_2_reads_the_kept_events_where_pass_1_saw_them(layout, monkeypatch):
     """Kineto's layout: pass 2 reads only the kept kernels', launches' and ops' bytes (pass 1's spans),
-    never a whole region; a layout whose separators vary has no spans and reads the regions. Both write
-    what the object path writes."""
+    never a whole region; a layout whose separators vary, or a gzipped raw file (no offsets to read at),
+    has no spans and reads the regions. All write what the object path writes."""
+    irregular = layout != "kineto"
     from moe_trace.trace import export
 
-    d = tmpdir(f"kexport_spans_{irregular}")
-    raw_path, raw = _raw_file(d, irregular)
+    d = tmpdir(f"kexport_spans_{layout}")
+    raw_path, raw = _raw_file(d, layout == "irregular", layout == "gzip")
     run, steps = make_run(device="cuda:0")
     by_obj = write_trace(raw, run, steps, d / "obj.pt.trace.json", process=dict(PROCESS))
     used = {"regions": 0, "spans": 0}
