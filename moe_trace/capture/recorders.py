@@ -476,6 +476,7 @@ class KinetoRecorder:
         def work():
             go.wait()
             spawned, self._follower = self._follower, None
+            cpu = None
             try:
                 from moe_trace.trace.writer import write_run_traces
 
@@ -489,6 +490,7 @@ class KinetoRecorder:
                         self._stopped_prof.export_chrome_trace(str(path))
                         saved = True
                         self.timings["saved"] = time.perf_counter()
+                        cpu = time.thread_time()
                         self.timings["raw_bytes"] = path.stat().st_size  # not a mark: the raw file's size
                     finally:
                         got = follower.finish(saved) if follower is not None else None
@@ -503,6 +505,8 @@ class KinetoRecorder:
                                                      process=process, started_at=started_at, pass1=pass1,
                                                      marks=self.timings)
                 self.timings["written"] = time.perf_counter()
+                if cpu is not None:  # not a mark: the writer thread's CPU seconds after the save (vs waiting)
+                    self.timings["tail_thread_cpu"] = time.thread_time() - cpu
             except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
                 self._error = exc
             finally:

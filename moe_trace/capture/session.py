@@ -282,7 +282,9 @@ class ProfileRun:
 
     @property
     def export_timings(self) -> dict[str, float]:
-        """perf_counter marks of the kineto export ("profiler_stopped", "saved", "written")."""
+        """perf_counter marks of the kineto export ("profiler_stopped", "saved", "written", and the passes'
+        own), the raw file's size ("raw_bytes") and the writer thread's CPU seconds after the save
+        ("tail_thread_cpu")."""
         return dict(self.kineto.timings) if self.kineto is not None else {}
 
     def report(self, peak: dict[str, float] | None = None) -> Report:
