@@ -384,8 +384,39 @@ def build(name, layers, device, tiny):
     return build_reference_model(name, num_hidden_layers=layers, dtype=torch.bfloat16, device=device).eval()
 
 
+def profiled_tail(model, inputs, gen, device, tmp: Path, top: int) -> str:
+    """One more kineto run (not timed) with cProfile in the writer thread around the tail's two calls
+    (taking the follower's answers, writing the trace): the table of its `top` functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    from moe_trace.trace import workers, writer
+
+    prof = cProfile.Profile()  # enabled in the writer thread only (a profiler is per thread)
+
+    def profiled(fn):
+        def call(*a, **k):
+            prof.enable()
+            try:
+                return fn(*a, **k)
+            finally:
+                prof.disable()
+        return call
+
+    finish, write = workers.Follower.finish, writer.write_run_traces
+    workers.Follower.finish, writer.write_run_traces = profiled(finish), profiled(write)
+    try:
+        run_kineto(model, inputs, gen, device, tmp)
+    finally:
+        workers.Follower.finish, writer.write_run_traces = finish, write
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
 def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers,
-               names=("kineto", "tb_handler"), warmup=True) -> dict:
+               names=("kineto", "tb_handler"), warmup=True, profile_top: int = 0) -> dict:
     torch.manual_seed(0)
     model = build(model_name, layers, device, tiny)
     vocab = model.config.get_text_config().vocab_size
@@ -413,6 +444,9 @@ def bench_case(label, model_name, batch, prompt, new, reps, device, tiny, layers
                           f"enter {r['enter']:.3f} gen {r['generate']:.3f} "
                           + " ".join(f"{k} {x:.3f}" for k, x in r.get("phases", {}).items()),
                           flush=True)
+            if profile_top:
+                print(f"[{label}] the tail of one more kineto run under cProfile (writer thread):\n"
+                      + profiled_tail(model, inputs, gen, device, tmp, profile_top), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         del model
@@ -501,6 +535,9 @@ def main(argv=None):
     ap.add_argument("--variants", default="kineto,tb_handler",
                     help=f"comma list of {', '.join(VARIANTS)} (must hold kineto and tb_handler)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up round (long cases only)")
+    ap.add_argument("--profile-tail", type=int, default=0, metavar="N",
+                    help="after the repetitions, one more kineto run with cProfile in the writer thread: its N "
+                         "functions of most own time")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (1 on a shared CPU box: a busy core stalls every 2-thread op)")
     args = ap.parse_args(argv)
@@ -511,7 +548,8 @@ def main(argv=None):
         [("custom", dict(model=args.model, batch=args.batch, prompt=args.prompt, new=args.new))]
     for label, c in todo:
         s = bench_case(label, c["model"], c["batch"], c["prompt"], c["new"], args.reps, device, args.tiny, args.layers,
-                       names=tuple(args.variants.split(",")), warmup=not args.no_warmup)
+                       names=tuple(args.variants.split(",")), warmup=not args.no_warmup,
+                       profile_top=args.profile_tail)
         if args.json:
             with open(args.json, "a") as fh:
                 fh.write(json.dumps(s, default=str) + "\n")
