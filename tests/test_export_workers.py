@@ -204,11 +204,12 @@ def _same_pass1(a, b) -> None:
     assert [i.to_bytes() for i in ia] == [i.to_bytes() for i in ib]
 
 
-@pytest.mark.parametrize("where", ["tmp_then_rename", "final_name", "after_the_save"])
-def test_a_follower_reads_the_raw_file_while_it_is_written(raw, tmp_path, where):
+@pytest.mark.parametrize("where, parts", [("tmp_then_rename", 1), ("final_name", 1), ("after_the_save", 1),
+                                         ("tmp_then_rename", 2), ("after_the_save", 3)])
+def test_a_follower_reads_the_raw_file_while_it_is_written(raw, tmp_path, where, parts):
     """`Follower`: pass 1 on a file that grows a MB at a time (from its first byte, in the slim passes'
-    256 KB chunks) equals pass 1 on the finished file; also when the writer uses the final name directly, and
-    when the follower only looks after the save."""
+    256 KB chunks) equals pass 1 on the finished file; also when the writer uses the final name directly,
+    when the follower only looks after the save, and when 2 or 3 processes share the regions."""
     import threading
 
     d, _ = raw
@@ -217,15 +218,16 @@ def test_a_follower_reads_the_raw_file_while_it_is_written(raw, tmp_path, where)
     tmp = tmp_path / "raw0.json.tmp"
     if where == "after_the_save":
         final.write_bytes(data)
-        f = workers_mod.Follower(final).start()
+        f = workers_mod.Follower(final, parts).start()
     else:
-        f = workers_mod.Follower(final).start()
+        f = workers_mod.Follower(final, parts).start()
         assert f is not None
         t = threading.Thread(target=_grow, args=(data, tmp if where == "tmp_then_rename" else final, final))
         t.start()
         t.join()
     got = f.finish(True)
-    assert got is not None
+    assert got is not None and len(got[3]) > parts  # (more regions than processes)
+    assert not list(tmp_path.glob("*.pass1*"))  # no answers left on disk
     _same_pass1(got, export.read_selected(final, True, None))
     d, spec = raw  # and the file written from it is the one the writer's own passes write
     run = RunData.from_dict(spec["run"])
@@ -234,13 +236,15 @@ def test_a_follower_reads_the_raw_file_while_it_is_written(raw, tmp_path, where)
     assert _without_start_time(a) == _without_start_time(b)
 
 
-def test_a_follower_that_fails_leaves_the_pass_to_the_writer(raw, tmp_path):
+@pytest.mark.parametrize("parts", [1, 2])
+def test_a_follower_that_fails_leaves_the_pass_to_the_writer(raw, tmp_path, parts):
     d, _ = raw
     final = tmp_path / "raw0.json"
-    f = workers_mod.Follower(final).start()
-    f.pool.procs[0].kill()  # dies before the save
+    f = workers_mod.Follower(final, parts).start()
+    f.pool.procs[-1].kill()  # (one of them) dies before the save
     final.write_bytes((d / "raw.json").read_bytes())
     assert f.finish(True) is None
+    assert not list(tmp_path.glob("*.pass1*"))
     f = workers_mod.Follower(final).start()
     assert f.finish(False) is None  # the save raised: nothing is read
     damaged = tmp_path / "raw1.json"  # a layout the fast path refuses: the writer's own pass says why
@@ -249,7 +253,8 @@ def test_a_follower_that_fails_leaves_the_pass_to_the_writer(raw, tmp_path):
     assert f.finish(True) is None
 
 
-def test_a_kineto_run_uses_the_followers_pass_1(tmp_path, monkeypatch):
+@pytest.mark.parametrize("parts", [1, 2])
+def test_a_kineto_run_uses_the_followers_pass_1(tmp_path, monkeypatch, parts):
     """End to end: the writer gets pass 1 from the follower (the run's timings say so), and the file
     equals the one written from the same raw file with the writer's own pass 1."""
     import torch
@@ -260,6 +265,7 @@ def test_a_kineto_run_uses_the_followers_pass_1(tmp_path, monkeypatch):
 
     monkeypatch.delenv("MOE_TRACE_EXPORT_WORKERS", raising=False)
     monkeypatch.setattr(workers_mod, "follow_enabled", lambda: True)
+    monkeypatch.setattr(workers_mod, "follow_parts", lambda: parts)
     seen = {}
     real = writer_mod.write_run_traces
 
@@ -272,7 +278,8 @@ def test_a_kineto_run_uses_the_followers_pass_1(tmp_path, monkeypatch):
     monkeypatch.setattr(writer_mod, "write_run_traces", spy)
     spawned = []
     real_spawn = workers_mod.Follower.spawn
-    monkeypatch.setattr(workers_mod.Follower, "spawn", lambda f: spawned.append(time.perf_counter()) or real_spawn(f))
+    monkeypatch.setattr(workers_mod.Follower, "spawn",
+                        lambda f: spawned.append(time.perf_counter()) or seen.update(parts=f.parts) or real_spawn(f))
     m = build_tiny_model("olmoe").eval()
     with torch.no_grad(), moe_trace.profile(m, mode="kineto", logdir=tmp_path / "run") as run:
         m.generate(**example_inputs(m), max_new_tokens=3, do_sample=False)
@@ -283,23 +290,24 @@ def test_a_kineto_run_uses_the_followers_pass_1(tmp_path, monkeypatch):
     assert [tm[k] for k in order] == sorted(tm[k] for k in order)
     assert 0 <= tm["tail_thread_cpu"] <= tm["written"] - tm["saved"] + 0.05
     # its process was started before the profiler's stop (whose time its start-up overlaps)
-    assert len(spawned) == 1 and spawned[0] < run.export_timings["profiler_stopped"]
+    assert len(spawned) == 1 and spawned[0] < run.export_timings["profiler_stopped"] and seen["parts"] == parts
     a = orjson.loads(gzip.decompress(files[0].read_bytes()))
     b = orjson.loads(gzip.decompress(seen["again"][0].read_bytes()))
     assert a["traceEvents"] == b["traceEvents"] and len(a["traceEvents"]) > 10
 
 
-@pytest.mark.parametrize("cpus, ranks, env, expected", [
-    (16, None, None, True),    # an H200 box: the follower runs during the save
-    (2, None, None, False),    # the CI box: no core idle during the save
-    (16, "8", None, False),    # 8 ranks on 16 cores
-    (16, "4", None, True),
-    (2, None, "3", True),      # workers asked for
-    (16, None, "0", False),    # all worker processes off
+@pytest.mark.parametrize("cpus, ranks, env, expected, parts", [
+    (16, None, None, True, 2),    # an H200 box: the follower runs during the save, in two processes
+    (2, None, None, False, 1),    # the CI box: no core idle during the save
+    (16, "8", None, False, 1),    # 8 ranks on 16 cores
+    (16, "4", None, True, 1),     # 4 cores a rank: one process
+    (16, "2", None, True, 2),
+    (2, None, "3", True, 1),      # workers asked for
+    (16, None, "0", False, 2),    # all worker processes off (then no follower at all)
 ])
-def test_when_a_follower_runs(monkeypatch, cpus, ranks, env, expected):
+def test_when_a_follower_runs(monkeypatch, cpus, ranks, env, expected, parts):
     _machine(monkeypatch, cpus, ranks, env)
-    assert workers_mod.follow_enabled() is expected
+    assert workers_mod.follow_enabled() is expected and workers_mod.follow_parts() == parts
 
 
 def test_a_follower_spawned_at_the_stop_is_closed_when_no_export_follows(tmp_path, monkeypatch):

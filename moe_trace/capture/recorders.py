@@ -351,10 +351,10 @@ class KinetoRecorder:
         if prof is None:
             return
         if self._sched is None and self.slim:  # its interpreter starts while torch stops (~2 s on the H200)
-            from moe_trace.trace.workers import Follower, follow_enabled
+            from moe_trace.trace.workers import Follower, follow_enabled, follow_parts
 
             if follow_enabled():
-                self._follower = Follower(self._tmpdir / f"raw{len(self._raw_traces)}.json").spawn()
+                self._follower = Follower(self._tmpdir / f"raw{len(self._raw_traces)}.json", follow_parts()).spawn()
         prof.__exit__(None, None, None)
         self.timings["profiler_stopped"] = time.perf_counter()
         if self._sched is None:

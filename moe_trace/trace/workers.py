@@ -20,6 +20,7 @@ Wire format, both ways: an 12-byte header (JSON length, blob length), a JSON obj
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import struct
@@ -94,6 +95,12 @@ def follow_enabled() -> bool:
     `MOE_TRACE_EXPORT_WORKERS` asks for workers)."""
     env = _env_workers()
     return env > 0 if env is not None else _cores_per_rank() >= FOLLOW_CORES
+
+
+def follow_parts() -> int:
+    """How many processes a `Follower` uses: 2 from 2 x FOLLOW_CORES cores per rank on (one core's
+    pass 1 can be slower than Kineto's save: docs/benchmarks.md), else 1."""
+    return 2 if _cores_per_rank() >= 2 * FOLLOW_CORES else 1
 
 
 def workers_for(path: Path) -> "Workers | None":
@@ -381,11 +388,16 @@ class Follower:
     the C++ save holds the GIL, so the parent could not read it meanwhile). `start` before the save,
     `finish` after it: pass 1's answer, as `export.read_selected` gives it, or None when the worker
     failed (the caller then reads the file itself; the raw file is the profiler's own, untouched). The
-    worker keeps its answers in `<path>.pass1` until the save is over (removed by `finish`)."""
+    worker keeps its answers in `<path>.pass1` until the save is over (removed by `finish`).
 
-    def __init__(self, path: Path):
+    `parts` > 1 worker processes share the work: each reads every byte (the same regions) and runs pass 1
+    on every `parts`-th region (worker i on regions i, i + parts, ...; answers in `<path>.pass1.{i}`), so
+    the follower keeps up with a save faster than one core's pass 1 (`follow_parts`)."""
+
+    def __init__(self, path: Path, parts: int = 1):
         self.path = Path(path)
-        self.pool = Workers(1)
+        self.parts = max(1, parts)
+        self.pool = Workers(self.parts)
         self.done_at: float | None = None  # `time.perf_counter()` when the worker had done its last region
 
     def spawn(self) -> "Follower":
@@ -396,14 +408,19 @@ class Follower:
 
     def start(self) -> "Follower | None":
         self.pool.__enter__()
-        if len(self.pool.procs) != 1:
+        if len(self.pool.procs) != self.parts:
             return None
         try:
-            _send(self.pool.procs[0].stdin, {"op": "follow", "paths": [str(self.path) + ".tmp", str(self.path)]})
+            for i, p in enumerate(self.pool.procs):
+                _send(p.stdin, {"op": "follow", "paths": [str(self.path) + ".tmp", str(self.path)], "part": i,
+                                "parts": self.parts})
         except (OSError, ValueError):
             self.pool.close()
             return None
         return self
+
+    def _spill(self, part: int) -> Path:
+        return Path(f"{self.path}.pass1" + (f".{part}" if self.parts > 1 else ""))
 
     def close(self) -> None:
         self.pool.close()
@@ -412,35 +429,40 @@ class Follower:
         """(head, events, tail, HostIndex per region) of the saved file, or None."""
         from .fastpath import Fallback
 
+        spills = [self._spill(i) for i in range(self.parts)]
         try:
-            if not saved or len(self.pool.procs) != 1:
+            if not saved or len(self.pool.procs) != self.parts:
                 return None
-            p = self.pool.procs[0]
             try:
-                _send(p.stdin, {"op": "done", "size": self.path.stat().st_size})
-                got = _recv(p.stdout, ANSWER_TIMEOUT)
-                if not got or not isinstance(got[0].get("regions"), int) or not isinstance(got[0].get("head"), dict):
+                size = self.path.stat().st_size
+                for p in self.pool.procs:
+                    _send(p.stdin, {"op": "done", "size": size})
+                got = [_recv(p.stdout, ANSWER_TIMEOUT) for p in self.pool.procs]
+                if not all(g and isinstance(g[0].get("regions"), int) and isinstance(g[0].get("head"), dict)
+                           for g in got):
                     return None
-                head, tail, events, index = got[0]["head"], got[0].get("tail") or {}, [], []
-                at = got[0].get("at")
-                self.done_at = at if isinstance(at, float) else None
-                spill = Path(str(self.path) + ".pass1")
-                if got[0].get("answers") != str(spill):
-                    return None
-                try:
-                    with open(spill, "rb") as fh:
-                        for n in range(got[0]["regions"]):
-                            ans = _recv(fh)
-                            if ans is None:
-                                return None
-                            _take_pass1(*ans, n, events, index)
-                finally:
-                    spill.unlink(missing_ok=True)
+                first = got[0][0]
+                if any((g[0]["regions"], g[0]["head"], g[0].get("tail")) != (first["regions"], first["head"],
+                                                                             first.get("tail")) for g in got) \
+                        or [g[0].get("answers") for g in got] != list(map(str, spills)):
+                    return None  # every part saw the same file, each kept its own answers
+                head, tail, events, index = first["head"], first.get("tail") or {}, [], []
+                at = [g[0].get("at") for g in got]
+                self.done_at = max(at) if all(isinstance(a, float) for a in at) else None
+                with contextlib.ExitStack() as files:
+                    fhs = [files.enter_context(open(sp, "rb")) for sp in spills]
+                    for n in range(first["regions"]):  # region n is in part n mod parts, in order
+                        ans = _recv(fhs[n % self.parts])
+                        if ans is None:
+                            return None
+                        _take_pass1(*ans, n, events, index)
             except (OSError, EOFError, ValueError, WorkerFailed, Fallback):
                 return None  # the caller's own pass 1 gives the precise answer (or the Fallback) again
             return head, events, tail, index
         finally:
             self.close()
+            for sp in spills:
+                sp.unlink(missing_ok=True)
 
 
 class _GrowingFile:
@@ -477,10 +499,10 @@ class _GrowingFile:
             yield data
 
 
-def _follow(paths: list[str], inp, out) -> None:
+def _follow(paths: list[str], inp, out, part: int = 0, parts: int = 1) -> None:
     """The worker's side of `Follower`: open the file being written (`paths`: the temporary name, then
-    the final one) and run pass 1 on each region as it completes, from the first byte; the answers are
-    sent after the writer's "done"."""
+    the final one) and run pass 1 on each region as it completes, from the first byte (on regions `part`,
+    `part + parts`, ... of them); the answers are sent after the writer's "done"."""
     from .fastpath import regions_of
 
     src = _GrowingFile(None, inp)
@@ -494,7 +516,8 @@ def _follow(paths: list[str], inp, out) -> None:
                     raise
         if src.fh is None:
             src._wait()
-    spill = paths[-1] + ".pass1"  # the answers wait on disk, not in this process (its peak stays small)
+    # the answers wait on disk, not in this process (its peak stays small)
+    spill = paths[-1] + ".pass1" + (f".{part}" if parts > 1 else "")
     with src.fh, open(spill, "wb") as keep:
         starts: list[int] = []
         regions = regions_of(src, starts)
@@ -505,7 +528,8 @@ def _follow(paths: list[str], inp, out) -> None:
             if isinstance(region, dict):
                 tail = region
             else:
-                _send(keep, *_pass1_reply(region, serialize=True, base=starts[n]))
+                if n % parts == part:
+                    _send(keep, *_pass1_reply(region, serialize=True, base=starts[n]))
                 n += 1
     _send(out, {"regions": n, "head": head, "tail": tail, "answers": spill, "at": time.perf_counter()})
 
@@ -541,7 +565,7 @@ def _serve() -> None:
                 if head.get("op") == "pass1":  # base 0: spans from the region's start (the parent knows where it is)
                     _send(out, *_pass1_reply(blob, base=0 if head.get("base") == 0 else -1))
                 elif head.get("op") == "follow":  # one task for the worker's life: then it exits
-                    _follow(head["paths"], inp, out)
+                    _follow(head["paths"], inp, out, int(head.get("part", 0)), int(head.get("parts", 1)))
                     return
                 elif head.get("op") == "sets":  # before a worker's first pass-2 region; no answer
                     sets = orjson.loads(blob)
