@@ -6,9 +6,9 @@ turn, to `python -c <bootstrap>` subprocesses (fresh interpreters that import on
 trace modules: no torch, no CUDA, the user's `__main__` is never re-run), and takes their results back
 in region order: the same events, the same order, the same bytes as the serial passes. Any problem with
 a worker (it cannot start, dies, answers nonsense) makes the caller run the serial pass instead; a
-layout the fast path does not know raises `Fallback` as it does serially. A `Follower` is one such
-worker that runs pass 1 on the raw file while torch's save is still writing it (docs/trace-format.md,
-"Pass 1 while torch writes the file").
+layout the fast path does not know raises `Fallback` as it does serially. A `Follower` is one (or, on
+a machine with many cores, two) such workers that run pass 1 on the raw file while torch's save is still
+writing it (docs/trace-format.md, "Pass 1 while torch writes the file").
 
 How many: `MOE_TRACE_EXPORT_WORKERS` (0 = never), else up to 8, one per spare core (the cores this
 process may run on, divided among the ranks of a torchrun job on the node, less one for the parent),
@@ -383,7 +383,7 @@ def _pass1_reply(region: bytes, serialize: bool = False, base: int = -1) -> tupl
 
 
 class Follower:
-    """Slim pass 1 on a raw trace WHILE the profiler writes it: one worker process reads the file as it
+    """Slim pass 1 on a raw trace WHILE the profiler writes it: a worker process reads the file as it
     grows (Kineto's `export_chrome_trace` writes `<path>.tmp` in order, then renames it to `<path>`;
     the C++ save holds the GIL, so the parent could not read it meanwhile). `start` before the save,
     `finish` after it: pass 1's answer, as `export.read_selected` gives it, or None when the worker
