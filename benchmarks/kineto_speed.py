@@ -275,7 +275,8 @@ def run_kineto(model, inputs, gen, device, tmp: Path) -> dict:
                   "tail": timings.get("written", t_disk) - timings.get("saved", stopped),
                   # the tail's parts: the follower's lag after the save, reading its answers, the selection,
                   # pass 2, the write (gzip); each from the mark before it
-                  **_parts(timings, ("saved", "follower_done", "pass1_followed", "pass1", "selected", "resolved", "written")),
+                  **_parts(timings, ("saved", "follower_done", "pass1_followed", "pass1", "selected", "resolved",
+                                     "written")),
                   "raw_mb": timings.get("raw_bytes", 0) / 1e6,
                   # CPU seconds of the writer thread in the tail: well below the tail, it waited (GIL, I/O)
                   **({"tail_cpu": timings["tail_thread_cpu"]} if "tail_thread_cpu" in timings else {})}

@@ -235,8 +235,9 @@ class HostIndex:
     External id) of each `cpu_op` X event whose id is an int (no other id can be kept: `host_link_kept`).
 
     Where the region's events lie one after another with one separator (Kineto's layout), also their
-    bytes' place (`*_span`: start, length pairs, from the region's start) and the region's offset in the
-    file (`base`, -1 when not known): pass 2 then reads only the kept events' bytes (`read_spans`)."""
+    bytes' place (`*_span`: the starts, from the region's start, then the lengths; `gpu_at`: the GPU
+    events that `gpu_span` places) and the region's offset in the file (`base`, -1 when not known): pass 2
+    then reads only the kept events' bytes (`read_spans`)."""
 
     __slots__ = ("size", "rt_at", "rt_corr", "op_at", "op_ext", "rt_span", "op_span", "gpu_at", "gpu_span", "base")
     _LENS = struct.Struct("<q9Q")

@@ -419,9 +419,6 @@ class Follower:
             return None
         return self
 
-    def _spill(self, part: int) -> Path:
-        return Path(f"{self.path}.pass1" + (f".{part}" if self.parts > 1 else ""))
-
     def close(self) -> None:
         self.pool.close()
 
@@ -429,7 +426,7 @@ class Follower:
         """(head, events, tail, HostIndex per region) of the saved file, or None."""
         from .fastpath import Fallback
 
-        spills = [self._spill(i) for i in range(self.parts)]
+        spills = [Path(_spill(self.path, i, self.parts)) for i in range(self.parts)]
         try:
             if not saved or len(self.pool.procs) != self.parts:
                 return None
@@ -499,6 +496,11 @@ class _GrowingFile:
             yield data
 
 
+def _spill(raw, part: int, parts: int) -> str:
+    """Where follower process `part` of `parts` keeps its answers for the raw file `raw`."""
+    return f"{raw}.pass1" + (f".{part}" if parts > 1 else "")
+
+
 def _follow(paths: list[str], inp, out, part: int = 0, parts: int = 1) -> None:
     """The worker's side of `Follower`: open the file being written (`paths`: the temporary name, then
     the final one) and run pass 1 on each region as it completes, from the first byte (on regions `part`,
@@ -516,8 +518,7 @@ def _follow(paths: list[str], inp, out, part: int = 0, parts: int = 1) -> None:
                     raise
         if src.fh is None:
             src._wait()
-    # the answers wait on disk, not in this process (its peak stays small)
-    spill = paths[-1] + ".pass1" + (f".{part}" if parts > 1 else "")
+    spill = _spill(paths[-1], part, parts)  # the answers wait on disk, not in this process (its peak stays small)
     with src.fh, open(spill, "wb") as keep:
         starts: list[int] = []
         regions = regions_of(src, starts)

@@ -18,9 +18,9 @@ import os
 import re
 import socket
 import time
-from pathlib import Path
 from itertools import compress, repeat
-from operator import is_not
+from operator import attrgetter, is_, is_not
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -322,8 +322,6 @@ def _kernels_under_moe_ranges(events: list) -> list:
     forward); a trace with no such spans (CPU-only, or compiled layers) keeps what it has. Overlapping
     spans count as their union. The test runs on arrays (a slim export's ~70 k kernels per 100 MB of raw
     trace), with `float` on each time as the dict path had."""
-    from operator import attrgetter, is_
-
     from .export import _UNSET
 
     is_stub = list(map(is_, map(type, events), repeat(GpuWork)))  # the byte path's GpuWork stubs, in C
