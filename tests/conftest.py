@@ -217,3 +217,12 @@ def _takes_routing(module) -> bool:
 @pytest.fixture
 def olmoe():
     return tiny_olmoe()
+
+
+@pytest.fixture(autouse=True)
+def _small_gzip_blocks(monkeypatch):
+    """Every .gz this process writes is deflated in 16 KB blocks (trace/io.py ParallelGzip; 1 MB in use),
+    so the peer-tool and browser tests read multi-block files like a real export's, not one-block ones."""
+    from moe_trace.trace import io
+
+    monkeypatch.setattr(io, "GZ_BLOCK", 16 << 10)

@@ -42,7 +42,7 @@ import struct
 from array import array
 from bisect import bisect_left
 from itertools import accumulate, compress, count, repeat
-from operator import add, and_, itemgetter, not_, or_
+from operator import add, and_, is_, itemgetter, not_, or_
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
 
@@ -697,38 +697,45 @@ def _keep_annotation(e: dict) -> bool:
 def slim_select(selected: Iterable[dict]) -> tuple[list[dict], set, set]:
     """Of the M / annotation / GPU events: what a slim trace keeps (M events of live pids are
     filtered by the caller), and the correlations and External ids of its GPU work (to keep each
-    kernel's launch and launching op)."""
+    kernel's launch and launching op). The byte path's `GpuWork` stubs (most events) are passed over
+    in C; only the parsed dicts are looked at one by one."""
     from .writer import _kernels_under_moe_ranges
 
-    kept = []
-    for e in selected:
-        if isinstance(e, GpuWork):  # the byte path's stub of a kernel / memcpy / memset (ph X)
-            kept.append(e)
-            continue
+    kept = list(selected)
+    keep = list(map(is_, map(type, kept), repeat(GpuWork)))  # a stub of a kernel / memcpy / memset (ph X)
+    for n in compress(range(len(kept)), map(not_, keep)):
+        e = kept[n]
         ph = e.get("ph")
         if ph == "M":
-            kept.append(e)
+            keep[n] = True
         elif ph == "X":
             cat = e.get("cat")
             if cat in SLIM_CATS:
-                kept.append(slim_args(e))
+                kept[n] = slim_args(e)
+                keep[n] = True
             elif cat == USER_ANNOTATION and _keep_annotation(e):
-                kept.append(e)
-    kept = _kernels_under_moe_ranges(kept)
-    corr, ext = set(), set()
+                keep[n] = True
+    kept = _kernels_under_moe_ranges(list(compress(kept, keep)))
+    stubs = list(compress(kept, map(is_, map(type, kept), repeat(GpuWork))))
+    corr, ext = set(map(_STUB_CORR, stubs)), set(map(_STUB_EXT, stubs))
     for e in kept:
-        if isinstance(e, GpuWork):
-            c, x = e.corr, e.ext
-        elif e.get("cat") in GPU_WORK_CATS:
+        if type(e) is not GpuWork and e.get("cat") in GPU_WORK_CATS:
             args = e.get("args") or {}
-            c, x = args.get("correlation"), args.get("External id")
-        else:
-            continue
-        if isinstance(c, int) and c > 0:
-            corr.add(c)
-        if isinstance(x, int) and x > 0:
-            ext.add(x)
-    return kept, corr, ext
+            corr.add(args.get("correlation"))
+            ext.add(args.get("External id"))
+    return kept, _positive_ints(corr), _positive_ints(ext)
+
+
+_STUB_CORR = operator.attrgetter("corr")
+_STUB_EXT = operator.attrgetter("ext")
+
+
+def _positive_ints(ids: set) -> set:
+    """The ids that are ints > 0 (a kernel's correlation / External id; absent: UNSET), in C when all are."""
+    ids.discard(_UNSET)
+    if set(map(type, ids)) <= {int} and (not ids or min(ids) > 0):
+        return ids
+    return {c for c in ids if isinstance(c, int) and c > 0}
 
 
 def host_link_kept(e: dict, corr: set, ext: set) -> bool:

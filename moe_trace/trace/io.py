@@ -5,6 +5,7 @@ reported on (one `TraceError` sentence, never file bytes) the same way everywher
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import gc
@@ -12,6 +13,7 @@ import gzip
 import os
 import queue
 import re
+import struct
 import threading
 import zlib
 from pathlib import Path
@@ -242,13 +244,15 @@ def atomic_write(out: str | os.PathLike, parts: Iterable[bytes], *, gz: bool | N
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.{threading.get_ident()}")
     try:
         with open(tmp, "wb") as fh:
-            sink = gzip.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=compresslevel, mtime=0) if gz else fh
+            sink = ParallelGzip(fh, compresslevel) if gz else fh
             try:
                 for p in parts:
                     sink.write(p)
-            finally:
                 if sink is not fh:
                     sink.close()
+            finally:
+                if sink is not fh:
+                    sink.abort()
         if overwrite:
             os.replace(tmp, out)
         else:
@@ -270,6 +274,80 @@ def atomic_write(out: str | os.PathLike, parts: Iterable[bytes], *, gz: bool | N
         with contextlib.suppress(OSError):
             tmp.unlink()
     return out
+
+
+GZ_BLOCK = 1 << 20
+_WINDOW = 1 << 15  # deflate's window: each block is primed with the previous block's last 32 KB
+
+
+def _deflate_block(block: bytes, level: int, primer: bytes, last: bool) -> bytes:
+    c = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, **({"zdict": primer} if primer else {}))
+    return c.compress(block) + c.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+
+class ParallelGzip:
+    """A gzip writer with `gzip.GzipFile(filename="", mode="wb", mtime=0)`'s format (one member) whose
+    deflate runs in helper threads, `GZ_BLOCK` bytes at a time, as pigz does: each block is a raw deflate
+    stream primed with the previous block's last 32 KB and ended by a sync flush, so the blocks join into
+    one stream. zlib releases the GIL while it deflates, so compressing overlaps the caller's work (and
+    runs on several cores). The bytes written depend only on the data and the level, never on how the
+    caller splits its writes or on the thread count. A short output (one block) is deflated inline at
+    `close()`; `abort()` drops what is pending (after an error)."""
+
+    def __init__(self, fh, compresslevel: int = 3, threads: int | None = None):
+        self._fh, self._level = fh, compresslevel
+        self._threads = max(1, threads or min(4, os.cpu_count() or 1))
+        self._buf = bytearray()
+        self._crc = self._size = 0
+        self._primer = b""
+        self._pending: collections.deque = collections.deque()
+        self._pool = None
+        xfl = 2 if compresslevel == 9 else 4 if compresslevel == 1 else 0  # as gzip.GzipFile writes it
+        fh.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + bytes((xfl, 255)))
+
+    def write(self, data) -> int:
+        n = len(data)
+        self._crc = zlib.crc32(data, self._crc)
+        self._size += n
+        view = memoryview(data).cast("B")
+        if self._buf:
+            take = GZ_BLOCK - len(self._buf)
+            self._buf += view[:take]
+            view = view[take:]
+            if len(self._buf) < GZ_BLOCK:
+                return n
+            self._submit(bytes(self._buf))
+            self._buf = bytearray()
+        while len(view) >= GZ_BLOCK:
+            self._submit(bytes(view[:GZ_BLOCK]))
+            view = view[GZ_BLOCK:]
+        self._buf += view
+        return n
+
+    def _submit(self, block: bytes) -> None:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="moe-trace-gzip")
+        self._pending.append(self._pool.submit(_deflate_block, block, self._level, self._primer, False))
+        self._primer = block[-_WINDOW:]
+        while self._pending and (len(self._pending) > 2 * self._threads or self._pending[0].done()):
+            self._fh.write(self._pending.popleft().result())  # in order; at most 2 blocks a thread held
+
+    def close(self) -> None:
+        """Deflate the rest, write it and the trailer (CRC-32, size) and stop the threads."""
+        last = _deflate_block(bytes(self._buf), self._level, self._primer, True)
+        self._buf = bytearray()
+        while self._pending:
+            self._fh.write(self._pending.popleft().result())
+        self._fh.write(last + struct.pack("<II", self._crc & 0xFFFFFFFF, self._size & 0xFFFFFFFF))
+        self.abort()
+
+    def abort(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pending.clear()
 
 
 class Uncached:

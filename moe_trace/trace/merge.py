@@ -11,7 +11,6 @@ merged file still gives the report.
 """
 from __future__ import annotations
 
-import gzip
 import os
 import warnings
 from pathlib import Path
@@ -23,7 +22,7 @@ from moe_trace.checks import output_file
 from moe_trace.errors import ConfigError, TraceError
 
 from . import fastpath, ijson_path, merge_bytes
-from .io import Source, Uncached, no_gc, os_problem
+from .io import ParallelGzip, Source, Uncached, no_gc, os_problem
 from .reader import read_metadata, trace_files
 
 from .format import GPU_CATS as _GPU_CATS, HOST_CATS as _HOST_CATS, MERGED_PREFIX, MERGED_SCHEMA, META_KEY
@@ -202,7 +201,7 @@ def _write_merged(out: Path, events_iter, summary_fn, reserve: int = 0) -> Path:
             if not gz:
                 os.replace(tmp, scratch)
             with open(tmp, "wb") as fh:
-                sink = gzip.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=3, mtime=0) if gz else fh
+                sink = ParallelGzip(fh, 3) if gz else fh
                 try:
                     sink.write(b"{\n" + summary + b'\n"traceEvents": [\n')
                     with open(scratch, "rb") as src:
@@ -212,9 +211,10 @@ def _write_merged(out: Path, events_iter, summary_fn, reserve: int = 0) -> Path:
                             sink.write(chunk)
                     if gz:
                         sink.write(b"\n]\n}\n")
+                        sink.close()
                 finally:
                     if sink is not fh:
-                        sink.close()
+                        sink.abort()
         os.replace(tmp, out)
     except OSError as exc:
         raise TraceError(f"cannot write the merged trace {out} ({exc.strerror or exc}); pass a writable path "
