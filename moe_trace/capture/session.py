@@ -715,12 +715,6 @@ def _describe(obj) -> str | None:
     return getattr(obj, "name", None) or repr(obj)
 
 
-def _describe(obj) -> str | None:
-    if obj is None:
-        return None
-    return getattr(obj, "name", None) or repr(obj)
-
-
 def profile(model: nn.Module, mode: str = "stats", **options: Any) -> ProfileRun:
     """Profile the MoE layers of `model` inside a `with` block. Modes: "stats" (routing counters),
     "timing" (+ CUDA-event timing of router / experts / shared), "kineto" (+ torch.profiler traces

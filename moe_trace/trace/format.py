@@ -19,7 +19,6 @@ import itertools
 import os
 import re
 import socket
-import time
 import uuid
 
 # -- metadata ----------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import orjson
 from moe_trace.analysis import RunData
 from moe_trace.errors import TraceError
 
-from .format import (COUNTER_CAT, GPU_USER_ANNOTATION, GPU_WORK_CATS, META_KEY, NAME_PREFIX, PROFILER_STEP_PREFIX,
+from .format import (COUNTER_CAT, GPU_USER_ANNOTATION, GPU_WORK_CATS, META_KEY, NAME_PREFIX,
                      RANGE_RE, SCHEMA, SLIM_CATS, SLIM_GPU_ARGS, STEP_RE, USER_ANNOTATION, counter_name, expert_key,
                      trace_file_name, worker_name)
 from .export import (FULL_READ_CATS, ORJSON_OPTS as _ORJSON_OPTS, SLIM_READ_CATS, FullDrops, GpuWork, all_events,
