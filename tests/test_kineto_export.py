@@ -260,6 +260,37 @@ def test_interpreter_exit_waits_and_reports(tmp_path):
     assert "moe-trace: error: writing the kineto trace failed: disk full (test)" in proc.stderr
 
 
+def test_a_trace_written_while_the_interpreter_exits_is_whole(tmp_path):
+    """The script ends right after its `with` block while the writer is still going: the trace is written
+    whole (its gzip deflated in many blocks by helper threads, which must start during the exit)."""
+    script = textwrap.dedent(f"""
+        import sys, time, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        import moe_trace
+        from moe_trace.models import build_tiny_model, example_inputs
+        from moe_trace.trace import io, writer
+        io.GZ_BLOCK = 4096  # a tiny trace in many blocks
+        real = writer.write_run_traces
+        def slow(*a, **k):
+            time.sleep(1.0)  # still writing when the interpreter begins to exit
+            return real(*a, **k)
+        writer.write_run_traces = slow
+        m = build_tiny_model("olmoe").eval()
+        with torch.no_grad(), moe_trace.profile(m, mode="kineto", logdir={str(tmp_path)!r}):
+            m.generate(**example_inputs(m), max_new_tokens=3, do_sample=False)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "error" not in proc.stderr.lower(), proc.stderr[-3000:]
+    (f,) = tmp_path.glob("*.pt.trace.json.gz")
+    text = gzip.decompress(f.read_bytes())
+    assert len(text) > 3 * 4096  # several blocks
+    doc = json.loads(text)
+    assert any(e.get("cat") == "moe_trace" and e.get("ph") == "C" for e in doc["traceEvents"])
+    from moe_trace.trace import read_trace
+
+    assert read_trace(f).counters  # our reader too
+
+
 def test_profiler_range_writes_what_record_function_writes(tmp_path):
     """moe-trace's ranges (capture/ranges.py, the pybind enter/exit pair) are the same user_annotation
     events record_function writes: same category, nesting, one event per range."""

@@ -82,3 +82,11 @@ def test_atomic_write_gz_and_its_threads_end(tmp_path):
         atomic_write(tmp_path / "u.json.gz", parts())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json.gz"]  # no half file, no temporary left
     assert not [t for t in threading.enumerate() if t.name.startswith("moe-trace-gzip")]
+
+
+def test_threads_within_the_ranks_share_of_the_cores(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(10 ** 6))  # more ranks than cores: one helper thread
+    assert ParallelGzip(io.BytesIO())._threads == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert ParallelGzip(io.BytesIO())._threads == 4

@@ -285,6 +285,34 @@ def _deflate_block(block: bytes, level: int, primer: bytes, last: bool) -> bytes
     return c.compress(block) + c.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
 
 
+class _Block:
+    """One block's deflate, done by a helper thread (`ParallelGzip`)."""
+    __slots__ = ("args", "out", "exc", "done")
+
+    def __init__(self, *args):
+        self.args, self.out, self.exc, self.done = args, None, None, threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.out = _deflate_block(*self.args)
+        except BaseException as exc:  # noqa: BLE001 - raised by result() in the writer's thread
+            self.exc = exc
+        finally:
+            self.args = None
+            self.done.set()
+
+    def result(self) -> bytes:
+        self.done.wait()
+        if self.exc is not None:
+            raise self.exc
+        return self.out
+
+
+def _deflate_loop(jobs: queue.SimpleQueue) -> None:
+    while (job := jobs.get()) is not None:
+        job.run()
+
+
 class ParallelGzip:
     """A gzip writer with `gzip.GzipFile(filename="", mode="wb", mtime=0)`'s format (one member) whose
     deflate runs in helper threads, `GZ_BLOCK` bytes at a time, as pigz does: each block is a raw deflate
@@ -292,16 +320,23 @@ class ParallelGzip:
     one stream. zlib releases the GIL while it deflates, so compressing overlaps the caller's work (and
     runs on several cores). The bytes written depend only on the data and the level, never on how the
     caller splits its writes or on the thread count. A short output (one block) is deflated inline at
-    `close()`; `abort()` drops what is pending (after an error)."""
+    `close()`; `abort()` drops what is pending (after an error). Its threads are plain ones, not a
+    `concurrent.futures` pool, which refuses work once the interpreter has begun to exit (when a
+    background trace writer may still be going)."""
 
     def __init__(self, fh, compresslevel: int = 3, threads: int | None = None):
         self._fh, self._level = fh, compresslevel
-        self._threads = max(1, threads or min(4, os.cpu_count() or 1))
+        if threads is None:  # up to 4, within this rank's share of the node's cores
+            from .workers import _cores_per_rank
+
+            threads = min(4, _cores_per_rank())
+        self._threads = max(1, threads)
         self._buf = bytearray()
         self._crc = self._size = 0
         self._primer = b""
         self._pending: collections.deque = collections.deque()
-        self._pool = None
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._helpers: list[threading.Thread] = []
         xfl = 2 if compresslevel == 9 else 4 if compresslevel == 1 else 0  # as gzip.GzipFile writes it
         fh.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + bytes((xfl, 255)))
 
@@ -325,13 +360,15 @@ class ParallelGzip:
         return n
 
     def _submit(self, block: bytes) -> None:
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="moe-trace-gzip")
-        self._pending.append(self._pool.submit(_deflate_block, block, self._level, self._primer, False))
+        if len(self._helpers) < self._threads and len(self._pending) >= len(self._helpers):
+            t = threading.Thread(target=_deflate_loop, args=(self._jobs,), name="moe-trace-gzip", daemon=True)
+            t.start()
+            self._helpers.append(t)
+        job = _Block(block, self._level, self._primer, False)
         self._primer = block[-_WINDOW:]
-        while self._pending and (len(self._pending) > 2 * self._threads or self._pending[0].done()):
+        self._pending.append(job)
+        self._jobs.put(job)
+        while self._pending and (len(self._pending) > 2 * self._threads or self._pending[0].done.is_set()):
             self._fh.write(self._pending.popleft().result())  # in order; at most 2 blocks a thread held
 
     def close(self) -> None:
@@ -344,9 +381,12 @@ class ParallelGzip:
         self.abort()
 
     def abort(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """Stop the helper threads (after the blocks they hold); what is not written is dropped."""
+        for _ in self._helpers:
+            self._jobs.put(None)
+        for t in self._helpers:
+            t.join()
+        self._helpers.clear()
         self._pending.clear()
 
 
