@@ -90,3 +90,19 @@ def test_threads_within_the_ranks_share_of_the_cores(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)), raising=False)
     assert ParallelGzip(io.BytesIO())._threads == 4
+
+
+def test_a_helper_threads_error_reaches_the_writer(tmp_path, monkeypatch):
+    real = trace_io._deflate_block
+
+    def failing(block, level, primer, last):
+        if primer:  # the second block on: a helper thread's work
+            raise MemoryError("no memory for deflate (test)")
+        return real(block, level, primer, last)
+
+    monkeypatch.setattr(trace_io, "_deflate_block", failing)
+    data = _events(8000)
+    with pytest.raises(MemoryError, match="deflate"):
+        atomic_write(tmp_path / "t.json.gz", [data])
+    assert not list(tmp_path.iterdir())
+    assert not [t for t in threading.enumerate() if t.name.startswith("moe-trace-gzip")]
