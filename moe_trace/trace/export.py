@@ -731,8 +731,10 @@ _STUB_EXT = operator.attrgetter("ext")
 
 
 def _positive_ints(ids: set) -> set:
-    """The ids that are ints > 0 (a kernel's correlation / External id; absent: UNSET), in C when all are."""
+    """The ids that are ints > 0 (a kernel's correlation / External id; absent: UNSET on a stub, None in
+    a dict's args), in C when all are."""
     ids.discard(_UNSET)
+    ids.discard(None)
     if set(map(type, ids)) <= {int} and (not ids or min(ids) > 0):
         return ids
     return {c for c in ids if isinstance(c, int) and c > 0}
